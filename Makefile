@@ -1,0 +1,47 @@
+# dltrain: `make run` and `make test` do all the set-up on a fresh machine, and are safe to
+# re-run (quiet when there is nothing to do).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.dltrain-installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+PYTEST_ARGS ?=
+
+# Stage commands in dvc.yaml call `dltrain`, `dvc` calls them: both must come from the venv.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: help setup data-package run test lint clean-outputs
+
+help:
+	@echo "make run    set up, then run the pipeline (dvc repro)"
+	@echo "make test   set up, then run the whole test suite"
+	@echo "make lint   ruff check"
+
+setup: $(STAMP) data-package
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || { echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo "installing dltrain and its pinned dependencies into $(VENV) (first time: about 3 minutes)"
+	@$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+# Debian's package is the offline mirror of Fashion-MNIST (machines without internet, CI).
+data-package:
+	@if [ ! -d $(FMNIST_DIR) ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's dataset-fashion-mnist into $(FMNIST_DIR)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	  else \
+	    echo "note: $(FMNIST_DIR) is missing and apt-get is not usable here; download will use the public mirrors"; \
+	  fi; \
+	fi
+
+run: setup
+	@dvc repro
+
+test: setup
+	@pytest $(PYTEST_ARGS)
+
+lint: setup
+	@ruff check .

@@ -1,0 +1,129 @@
+"""The `dltrain` command: one subcommand per stage, each a thin shell around its module.
+
+Heavy libraries (torch, ray, mlflow) are imported inside the commands that use them, so that
+`dltrain --help` stays fast. Errors that dltrain raises on purpose (DltrainError) print one
+line naming the cause and exit non-zero; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from dltrain.errors import DltrainError
+
+
+def _load(args: argparse.Namespace):
+    from dltrain.config import load_params, parse_override
+    from dltrain.paths import Workspace
+
+    ws = Workspace.at(args.workspace)
+    params_path = Path(args.params) if args.params else ws.params_path
+    overrides = dict(parse_override(o) for o in args.set)
+    return ws, load_params(params_path, overrides)
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from dltrain.download import download
+
+    ws, params = _load(args)
+    download(params.data.dataset, params.data.source, ws.raw_dir)
+
+
+def cmd_preprocess(args: argparse.Namespace) -> None:
+    from dltrain.preprocess import preprocess
+
+    ws, params = _load(args)
+    preprocess(ws.raw_dir, ws.processed_dir, dataset=params.data.dataset,
+               val_fraction=params.data.val_fraction, seed=params.data.seed)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from dltrain.train import train
+
+    ws, params = _load(args)
+    train(params, ws, resume=args.resume)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from dltrain.evaluate import evaluate
+
+    ws, params = _load(args)
+    evaluate(ws.model_path, ws.processed_dir, ws.reports_dir,
+             batch_size=params.evaluate.batch_size)
+
+
+def cmd_register(args: argparse.Namespace) -> None:
+    from dltrain.register import register
+
+    ws, params = _load(args)
+    register(ws, params)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from dltrain.predict import predict_command
+
+    predict_command(args.model, [Path(p) for p in args.inputs], as_json=args.json,
+                    tracking_uri=args.tracking_uri)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workspace", default=".", metavar="DIR",
+                        help="the pipeline's root directory (default: the current directory)")
+    parser.add_argument("--params", default=None, metavar="PATH",
+                        help="the params file (default: WORKSPACE/params.yaml)")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one param for this run, e.g. -S train.epochs=3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dltrain",
+        description="MLP-on-MNIST as a training pipeline: "
+                    "download -> preprocess -> train -> evaluate -> register.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    stages: list[tuple[str, Any, str]] = [
+        ("download", cmd_download, "fetch the four IDX files into data/raw (verified)"),
+        ("preprocess", cmd_preprocess, "parse IDX, split train/val, write data/processed"),
+        ("train", cmd_train, "train the MLP with Ray Train (data-parallel) into models/"),
+        ("evaluate", cmd_evaluate, "test-set metrics and plots into reports/"),
+        ("register", cmd_register, "log the run and register the model in MLflow"),
+    ]
+    for name, func, help_text in stages:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _common(p)
+        p.set_defaults(func=func)
+        if name == "train":
+            p.add_argument("--resume", choices=["auto", "never"], default="auto",
+                           help="auto: continue an interrupted run of the same params from "
+                                "its latest checkpoint; never: always start clean")
+    p = sub.add_parser("predict", help="classify PNG images or an IDX file with a model",
+                       description="Classify PNG images or an IDX file with a model.")
+    p.add_argument("--model", default="models/model.pt",
+                   help="a model.pt path or models:/<name>@<alias> (default: models/model.pt)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI for models:/ references "
+                        "(default: MLFLOW_TRACKING_URI, else the embedded SQLite store)")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG images or an IDX file")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DltrainError as exc:
+        print(f"dltrain {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"dltrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

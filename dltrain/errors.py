@@ -1,0 +1,34 @@
+"""The errors dltrain raises on purpose: each names its cause, and the CLI turns it into one
+line on stderr and a non-zero exit, instead of a traceback."""
+
+
+class DltrainError(Exception):
+    """Base class: a failure that a user can act on, with a message that says how."""
+
+    exit_code = 1
+
+
+class ConfigError(DltrainError):
+    """params.yaml (or an override) is invalid: an unknown key, a wrong type, a value out of range."""
+
+    exit_code = 2
+
+
+class DownloadError(DltrainError):
+    """No mirror delivered a verified copy of a file."""
+
+
+class DataError(DltrainError):
+    """An input data file is missing or malformed (bad IDX magic, short data, label out of range)."""
+
+
+class TrainingError(DltrainError):
+    """Training could not start (pre-flight check) or failed."""
+
+
+class ModelError(DltrainError):
+    """A model file is missing, corrupt, not plain weights, or does not match its description."""
+
+
+class RegistryError(DltrainError):
+    """The MLflow tracking server or registry could not be used."""

@@ -1,0 +1,96 @@
+"""The IDX format of the MNIST files: parse with validation, and write (for fixtures and
+synthetic benchmark data).
+
+An IDX file is a 4-byte magic number (0, 0, dtype code, number of dimensions), one big-endian
+uint32 per dimension, then the data. MNIST and Fashion-MNIST use dtype 0x08 (uint8): images
+are (N, 28, 28) and labels (N,). Files may be gzipped.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from dltrain.errors import DataError
+
+UINT8 = 0x08
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
+
+
+def _read_bytes(path: Path) -> bytes:
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+            fh.seek(0)
+            if head == b"\x1f\x8b":
+                return gzip.decompress(fh.read())
+            return fh.read()
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: file not found") from exc
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}: not a readable (gzipped) IDX file: {exc}") from exc
+
+
+def read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
+    """Parse an IDX file (plain or gzipped) into a uint8 array, validating its header and size.
+
+    `ndim`, when given, is the number of dimensions the caller expects (3 for images, 1 for
+    labels). Every defect raises DataError naming the file and the defect.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    if len(data) < 4:
+        raise DataError(f"{path}: too short for an IDX header ({len(data)} bytes)")
+    zero1, zero2, dtype, dims = data[0], data[1], data[2], data[3]
+    if zero1 != 0 or zero2 != 0 or dtype != UINT8 or not 1 <= dims <= 4:
+        raise DataError(f"{path}: bad IDX magic number 0x{data[:4].hex()} "
+                        f"(expected 0x000008 followed by the number of dimensions, uint8 data)")
+    if ndim is not None and dims != ndim:
+        raise DataError(f"{path}: has {dims} dimensions, expected {ndim}")
+    header = 4 + 4 * dims
+    if len(data) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{dims}I", data[4:header])
+    expected = int(np.prod(shape, dtype=np.int64))
+    actual = len(data) - header
+    if actual != expected:
+        kind = "short" if actual < expected else "too long"
+        raise DataError(f"{path}: data is {kind}: header says shape {shape} "
+                        f"({expected} bytes), file holds {actual} bytes")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def read_images(path: Path) -> np.ndarray:
+    """Images as (N, 28, 28) uint8."""
+    images = read_idx(path, ndim=3)
+    if images.shape[1:] != IMAGE_SHAPE:
+        raise DataError(f"{path}: images are {images.shape[1]}x{images.shape[2]}, "
+                        f"expected {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}")
+    return images
+
+
+def read_labels(path: Path) -> np.ndarray:
+    """Labels as (N,) uint8, each in 0..9."""
+    labels = read_idx(path, ndim=1)
+    if labels.size and labels.max() >= NUM_CLASSES:
+        bad = int(np.argmax(labels >= NUM_CLASSES))
+        raise DataError(f"{path}: label out of range at index {bad}: {int(labels[bad])} "
+                        f"(expected 0..{NUM_CLASSES - 1})")
+    return labels
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool | None = None) -> None:
+    """Write a uint8 array as IDX; gzipped when `compress` (default: when the name ends .gz)."""
+    path = Path(path)
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, UINT8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.tobytes()
+    if compress if compress is not None else path.suffix == ".gz":
+        # mtime=0: the same array always gives the same bytes.
+        payload = gzip.compress(payload, mtime=0)
+    path.write_bytes(payload)

@@ -1,0 +1,67 @@
+"""Where each stage reads and writes, relative to one workspace root (the repo, by default).
+
+The names are the stage contract of DESIGN.md; stage functions take these paths as
+arguments, so nothing below the CLI reads the current directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def at(cls, root: Path | str) -> "Workspace":
+        return cls(Path(root).resolve())
+
+    @property
+    def params_path(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def processed_dir(self) -> Path:
+        return self.root / "data" / "processed"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def model_path(self) -> Path:
+        return self.models_dir / "model.pt"
+
+    @property
+    def model_card_path(self) -> Path:
+        return self.models_dir / "model.json"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def training_report_path(self) -> Path:
+        return self.reports_dir / "training.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.reports_dir / "metrics.json"
+
+    @property
+    def registration_path(self) -> Path:
+        return self.reports_dir / "registration.json"
+
+    @property
+    def ray_results_dir(self) -> Path:
+        return self.root / ".ray_results"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.root / "mlruns"
