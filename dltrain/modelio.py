@@ -1,0 +1,87 @@
+"""Saving and loading models as plain tensors: models/model.pt holds a state dict only, and
+models/model.json describes it (architecture, params, lineage).
+
+No pickles: loading uses torch.load(weights_only=True), which refuses any file that would run
+code on unpickling, and the state dict is checked against the architecture in model.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dltrain.errors import ModelError
+from dltrain.io import atomic_path, read_json, write_json
+from dltrain.model import MLP
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def card_path_for(model_path: Path) -> Path:
+    """models/model.pt -> models/model.json."""
+    return Path(model_path).with_suffix(".json")
+
+
+def save_model(state_dict: dict[str, torch.Tensor], card: dict[str, Any], model_path: Path,
+               card_path: Path | None = None) -> str:
+    """Write the weights and their card atomically; return the weights' sha256 (also in the card)."""
+    model_path = Path(model_path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    with atomic_path(model_path) as tmp:
+        torch.save(tensors, tmp)
+        weights_sha256 = sha256_file(tmp)
+    write_json(card_path or card_path_for(model_path), {**card, "weights_sha256": weights_sha256})
+    return weights_sha256
+
+
+def load_state_dict(model_path: Path) -> dict[str, torch.Tensor]:
+    """Load a state dict of plain tensors; anything else is refused with ModelError."""
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise ModelError(f"model file not found: {model_path} (run `dltrain train` first)")
+    try:
+        state = torch.load(model_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelError(f"{model_path} is not plain weights: it holds objects that would run "
+                         f"code when loaded, so it was refused ({str(exc).splitlines()[0]})") from exc
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise ModelError(f"{model_path} is corrupt or not a PyTorch weights file: {exc}") from exc
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ModelError(f"{model_path} is not a state dict of tensors")
+    return state
+
+
+def load_model(model_path: Path, card_path: Path | None = None) -> tuple[MLP, dict[str, Any]]:
+    """Rebuild the MLP described by model.json and load its weights, checking every shape."""
+    model_path = Path(model_path)
+    card_path = Path(card_path) if card_path else card_path_for(model_path)
+    try:
+        card = read_json(card_path)
+        hidden_sizes = card["architecture"]["hidden_sizes"]
+    except FileNotFoundError as exc:
+        raise ModelError(f"model description not found: {card_path}") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{card_path} is not a valid model description: {exc}") from exc
+    state = load_state_dict(model_path)
+    model = MLP(hidden_sizes)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    actual = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != actual:
+        diff = sorted(set(expected.items()) ^ set(actual.items()))
+        raise ModelError(f"{model_path} does not match the architecture in {card_path} "
+                         f"(hidden_sizes {hidden_sizes}): differing tensors {diff[:4]}")
+    model.load_state_dict(state)
+    model.eval()
+    return model, card
