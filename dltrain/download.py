@@ -1,0 +1,318 @@
+"""The download stage: fetch a data set's four IDX files into data/raw, verified.
+
+Each file streams into a staging directory beside data/raw, is checked against its known md5,
+and is kept only then; a mirror that fails is retried with backoff, then the next mirror is
+tried. The four files and manifest.json are swapped in together at the end, so data/raw never
+holds a partial or unverified file, and is left exactly as it was when anything fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import http.client
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from dltrain.datasets import MANIFEST_NAME, RAW_FILES, RawFile, check_dataset_name, get_spec
+from dltrain.errors import DataError, DownloadError
+from dltrain.io import read_json, write_json
+
+CHUNK = 1 << 20
+# Some mirrors refuse urllib's default agent; torchvision sends its own name for the same reason.
+USER_AGENT = "dltrain (+https://github.com/pytorch/vision)"
+
+
+class _ChecksumError(Exception):
+    """The bytes arrived but are not the expected file: try the next mirror, not this one again."""
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    md5: str
+    sha256: str
+    size: int
+
+
+def download(dataset: str, source: str | None, raw_dir: Path, *,
+             mirrors: list[str] | None = None, retries: int = 3, backoff_s: float = 1.0,
+             timeout_s: float = 30.0, progress: bool = True) -> dict[str, Any]:
+    """Fetch `dataset`'s four IDX files into `raw_dir` and return the manifest written there.
+
+    With `source` (a directory, file:// or http(s):// URL holding the four standard files) the
+    files come from there and their checksums are computed and recorded, not checked. Without
+    it they come from `mirrors` (default: the data set's known list), each verified by md5.
+    Raises DownloadError, naming every location tried and why it failed, when a file cannot
+    be had; `raw_dir` is then unchanged.
+    """
+    check_dataset_name(dataset)
+    raw_dir = Path(raw_dir)
+    if retries < 1:
+        raise ValueError("retries must be >= 1")
+    if source is None:
+        existing = _verified_manifest(raw_dir, dataset)
+        if existing is not None:
+            print(f"download: {dataset} already in {raw_dir} and verified; nothing to do")
+            return existing
+        spec = get_spec(dataset)
+        files: list[RawFile | str] = list(spec.files)
+        locations = list(mirrors) if mirrors is not None else list(spec.mirrors)
+    else:
+        files = list(RAW_FILES)
+        locations = [source]
+    if not locations:
+        raise DownloadError(f"no mirror to download {dataset} from; set data.source to a "
+                            "directory or URL holding the four IDX files")
+
+    raw_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _staging_dir(raw_dir) as staging:
+        entries = {}
+        for file in files:
+            entries[_name(file)] = _fetch_file(file, locations, staging, retries=retries,
+                                               backoff_s=backoff_s, timeout_s=timeout_s,
+                                               progress=progress)
+        manifest = {"dataset": dataset, "source": source, "files": entries,
+                    "checksum": data_checksum({n: e["sha256"] for n, e in entries.items()})}
+        write_json(staging / MANIFEST_NAME, manifest)
+        _swap_in(staging, raw_dir)
+    print(f"download: {dataset} ready in {raw_dir} (checksum {manifest['checksum'][:12]})")
+    return manifest
+
+
+def data_checksum(sha256_by_name: dict[str, str]) -> str:
+    """One checksum for the data set: sha256 over the files' hex sha256s, in sorted name order."""
+    return hashlib.sha256("".join(sha256_by_name[n] for n in sorted(sha256_by_name))
+                          .encode()).hexdigest()
+
+
+def _name(file: RawFile | str) -> str:
+    return file.name if isinstance(file, RawFile) else file
+
+
+# --- staging and the final swap ---------------------------------------------------------------
+
+@contextlib.contextmanager
+def _staging_dir(raw_dir: Path) -> Iterator[Path]:
+    """A fresh directory beside `raw_dir` (same file system, so the final rename is atomic);
+    removed on the way out, whatever happened."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{raw_dir.name}.", suffix=".tmp", dir=raw_dir.parent))
+    # mkdtemp makes it private (0700); data/raw should get the usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_in(staging: Path, raw_dir: Path) -> None:
+    """Replace `raw_dir` with `staging`. A directory cannot be os.replace'd onto a non-empty
+    one, so the old one is first moved aside (and moved back if the second rename fails)."""
+    old = None
+    if raw_dir.exists() or raw_dir.is_symlink():
+        old = raw_dir.with_name(f".{raw_dir.name}.old-{uuid.uuid4().hex[:8]}.tmp")
+        os.replace(raw_dir, old)
+    try:
+        os.replace(staging, raw_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old, raw_dir)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def _verified_manifest(raw_dir: Path, dataset: str) -> dict[str, Any] | None:
+    """The manifest of `raw_dir` if it holds the four md5-verified files of `dataset`,
+    unchanged since (same size and sha256); else None."""
+    try:
+        manifest = read_json(raw_dir / MANIFEST_NAME)
+        files = manifest["files"]
+        if manifest["dataset"] != dataset or set(files) != set(RAW_FILES):
+            return None
+        for name, entry in files.items():
+            if entry.get("verified") not in ("md5", "content-md5"):
+                return None
+            path = raw_dir / name
+            if path.stat().st_size != entry["bytes"] or _hash_file(path)[1] != entry["sha256"]:
+                return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return manifest
+
+
+# --- one file, all mirrors --------------------------------------------------------------------
+
+def _fetch_file(file: RawFile | str, locations: list[str], staging: Path, *, retries: int,
+                backoff_s: float, timeout_s: float, progress: bool) -> dict[str, Any]:
+    """Fetch one file from the first location that delivers it (verified when `file` carries
+    checksums) into `staging`; return its manifest entry."""
+    name = _name(file)
+    part = staging / f".{name}.part"
+    failures: list[str] = []
+    for index, location in enumerate(locations):
+        where = _join(location, name)
+        for attempt in range(1, retries + 1):
+            try:
+                fetched = _fetch(where, part, timeout_s=timeout_s, progress=progress)
+                verified = _verify(part, file, fetched) if isinstance(file, RawFile) else None
+            except _ChecksumError as exc:
+                # A wrong file stays wrong on a retry: go to the next mirror.
+                failures.append(f"{where}: {exc}")
+                break
+            except Exception as exc:  # noqa: BLE001 - classified just below
+                if not _is_transient(exc) or attempt == retries:
+                    failures.append(f"{where}: {_reason(exc)}"
+                                    + (f" (after {attempt} attempts)" if attempt > 1 else ""))
+                    break
+                delay = backoff_s * 2 ** (attempt - 1)
+                print(f"download: {where}: {_reason(exc)}; retrying in {delay:g}s",
+                      file=sys.stderr)
+                time.sleep(delay)
+                continue
+            os.replace(part, staging / name)
+            check = {"md5": "md5 ok", "content-md5": "md5 of the content ok",
+                     None: "checksums recorded"}[verified]
+            print(f"download: {name}  {_human(fetched.size)}  from {where}  ({check})")
+            return {"md5": fetched.md5, "sha256": fetched.sha256, "bytes": fetched.size,
+                    "source": where, "verified": verified}
+        if index < len(locations) - 1:
+            print(f"download: {failures[-1]}; trying the next mirror", file=sys.stderr)
+    part.unlink(missing_ok=True)
+    raise DownloadError(f"could not download {name}: every mirror failed:\n  "
+                        + "\n  ".join(failures)
+                        + "\nCheck the network, or set data.source to a directory or URL "
+                          "holding the four IDX files.")
+
+
+def _join(location: str, name: str) -> str:
+    """Where `name` lives under a mirror: a URL for URLs, a plain path for directories."""
+    scheme = urllib.parse.urlparse(location).scheme
+    if scheme in ("http", "https", "file"):
+        return location.rstrip("/") + "/" + urllib.parse.quote(name)
+    return str(Path(location) / name)
+
+
+def _fetch(where: str, dest: Path, *, timeout_s: float, progress: bool) -> _Fetched:
+    """Stream `where` into `dest`, hashing on the way."""
+    parsed = urllib.parse.urlparse(where)
+    if parsed.scheme in ("http", "https"):
+        request = urllib.request.Request(where, headers={"User-Agent": USER_AGENT})
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            total = response.headers.get("Content-Length")
+            return _copy(response, dest, total=int(total) if total else None,
+                         desc=Path(parsed.path).name, progress=progress)
+    if parsed.scheme == "file":
+        path = Path(urllib.request.url2pathname(parsed.path))
+    elif parsed.scheme:
+        raise DataError(f"unsupported URL scheme {parsed.scheme!r}; use a directory, "
+                        "file://, http:// or https://")
+    else:
+        path = Path(where)
+    # A local copy is fast: no progress bar.
+    with open(path, "rb") as fh:
+        return _copy(fh, dest, total=None, desc=path.name, progress=False)
+
+
+def _copy(stream: IO[bytes], dest: Path, *, total: int | None, desc: str,
+          progress: bool) -> _Fetched:
+    from tqdm import tqdm
+
+    md5, sha256, size = hashlib.md5(), hashlib.sha256(), 0
+    # disable=None: tqdm draws only on a terminal, so CI logs get no bar spam.
+    with open(dest, "wb") as out, tqdm(total=total, unit="B", unit_scale=True,
+                                       unit_divisor=1024, desc=desc, leave=False,
+                                       disable=None if progress else True) as bar:
+        while chunk := stream.read(CHUNK):
+            out.write(chunk)
+            md5.update(chunk)
+            sha256.update(chunk)
+            size += len(chunk)
+            bar.update(len(chunk))
+    if total is not None and size != total:
+        raise http.client.IncompleteRead(b"", total - size)
+    return _Fetched(md5.hexdigest(), sha256.hexdigest(), size)
+
+
+def _verify(path: Path, file: RawFile, fetched: _Fetched) -> str:
+    """'md5' if the archive is the published one; 'content-md5' if it is the same data in a
+    different gzip wrapper (e.g. Debian's, which strips the file name and mtime)."""
+    if fetched.md5 == file.md5:
+        return "md5"
+    content = hashlib.md5()
+    try:
+        with gzip.open(path, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                content.update(chunk)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise _ChecksumError(f"checksum mismatch: md5 {fetched.md5}, expected {file.md5}, "
+                             f"and not a valid gzip file ({exc})") from exc
+    if content.hexdigest() == file.content_md5:
+        return "content-md5"
+    raise _ChecksumError(f"checksum mismatch: md5 {fetched.md5}, expected {file.md5} "
+                         f"(or content md5 {file.content_md5}, got {content.hexdigest()})")
+
+
+def _hash_file(path: Path) -> tuple[str, str]:
+    md5, sha256 = hashlib.md5(), hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            md5.update(chunk)
+            sha256.update(chunk)
+    return md5.hexdigest(), sha256.hexdigest()
+
+
+# --- failures ---------------------------------------------------------------------------------
+
+def _is_transient(exc: BaseException) -> bool:
+    """Worth retrying on the same mirror: time-outs, refused or dropped connections, 5xx."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code >= 500 or exc.code in (408, 429)
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                        PermissionError, DataError)):
+        return False
+    return isinstance(exc, (urllib.error.URLError, http.client.HTTPException, TimeoutError,
+                            ConnectionError, OSError))
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        return _reason(exc.reason) if isinstance(exc.reason, BaseException) else str(exc.reason)
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, http.client.IncompleteRead):
+        return f"connection closed early ({exc.expected} bytes missing)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+def _human(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    if size < 1024 ** 2:
+        return f"{size / 1024:.1f} KB"
+    return f"{size / 1024 ** 2:.1f} MB"
