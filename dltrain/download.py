@@ -8,28 +8,23 @@ holds a partial or unverified file, and is left exactly as it was when anything 
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import http.client
 import os
-import shutil
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from dltrain.datasets import MANIFEST_NAME, RAW_FILES, RawFile, check_dataset_name, get_spec
 from dltrain.errors import DataError, DownloadError
-from dltrain.io import read_json, write_json
+from dltrain.io import atomic_dir, read_json, write_json
 
 CHUNK = 1 << 20
 # Some mirrors refuse urllib's default agent; torchvision sends its own name for the same reason.
@@ -77,8 +72,8 @@ def download(dataset: str, source: str | None, raw_dir: Path, *,
         raise DownloadError(f"no mirror to download {dataset} from; set data.source to a "
                             "directory or URL holding the four IDX files")
 
-    raw_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _staging_dir(raw_dir) as staging:
+    # All four files are staged and swapped in together: data/raw is never partial.
+    with atomic_dir(raw_dir) as staging:
         entries = {}
         for file in files:
             entries[_name(file)] = _fetch_file(file, locations, staging, retries=retries,
@@ -87,7 +82,6 @@ def download(dataset: str, source: str | None, raw_dir: Path, *,
         manifest = {"dataset": dataset, "source": source, "files": entries,
                     "checksum": data_checksum({n: e["sha256"] for n, e in entries.items()})}
         write_json(staging / MANIFEST_NAME, manifest)
-        _swap_in(staging, raw_dir)
     print(f"download: {dataset} ready in {raw_dir} (checksum {manifest['checksum'][:12]})")
     return manifest
 
@@ -102,42 +96,7 @@ def _name(file: RawFile | str) -> str:
     return file.name if isinstance(file, RawFile) else file
 
 
-# --- staging and the final swap ---------------------------------------------------------------
-
-@contextlib.contextmanager
-def _staging_dir(raw_dir: Path) -> Iterator[Path]:
-    """A fresh directory beside `raw_dir` (same file system, so the final rename is atomic);
-    removed on the way out, whatever happened."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{raw_dir.name}.", suffix=".tmp", dir=raw_dir.parent))
-    # mkdtemp makes it private (0700); data/raw should get the usual permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _swap_in(staging: Path, raw_dir: Path) -> None:
-    """Replace `raw_dir` with `staging`. A directory cannot be os.replace'd onto a non-empty
-    one, so the old one is first moved aside (and moved back if the second rename fails)."""
-    old = None
-    if raw_dir.exists() or raw_dir.is_symlink():
-        old = raw_dir.with_name(f".{raw_dir.name}.old-{uuid.uuid4().hex[:8]}.tmp")
-        os.replace(raw_dir, old)
-    try:
-        os.replace(staging, raw_dir)
-    except BaseException:
-        if old is not None:
-            os.replace(old, raw_dir)
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-
+# --- the quick path ---------------------------------------------------------------------------
 
 def _verified_manifest(raw_dir: Path, dataset: str) -> dict[str, Any] | None:
     """The manifest of `raw_dir` if it holds the four md5-verified files of `dataset`,

@@ -84,6 +84,15 @@ def read_labels(path: Path) -> np.ndarray:
     return labels
 
 
+def read_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of one split, checked to hold the same number of samples."""
+    images, labels = read_images(images_path), read_labels(labels_path)
+    if len(images) != len(labels):
+        raise DataError(f"{labels_path}: holds {len(labels)} labels but {images_path} holds "
+                        f"{len(images)} images; the counts must match")
+    return images, labels
+
+
 def write_idx(path: Path, array: np.ndarray, compress: bool | None = None) -> None:
     """Write a uint8 array as IDX; gzipped when `compress` (default: when the name ends .gz)."""
     path = Path(path)
