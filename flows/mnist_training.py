@@ -1,0 +1,176 @@
+"""The `mnist-training` Prefect flow: the five DVC stages, one task each, in order.
+
+Thin on purpose: each task runs `dvc repro --single-item <stage>`, so the stage logic lives in
+dltrain/ and DVC decides, from one cache and one dvc.lock shared with `dvc repro`, whether a
+stage runs or is skipped. Prefect adds retries, timeouts, parameters, schedules, logs and
+artifacts.
+
+    python flows/mnist_training.py                      # one run, no server needed
+    prefect deployment run 'mnist-training/local' -p epochs=1
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
+
+from dltrain.errors import ConfigError
+from dltrain.paths import Workspace
+from flows.dvc_stage import StageResult, run_stage
+from flows.report import model_link, read_report, run_summary
+from flows.workspace import params_overridden, validate_overrides, workspace_lock
+
+# The repo this file lives in: the default workspace, also for a deployment, whose pull step
+# makes the clone it was deployed from the working directory.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# The flow's named parameters and the params.yaml key each one overrides.
+PARAM_KEYS = {
+    "dataset": "data.dataset",
+    "epochs": "train.epochs",
+    "num_workers": "train.num_workers",
+    "use_gpu": "train.use_gpu",
+    "ray_address": "train.ray_address",
+}
+# `ray_address="env"`: take the address from RAY_ADDRESS in the flow run's environment at run
+# time (the scheduled deployment's worker runs on the Ray head node, where it is set).
+RAY_ADDRESS_FROM_ENV = "env"
+# A local `mlflow ui` serves here; an embedded SQLite registry has no server of its own.
+MLFLOW_UI_DEFAULT = "http://127.0.0.1:5000"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """How Prefect runs one stage: its timeout fits its work; only a download is worth
+    retrying (a mirror's hiccup), the other stages are deterministic or retry on their own
+    (Ray Train's FailureConfig)."""
+
+    name: str
+    timeout_s: float
+    retries: int = 0
+
+
+# The one list of stages, in order; it must match dvc.yaml (tests/test_flows.py checks).
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("download", timeout_s=30 * 60, retries=3),
+    StageSpec("preprocess", timeout_s=10 * 60),
+    StageSpec("train", timeout_s=4 * 60 * 60),
+    StageSpec("evaluate", timeout_s=20 * 60),
+    StageSpec("register", timeout_s=10 * 60),
+)
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a run; a plain logger when a task's .fn is called alone."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("dltrain.flows")
+
+
+def _make_task(spec: StageSpec):
+    def run(workspace: str) -> StageResult:
+        return run_stage(spec.name, Path(workspace), _logger(), timeout_s=spec.timeout_s)
+
+    run.__name__ = run.__qualname__ = f"{spec.name}_stage"
+    run.__doc__ = f"`dvc repro --single-item {spec.name}` in `workspace`."
+    # NO_CACHE: DVC decides what to skip; a Prefect cache hit would skip a stage whose
+    # outputs DVC knows to be stale.
+    return task(run, name=spec.name, retries=spec.retries,
+                retry_delay_seconds=exponential_backoff(backoff_factor=10) if spec.retries else 0,
+                retry_jitter_factor=0.5 if spec.retries else None,
+                timeout_seconds=spec.timeout_s, cache_policy=NO_CACHE, log_prints=False)
+
+
+TASKS = {spec.name: _make_task(spec) for spec in STAGES}
+download, preprocess, train, evaluate, register = (TASKS[s.name] for s in STAGES)
+
+
+def resolve_workspace(workspace: str | None) -> Workspace:
+    """The flow parameter, else DLTRAIN_WORKSPACE, else the repo this file lives in."""
+    root = Path(workspace or os.environ.get("DLTRAIN_WORKSPACE") or REPO_ROOT)
+    if not (root / "dvc.yaml").is_file():
+        raise ConfigError(f"workspace {root} has no dvc.yaml; pass workspace=<a dltrain clone> "
+                          "or set DLTRAIN_WORKSPACE")
+    return Workspace.at(root)
+
+
+def run_overrides(named: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The params.yaml overrides of one run: `overrides` (section.key -> value), then the
+    named parameters that are not None."""
+    merged = dict(overrides or {})
+    for name, value in named.items():
+        if value is None:
+            continue
+        if name == "ray_address" and value == RAY_ADDRESS_FROM_ENV:
+            value = os.environ.get("RAY_ADDRESS")
+            if not value:
+                raise ConfigError("ray_address='env' but RAY_ADDRESS is not set in the flow "
+                                  "run's environment; start the worker with RAY_ADDRESS=<the "
+                                  "head node's address> (see infra/prefect/README.md)")
+        merged[PARAM_KEYS[name]] = value
+    return merged
+
+
+def publish_artifacts(ws: Workspace, outcomes: dict[str, StageResult],
+                      overrides: dict[str, Any], tracking_uri: str | None) -> None:
+    """The run's summary and the registered model's MLflow page, in the Prefect UI."""
+    create_markdown_artifact(run_summary(ws, outcomes, overrides), key="mnist-training-summary",
+                             description="Data, training, test metrics and registry outcome")
+    registration = read_report(ws.registration_path)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    link = model_link(registration, uri)
+    local = link is None and registration and registration.get("version") is not None
+    if local:
+        # An embedded registry: link where `mlflow ui` on that store serves the version.
+        link = model_link(registration, MLFLOW_UI_DEFAULT)
+    if link:
+        description = ("Open after `mlflow ui --backend-store-uri <the registry's URI>`"
+                       if local else "The registered model version in MLflow")
+        create_link_artifact(link, link_text=f"{registration['model_name']} version "
+                             f"{registration['version']}", key="mnist-model",
+                             description=description)
+
+
+@flow(name="mnist-training", log_prints=False)
+def mnist_training(dataset: str | None = None, epochs: int | None = None,
+                   num_workers: int | None = None, use_gpu: bool | None = None,
+                   ray_address: str | None = None, overrides: dict[str, Any] | None = None,
+                   workspace: str | None = None) -> dict[str, str]:
+    """Download, preprocess, train, evaluate and register, each through DVC.
+
+    Parameters left None are as in params.yaml. `overrides` sets any other key for this run
+    (`{"data.source": "file:///data/mnist"}`); `ray_address="env"` reads RAY_ADDRESS at run
+    time. Returns each stage's outcome: ran, skipped or restored (from DVC's run cache).
+    """
+    logger = get_run_logger()
+    ws = resolve_workspace(workspace)
+    named = {"dataset": dataset, "epochs": epochs, "num_workers": num_workers,
+             "use_gpu": use_gpu, "ray_address": ray_address}
+    changes = run_overrides(named, overrides)
+    # Validated before any work: a bad value fails the run here, naming the key.
+    params = validate_overrides(ws.params_path, changes)
+    holder = f"flow run {flow_run.id or 'outside Prefect'} ({flow_run.name or '-'})"
+    outcomes: dict[str, StageResult] = {}
+    with workspace_lock(ws.root, holder), params_overridden(ws.params_path, changes, logger):
+        if changes:
+            logger.info("params for this run: %s", changes)
+        for spec in STAGES:
+            outcomes[spec.name] = TASKS[spec.name](str(ws.root))
+    publish_artifacts(ws, outcomes, changes, params.register.tracking_uri)
+    return {name: result.outcome for name, result in outcomes.items()}
+
+
+if __name__ == "__main__":
+    mnist_training()

@@ -1,0 +1,134 @@
+"""The flow's hold on a workspace: an exclusive lock, and the run's params written into
+params.yaml for the duration of the run.
+
+Why params.yaml: DVC records in dvc.lock the params a stage read from params.yaml, and decides
+from them whether a stage changed. Writing the run's validated overrides there (what
+`dvc exp run --set-param` does) makes a flow run's parameters visible to DVC exactly like an
+edit by hand; the file is put back as it was when the run ends, so an override lasts one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap
+
+from dltrain.config import Params, apply_overrides, params_from_dict, read_params_file
+from dltrain.errors import ConfigError, DltrainError
+from dltrain.io import atomic_path
+
+# Inside .dvc/tmp: git-ignored by DVC's own .gitignore, and never a DVC dependency.
+LOCK_RELPATH = Path(".dvc") / "tmp" / "dltrain-flow.lock"
+
+
+class WorkspaceBusyError(DltrainError):
+    """Another flow run holds the workspace."""
+
+
+def validate_overrides(params_path: Path, overrides: dict[str, Any]) -> Params:
+    """params.yaml with `overrides` (section.key -> value) applied, through the typed config:
+    a ConfigError names the key before any stage runs."""
+    for key in overrides:
+        section, _, name = key.partition(".")
+        if not section or not name:
+            raise ConfigError(f"invalid override key {key!r}; expected section.key, "
+                              "e.g. train.epochs")
+    return params_from_dict(apply_overrides(read_params_file(params_path), overrides))
+
+
+@contextlib.contextmanager
+def workspace_lock(root: Path, holder: str) -> Iterator[None]:
+    """Hold the workspace exclusively, or fail at once naming who holds it. An flock is
+    released by the kernel when its process dies, so a crashed run never leaves it stale."""
+    path = root / LOCK_RELPATH
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise WorkspaceBusyError(
+                f"the workspace {root} is in use by another pipeline run "
+                f"({_describe_holder(fh.read())}); wait for it to finish, or cancel it "
+                "(prefect flow-run cancel <id>), then run again") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"holder": holder, "pid": os.getpid(),
+                             "host": socket.gethostname(), "since": time.time()}))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fh.flush()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
+        return f"{info['holder']}, pid {info['pid']} on {info['host']}, since {since}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def _yaml() -> YAML:
+    yaml = YAML()  # round-trip: keeps comments, key order and layout
+    yaml.preserve_quotes = True
+    yaml.width = 100
+    return yaml
+
+
+def render_overrides(text: str, overrides: dict[str, Any]) -> str:
+    """`text` (a params.yaml) with `overrides` set, comments and layout kept."""
+    yaml = _yaml()
+    doc = yaml.load(text) or CommentedMap()
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if doc.get(section) is None:
+            doc[section] = CommentedMap()
+        doc[section][key] = value
+    out = io.StringIO()
+    yaml.dump(doc, out)
+    return out.getvalue()
+
+
+@contextlib.contextmanager
+def params_overridden(params_path: Path, overrides: dict[str, Any],
+                      logger: Any = None) -> Iterator[None]:
+    """Write `overrides` into params.yaml for the duration of the block, then put the file
+    back, unless someone edited it meanwhile (their edit wins; we say so)."""
+    if not overrides:
+        yield
+        return
+    original = params_path.read_text()
+    written = render_overrides(original, overrides)
+    _write_keeping_mode(params_path, written)
+    try:
+        yield
+    finally:
+        if params_path.read_text() == written:
+            _write_keeping_mode(params_path, original)
+        elif logger is not None:
+            logger.warning("%s was edited during the run; leaving it as it is now",
+                           params_path)
+
+
+def _write_keeping_mode(path: Path, text: str) -> None:
+    """Replace `path` atomically, keeping its permission bits (mkstemp's are 0600)."""
+    mode = path.stat().st_mode & 0o777
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+        os.chmod(tmp, mode)
