@@ -1,0 +1,154 @@
+"""dltrain/config.py: defaults, strictness, and errors that name the key, also through the CLI."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, venv_env
+
+from dltrain import cli
+from dltrain.config import (
+    Params,
+    apply_overrides,
+    load_params,
+    params_from_dict,
+    parse_override,
+    read_params_file,
+)
+from dltrain.errors import ConfigError
+
+
+def test_defaults_load_from_an_empty_mapping_and_from_the_repo_params():
+    assert params_from_dict({}) == Params()
+    assert params_from_dict(None) == Params()
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert params.data.dataset == "fashion-mnist"
+    assert params.data.source is None
+    assert 0 < params.data.val_fraction < 1
+    assert params.model.hidden_sizes == (512,)  # the seed's 784-512-10
+    assert set(params.to_dict()) == {"data", "model", "train", "evaluate", "register"}
+
+
+def test_values_are_converted_to_the_dataclass_types():
+    params = params_from_dict({"model": {"hidden_sizes": [256, 128]},
+                               "train": {"learning_rate": 1, "ray_address": "ray://h:10001"}})
+    assert params.model.hidden_sizes == (256, 128)
+    assert isinstance(params.train.learning_rate, float)
+    assert params.train.ray_address == "ray://h:10001"
+    assert params.to_dict()["model"]["hidden_sizes"] == [256, 128]
+
+
+BAD_PARAMS = [
+    ({"trian": {}}, "trian"),  # unknown section
+    ({"train": {"epoch": 3}}, "train.epoch"),  # unknown key
+    ({"train": {"epochs": "5"}}, "train.epochs"),  # wrong type
+    ({"train": {"epochs": True}}, "train.epochs"),  # bool is not an int here
+    ({"train": {"epochs": 2.5}}, "train.epochs"),
+    ({"train": {"epochs": 0}}, "train.epochs"),  # out of range
+    ({"train": {"use_gpu": 1}}, "train.use_gpu"),  # int is not a bool
+    ({"train": {"learning_rate": 0}}, "train.learning_rate"),
+    ({"train": {"optimizer": "adagrad"}}, "train.optimizer"),
+    ({"train": {"batch_size": 100, "num_workers": 3}}, "train.batch_size"),  # not divisible
+    ({"train": {"threads_per_worker": 0}}, "train.threads_per_worker"),
+    ({"data": {"val_fraction": 1.5}}, "data.val_fraction"),
+    ({"data": {"val_fraction": 0}}, "data.val_fraction"),
+    ({"data": {"dataset": "cifar10"}}, "data.dataset"),
+    ({"data": {"source": 3}}, "data.source"),
+    ({"data": {"seed": None}}, "data.seed"),
+    ({"data": 3}, "data"),  # a section that is not a mapping
+    ({"model": {"hidden_sizes": []}}, "model.hidden_sizes"),
+    ({"model": {"hidden_sizes": [512, "x"]}}, "model.hidden_sizes[1]"),
+    ({"model": {"hidden_sizes": 512}}, "model.hidden_sizes"),
+    ({"evaluate": {"batch_size": -1}}, "evaluate.batch_size"),
+    ({"register": {"min_accuracy": 2}}, "register.min_accuracy"),
+    ({"register": {"model_name": " "}}, "register.model_name"),
+]
+
+
+@pytest.mark.parametrize(("raw", "key"), BAD_PARAMS, ids=[k for _, k in BAD_PARAMS])
+def test_each_bad_input_is_a_config_error_naming_the_key(raw, key):
+    with pytest.raises(ConfigError) as info:
+        params_from_dict(raw)
+    assert key in str(info.value)
+
+
+def test_params_that_are_not_a_mapping_are_refused():
+    with pytest.raises(ConfigError, match="mapping"):
+        params_from_dict([1, 2])
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("train.epochs=3", ("train.epochs", 3)),
+    ("train.use_gpu=true", ("train.use_gpu", True)),
+    ("data.source=null", ("data.source", None)),
+    ("model.hidden_sizes=[256, 128]", ("model.hidden_sizes", [256, 128])),
+    ("data.source=https://example.org/a=b", ("data.source", "https://example.org/a=b")),
+])
+def test_overrides_parse_their_value_as_yaml(text, expected):
+    assert parse_override(text) == expected
+
+
+@pytest.mark.parametrize("text", ["train.epochs", "epochs=3", "train.epochs=[1,"])
+def test_bad_override_syntax_is_a_config_error_quoting_it(text):
+    with pytest.raises(ConfigError) as info:
+        parse_override(text)
+    assert repr(text) in str(info.value)
+
+
+def test_overrides_win_over_the_file_and_are_validated(tmp_path: Path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epochs: 5\n")
+    assert load_params(path, {"train.epochs": 2}).train.epochs == 2
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_params(path, {"train.epochs": -1})
+    with pytest.raises(ConfigError, match="train.epoch"):
+        load_params(path, {"train.epoch": 2})
+    raw = {"train": {"epochs": 5}}
+    apply_overrides(raw, {"train.epochs": 9})
+    assert raw == {"train": {"epochs": 5}}, "the caller's mapping must not change"
+
+
+def test_a_missing_or_unparsable_params_file_is_a_config_error_naming_it(tmp_path: Path):
+    with pytest.raises(ConfigError, match="not found"):
+        read_params_file(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError) as info:
+        read_params_file(bad)
+    assert str(bad) in str(info.value)
+
+
+# --- through the CLI: a clear error before any work, nothing written --------------------------
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
+    return tmp_path
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("data.val_fraction=2", "data.val_fraction"),
+    ("data.val_fraction", "data.val_fraction"),  # bad override syntax
+    ("data.datset=mnist", "data.datset"),
+])
+def test_cli_bad_params_exit_non_zero_naming_the_key_and_write_nothing(
+        workspace: Path, capsys: pytest.CaptureFixture[str], override: str, key: str):
+    code = cli.main(["download", "--workspace", str(workspace), "-S", override])
+    err = capsys.readouterr().err
+    assert code == ConfigError.exit_code != 0
+    assert key in err
+    assert err.count("\n") == 1, "one line, no traceback"
+    assert sorted(p.name for p in workspace.iterdir()) == ["params.yaml"]
+
+
+def test_cli_console_script_reports_bad_params(workspace: Path):
+    """The installed `dltrain` command, as a user runs it."""
+    proc = subprocess.run(["dltrain", "download", "-S", "data.val_fraction=2"], cwd=workspace,
+                          env=venv_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "data.val_fraction" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in workspace.iterdir()) == ["params.yaml"]

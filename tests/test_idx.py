@@ -1,0 +1,98 @@
+"""dltrain/idx.py: round trips, and each malformed file gives a DataError naming file and defect."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import synthetic_split
+
+from dltrain.errors import DataError
+from dltrain.idx import read_idx, read_images, read_labels, read_split, write_idx
+
+
+@pytest.fixture
+def split() -> tuple[np.ndarray, np.ndarray]:
+    return synthetic_split(50, seed=3)
+
+
+@pytest.mark.parametrize("suffix", [".gz", ""])
+def test_round_trip_gzipped_and_plain(tmp_path: Path, split, suffix: str):
+    images, labels = split
+    write_idx(tmp_path / f"images{suffix}", images)
+    write_idx(tmp_path / f"labels{suffix}", labels)
+    assert (tmp_path / f"images{suffix}").read_bytes()[:2] == (b"\x1f\x8b" if suffix else b"\0\0")
+    got_images, got_labels = read_split(tmp_path / f"images{suffix}", tmp_path / f"labels{suffix}")
+    assert got_images.dtype == np.uint8 and got_images.shape == (50, 28, 28)
+    np.testing.assert_array_equal(got_images, images)
+    np.testing.assert_array_equal(got_labels, labels)
+
+
+def test_gzipped_output_is_byte_stable(tmp_path: Path, split):
+    write_idx(tmp_path / "a.gz", split[0])
+    write_idx(tmp_path / "b.gz", split[0])
+    assert (tmp_path / "a.gz").read_bytes() == (tmp_path / "b.gz").read_bytes()
+
+
+def _raw(path: Path, payload: bytes, gz: bool = False) -> Path:
+    path.write_bytes(gzip.compress(payload) if gz else payload)
+    return path
+
+
+def _header(dtype: int, *shape: int) -> bytes:
+    return bytes([0, 0, dtype, len(shape)]) + struct.pack(f">{len(shape)}I", *shape)
+
+
+MALFORMED = [
+    # (reader, file bytes, words the message must contain)
+    (read_images, _header(0x08, 2, 28, 28)[:2], "too short"),
+    (read_images, b"\x00\x00\x09\x03" + struct.pack(">3I", 1, 28, 28) + bytes(784), "magic"),
+    (read_images, b"\x08\x03\x00\x00" + bytes(800), "magic"),
+    (read_images, _header(0x08, 2, 28, 28)[:10], "truncated IDX header"),
+    (read_images, _header(0x08, 2, 28, 28) + bytes(784 * 2 - 1), "short"),
+    (read_images, _header(0x08, 2, 28, 28) + bytes(784 * 2 + 5), "too long"),
+    (read_images, _header(0x08, 2, 784) + bytes(784 * 2), "2 dimensions, expected 3"),
+    (read_images, _header(0x08, 2, 32, 32) + bytes(1024 * 2), "expected 28x28"),
+    (read_labels, _header(0x08, 3) + bytes([1, 10, 2]), "label out of range at index 1: 10"),
+    (read_labels, _header(0x08, 2, 2) + bytes(4), "2 dimensions, expected 1"),
+]
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+@pytest.mark.parametrize(("reader", "payload", "defect"), MALFORMED,
+                         ids=[m[2] for m in MALFORMED])
+def test_malformed_file_names_file_and_defect(tmp_path: Path, reader, payload, defect, gz):
+    path = _raw(tmp_path / ("bad-idx.gz" if gz else "bad-idx"), payload, gz=gz)
+    with pytest.raises(DataError) as info:
+        reader(path)
+    assert str(path) in str(info.value)
+    assert defect in str(info.value)
+
+
+def test_truncated_gzip_is_a_data_error(tmp_path: Path, split):
+    path = tmp_path / "images.gz"
+    write_idx(path, split[0])
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match="not a readable") as info:
+        read_idx(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_is_a_data_error(tmp_path: Path):
+    with pytest.raises(DataError, match="file not found") as info:
+        read_labels(tmp_path / "nope.gz")
+    assert "nope.gz" in str(info.value)
+
+
+def test_image_and_label_counts_must_match(tmp_path: Path, split):
+    images, labels = split
+    write_idx(tmp_path / "images.gz", images)
+    write_idx(tmp_path / "labels.gz", labels[:-1])
+    with pytest.raises(DataError) as info:
+        read_split(tmp_path / "images.gz", tmp_path / "labels.gz")
+    message = str(info.value)
+    assert str(tmp_path / "labels.gz") in message and str(tmp_path / "images.gz") in message
+    assert "49 labels" in message and "50 images" in message
