@@ -1,0 +1,135 @@
+"""The evaluate stage: test-set metrics of models/model.pt, for DVC metrics and plots.
+
+Everything is computed by libraries (scikit-learn for the classification metrics and the
+confusion matrix, PyTorch for the cross-entropy), never by hand, so that the figures mean
+exactly what their documentation says.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from torch.nn import functional as F
+
+from dltrain.classes import class_names
+from dltrain.errors import DataError
+from dltrain.io import atomic_open, read_json, write_json
+from dltrain.model import MLP, NUM_CLASSES, normalize
+from dltrain.modelio import load_model
+from dltrain.plots import plot_confusion_matrix, plot_misclassified
+
+METRICS_FILE = "metrics.json"
+CONFUSION_CSV = "confusion.csv"
+CONFUSION_PNG = "confusion_matrix.png"
+MISCLASSIFIED_PNG = "misclassified.png"
+
+
+def load_test_split(processed_dir: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The test images (N, 28, 28) uint8, labels (N,) and data/processed/summary.json."""
+    processed_dir = Path(processed_dir)
+    paths = [processed_dir / n for n in ("test_images.npy", "test_labels.npy", "summary.json")]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"processed data missing: {', '.join(missing)} "
+                        "(run `dltrain preprocess` first)")
+    try:
+        # allow_pickle=False: a .npy holding objects would run code when loaded.
+        images = np.load(paths[0], allow_pickle=False)
+        labels = np.load(paths[1], allow_pickle=False)
+        summary = read_json(paths[2])
+    except ValueError as exc:
+        raise DataError(f"{processed_dir}: unreadable processed test split: {exc}") from exc
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
+        raise DataError(f"{processed_dir}: test images {images.shape} and labels {labels.shape} "
+                        "do not match (expected (N, 28, 28) and (N,)); re-run preprocess")
+    if labels.size == 0:
+        raise DataError(f"{processed_dir}: the test split is empty")
+    return images, labels, summary
+
+
+def split_checksum(processed_dir: Path, summary: dict[str, Any]) -> str:
+    """The test split's sha256 as preprocess recorded it (else computed from the arrays), the key
+    that says whether two models were evaluated on the same data."""
+    recorded = (summary.get("test") or {}).get("sha256")
+    if recorded:
+        return str(recorded)
+    digest = hashlib.sha256()
+    for name in ("test_images.npy", "test_labels.npy"):
+        digest.update((Path(processed_dir) / name).read_bytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def predict_logits(model: MLP, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Logits (N, 10) of uint8 images (N, 28, 28), in batches to bound memory."""
+    model.eval()
+    chunks = [model(normalize(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size]))))
+              for i in range(0, len(images), batch_size)]
+    return torch.cat(chunks).numpy()
+
+
+def compute_metrics(labels: np.ndarray, logits: np.ndarray,
+                    names: tuple[str, ...]) -> dict[str, Any]:
+    """Accuracy, mean cross-entropy, macro F1 and per-class precision/recall/F1/support."""
+    labels = np.asarray(labels, dtype=np.int64)
+    predictions = np.asarray(logits).argmax(axis=1)
+    classes = list(range(NUM_CLASSES))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predictions, labels=classes, zero_division=0)
+    loss = F.cross_entropy(torch.as_tensor(logits, dtype=torch.float32),
+                           torch.from_numpy(labels)).item()
+    per_class = {
+        names[k]: {"precision": float(precision[k]), "recall": float(recall[k]),
+                   "f1": float(f1[k]), "support": int(support[k])}
+        for k in classes
+    }
+    return {"accuracy": float(accuracy_score(labels, predictions)), "loss": float(loss),
+            "macro_f1": float(np.mean(f1)), "per_class": per_class}
+
+
+def compute_confusion(labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+    """Confusion counts (10, 10): row = actual class, column = predicted class."""
+    return confusion_matrix(labels, predictions, labels=list(range(NUM_CLASSES)))
+
+
+def write_confusion_csv(path: Path, labels: np.ndarray, predictions: np.ndarray,
+                        names: tuple[str, ...]) -> None:
+    """One `actual,predicted` row per test image: the input of DVC's confusion template."""
+    with atomic_open(path, "w") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["actual", "predicted"])
+        writer.writerows((names[a], names[p]) for a, p in zip(labels, predictions, strict=True))
+
+
+def evaluate(model_path: Path, processed_dir: Path, reports_dir: Path, *,
+             batch_size: int) -> dict[str, Any]:
+    """Evaluate the model on the test split; write metrics.json, the confusion matrix (CSV for
+    `dvc plots`, PNG) and a grid of misclassified images into `reports_dir`; return the metrics."""
+    model, card = load_model(model_path)
+    images, labels, summary = load_test_split(processed_dir)
+    dataset = summary.get("dataset") or (card.get("data") or {}).get("dataset")
+    names = class_names(dataset)
+
+    logits = predict_logits(model, images, batch_size)
+    predictions = logits.argmax(axis=1)
+    metrics = {**compute_metrics(labels, logits, names), "n": int(len(labels)),
+               "dataset": dataset, "test_sha256": split_checksum(processed_dir, summary)}
+
+    reports_dir = Path(reports_dir)
+    write_confusion_csv(reports_dir / CONFUSION_CSV, labels, predictions, names)
+    plot_confusion_matrix(compute_confusion(labels, predictions), names,
+                          reports_dir / CONFUSION_PNG)
+    probabilities = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    plot_misclassified(images, labels, predictions, probabilities.max(axis=1), names,
+                       reports_dir / MISCLASSIFIED_PNG)
+    # metrics.json last: its presence means every report of this run is complete.
+    write_json(reports_dir / METRICS_FILE, metrics)
+    print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f} "
+          f"on {metrics['n']} images -> {reports_dir / METRICS_FILE}")
+    return metrics

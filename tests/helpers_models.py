@@ -1,0 +1,98 @@
+"""Test helpers: a processed data directory and a tiny model trained in-process with plain
+PyTorch, laid out as the pipeline lays out its files (data/processed, models/, reports/)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from conftest import synthetic_split
+
+from dltrain.config import Params
+from dltrain.io import read_json, write_json
+from dltrain.model import MLP, architecture, normalize
+from dltrain.modelio import save_model
+from dltrain.paths import Workspace
+
+HIDDEN = (32,)
+
+
+def write_processed_dir(path: Path, n_train: int = 600, n_val: int = 100, n_test: int = 200,
+                        dataset: str = "fashion-mnist", seed: int = 0) -> Path:
+    """The six .npy files and summary.json of data/processed, from synthetic data."""
+    path.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"dataset": dataset, "val_fraction": 0.1, "seed": seed}
+    for offset, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
+        images, labels = synthetic_split(n, seed + offset)
+        np.save(path / f"{split}_images.npy", images)
+        np.save(path / f"{split}_labels.npy", labels)
+        digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+        summary[split] = {"n": n, "class_counts": np.bincount(labels, minlength=10).tolist(),
+                          "sha256": digest}
+    summary["data_checksum"] = hashlib.sha256(
+        "".join(summary[s]["sha256"] for s in ("train", "val", "test")).encode()).hexdigest()
+    write_json(path / "summary.json", summary)
+    return path
+
+
+def train_tiny(processed_dir: Path, epochs: int = 3, seed: int = 0,
+               hidden: tuple[int, ...] = HIDDEN) -> tuple[MLP, list[dict]]:
+    """A few epochs of RMSprop on the synthetic train split; returns the model and per-epoch
+    records shaped like reports/training.json's."""
+    torch.manual_seed(seed)
+    x = normalize(torch.from_numpy(np.load(processed_dir / "train_images.npy")))
+    y = torch.from_numpy(np.load(processed_dir / "train_labels.npy")).long()
+    model = MLP(hidden)
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
+    records = []
+    for epoch in range(1, epochs + 1):
+        for i in range(0, len(x), 32):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[i:i + 32]), y[i:i + 32])
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            logits = model(x)
+            train_loss = torch.nn.functional.cross_entropy(logits, y).item()
+            acc = (logits.argmax(1) == y).float().mean().item()
+        records.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": acc,
+                        "val_loss": train_loss, "val_accuracy": acc, "epoch_time_s": 0.1})
+    model.eval()
+    return model, records
+
+
+def save_workspace_model(ws: Workspace, model: MLP, records: list[dict],
+                         params: Params | None = None) -> str:
+    """models/model.pt + model.json and reports/training.json as the train stage writes them."""
+    params = params or Params()
+    summary = read_json(ws.processed_dir / "summary.json")
+    card = {"architecture": architecture(model.hidden_sizes), "params": params.to_dict(),
+            "data": {"dataset": summary["dataset"], "data_checksum": summary["data_checksum"],
+                     "test_sha256": summary["test"]["sha256"]},
+            "git_commit": "0123456789abcdef", "world_size": 2, "device": "cpu",
+            "nodes": ["node-a"], "timings": {"fit_s": 1.0}}
+    write_json(ws.training_report_path, {"epochs": records, "world_size": 2,
+                                         "samples_per_s": 1000.0, "nodes": ["node-a"]})
+    return save_model(model.state_dict(), card, ws.model_path)
+
+
+def write_params(root: Path, params: Params | None = None) -> Path:
+    """params.yaml in `root` (the defaults unless given), as the CLI reads it."""
+    path = Path(root) / "params.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump((params or Params()).to_dict()))
+    return path
+
+
+def make_trained_workspace(root: Path, epochs: int = 3, seed: int = 0,
+                           dataset: str = "fashion-mnist") -> Workspace:
+    """A workspace with processed synthetic data, a trained tiny model and its training report."""
+    ws = Workspace.at(root)
+    write_params(ws.root)
+    write_processed_dir(ws.processed_dir, dataset=dataset)
+    model, records = train_tiny(ws.processed_dir, epochs=epochs, seed=seed)
+    save_workspace_model(ws, model, records)
+    return ws

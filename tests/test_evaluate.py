@@ -1,0 +1,140 @@
+"""The evaluate stage: metrics against hand-computed oracles, and the reports it writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers_models import make_trained_workspace, write_params
+from PIL import Image
+
+from dltrain.classes import FASHION_MNIST, MNIST
+from dltrain.cli import main
+from dltrain.errors import DataError, ModelError
+from dltrain.evaluate import compute_confusion, compute_metrics, evaluate
+from dltrain.paths import Workspace
+
+# A tiny fixed prediction set: 6 samples, classes 0..2 (7 classes absent), predictions
+# [0, 1, 1, 1, 2, 0] for labels [0, 0, 1, 1, 2, 2].
+LABELS = np.array([0, 0, 1, 1, 2, 2])
+PREDICTED = np.array([0, 1, 1, 1, 2, 0])
+
+
+def _logits(predicted: np.ndarray, margin: float = 2.0) -> np.ndarray:
+    logits = np.zeros((len(predicted), 10), dtype=np.float32)
+    logits[np.arange(len(predicted)), predicted] = margin
+    return logits
+
+
+def test_metrics_match_hand_computed_values() -> None:
+    metrics = compute_metrics(LABELS, _logits(PREDICTED), MNIST)
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    # class 0: predicted 0 twice (one right) -> precision 1/2; actual 0 twice, one found -> 1/2
+    # class 1: predicted 1 three times, two right -> 2/3; both actual 1 found -> recall 1
+    # class 2: predicted once, right -> 1; one of two actual found -> 1/2
+    expected = {"0": (1 / 2, 1 / 2, 2), "1": (2 / 3, 1.0, 2), "2": (1.0, 1 / 2, 2)}
+    for name, (precision, recall, support) in expected.items():
+        row = metrics["per_class"][name]
+        assert row["precision"] == pytest.approx(precision)
+        assert row["recall"] == pytest.approx(recall)
+        assert row["f1"] == pytest.approx(2 * precision * recall / (precision + recall))
+        assert row["support"] == support
+    # Classes with no samples and no predictions score 0, not NaN (zero_division=0).
+    assert metrics["per_class"]["9"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    # Cross-entropy oracle: -log softmax of the true class, averaged.
+    right = -math.log(math.exp(2) / (math.exp(2) + 9))
+    wrong = -math.log(1 / (math.exp(2) + 9))
+    assert metrics["loss"] == pytest.approx((4 * right + 2 * wrong) / 6, rel=1e-5)
+
+
+def test_confusion_rows_are_actual_and_columns_predicted() -> None:
+    matrix = compute_confusion(LABELS, PREDICTED)
+    assert matrix.shape == (10, 10)
+    assert matrix[0, 0] == 1 and matrix[0, 1] == 1   # one 0 right, one 0 called 1
+    assert matrix[1, 1] == 2
+    assert matrix[2, 2] == 1 and matrix[2, 0] == 1   # one 2 called 0
+    assert matrix.sum() == len(LABELS)
+
+
+@pytest.fixture(scope="module")
+def trained_ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    return make_trained_workspace(tmp_path_factory.mktemp("evaluate"))
+
+
+def _evaluate(ws: Workspace) -> dict:
+    return evaluate(ws.model_path, ws.processed_dir, ws.reports_dir, batch_size=64)
+
+
+def test_evaluate_writes_metrics_plots_and_csv(trained_ws: Workspace) -> None:
+    returned = _evaluate(trained_ws)
+    metrics = json.loads(trained_ws.metrics_path.read_text())
+    assert metrics == returned
+    summary = json.loads((trained_ws.processed_dir / "summary.json").read_text())
+    assert metrics["accuracy"] >= 0.9 and 0 < metrics["loss"] < 1.0
+    assert metrics["n"] == summary["test"]["n"] == 200
+    assert metrics["test_sha256"] == summary["test"]["sha256"]
+    assert set(metrics["per_class"]) == set(FASHION_MNIST)  # names from summary's dataset
+
+    with open(trained_ws.reports_dir / "confusion.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 200
+    labels = np.load(trained_ws.processed_dir / "test_labels.npy")
+    assert [r["actual"] for r in rows] == [FASHION_MNIST[k] for k in labels]
+    agree = sum(r["actual"] == r["predicted"] for r in rows)
+    assert agree / len(rows) == pytest.approx(metrics["accuracy"])
+
+    for name in ("confusion_matrix.png", "misclassified.png"):
+        with Image.open(trained_ws.reports_dir / name) as image:
+            assert image.format == "PNG" and image.width > 300 and image.height > 300
+
+
+def test_cli_evaluate_exits_zero(trained_ws: Workspace, capsys: pytest.CaptureFixture) -> None:
+    assert main(["evaluate", "--workspace", str(trained_ws.root)]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_missing_model_is_a_clear_error(tmp_path: Path, trained_ws: Workspace,
+                                        capsys: pytest.CaptureFixture) -> None:
+    ws = Workspace.at(tmp_path)
+    write_params(ws.root)
+    shutil.copytree(trained_ws.processed_dir, ws.processed_dir)
+    with pytest.raises(ModelError, match="model description not found"):
+        _evaluate(ws)
+    assert main(["evaluate", "--workspace", str(ws.root)]) == 1
+    assert "models/model.json" in capsys.readouterr().err
+    assert not ws.metrics_path.exists()
+
+
+def test_missing_test_split_is_a_data_error(tmp_path: Path, trained_ws: Workspace) -> None:
+    ws = Workspace.at(tmp_path)
+    shutil.copytree(trained_ws.models_dir, ws.models_dir)
+    with pytest.raises(DataError, match="run `dltrain preprocess` first"):
+        _evaluate(ws)
+    assert not ws.reports_dir.exists()
+
+
+def test_shape_mismatch_with_model_json_is_refused(tmp_path: Path, trained_ws: Workspace,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    ws = Workspace.at(tmp_path)
+    shutil.copytree(trained_ws.root, ws.root, dirs_exist_ok=True)
+    ws.metrics_path.unlink(missing_ok=True)
+    card = json.loads(ws.model_card_path.read_text())
+    card["architecture"]["hidden_sizes"] = [64]
+    ws.model_card_path.write_text(json.dumps(card))
+    assert main(["evaluate", "--workspace", str(ws.root)]) == 1
+    err = capsys.readouterr().err
+    assert "does not match the architecture" in err and "[64]" in err
+    assert not ws.metrics_path.exists()
+
+
+def test_corrupt_model_file_is_refused(tmp_path: Path, trained_ws: Workspace) -> None:
+    ws = Workspace.at(tmp_path)
+    shutil.copytree(trained_ws.root, ws.root, dirs_exist_ok=True)
+    ws.model_path.write_bytes(ws.model_path.read_bytes()[:100])
+    with pytest.raises(ModelError, match="corrupt"):
+        _evaluate(ws)
