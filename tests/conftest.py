@@ -66,7 +66,11 @@ def tiny_source_session(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fresh_clone(tmp_path: Path) -> Path:
     """A git clone of the working tree (uncommitted changes included), as a new user gets it:
     the tracked files plus the untracked, non-ignored ones."""
-    clone = tmp_path / "clone"
+    return make_clone(tmp_path / "clone")
+
+
+def make_clone(clone: Path) -> Path:
+    """fresh_clone's work, for fixtures of a wider scope."""
     files = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=REPO_ROOT, check=True, capture_output=True).stdout.split(b"\0")
@@ -89,3 +93,24 @@ def venv_env(**extra: str) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
+
+
+def make_processed(root: Path, n_train: int = 600, n_test: int = 200,
+                   dataset: str = "fashion-mnist") -> Path:
+    """A workspace under `root` with data/raw and data/processed made by the real download and
+    preprocess stages from a tiny synthetic source."""
+    from dltrain.download import download
+    from dltrain.preprocess import preprocess
+
+    source = write_raw_dir(root / "source", n_train=n_train, n_test=n_test)
+    ws = root / "ws"
+    download(dataset, str(source), ws / "data" / "raw", progress=False)
+    preprocess(ws / "data" / "raw", ws / "data" / "processed", dataset=dataset,
+               val_fraction=0.1, seed=0)
+    return ws
+
+
+@pytest.fixture(scope="session")
+def processed_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workspace holding tiny processed data (shared: tests must not write into it)."""
+    return make_processed(tmp_path_factory.mktemp("processed"))
