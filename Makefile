@@ -11,12 +11,15 @@ PYTEST_ARGS ?=
 # Stage commands in dvc.yaml call `dltrain`, `dvc` calls them: both must come from the venv.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help setup data-package run test lint clean-outputs
+.PHONY: help setup data-package run test lint clean-outputs stack-up stack-down deploy
 
 help:
 	@echo "make run    set up, then run the pipeline (dvc repro)"
 	@echo "make test   set up, then run the whole test suite"
 	@echo "make lint   ruff check"
+	@echo "make stack-up    start a local Prefect server + worker (PREFECT_HOME, PREFECT_SERVER_API_PORT)"
+	@echo "make stack-down  stop them"
+	@echo "make deploy      create the work pools and deploy prefect.yaml's deployments"
 
 setup: $(STAMP) data-package
 
@@ -45,3 +48,13 @@ test: setup
 
 lint: setup
 	@ruff check .
+
+# The local Prefect stack (infra/prefect/): server + process worker in the background.
+stack-up: setup
+	@python infra/prefect/stack.py up
+
+stack-down:
+	@$(BIN)/python infra/prefect/stack.py down
+
+deploy: setup
+	@infra/prefect/deploy.sh
