@@ -1,0 +1,140 @@
+"""How dltrain reaches the MLflow tracking store and Model Registry: where it is, waiting for a
+server with backoff, keeping MLflow quiet, and fetching a registered version's files.
+
+Shared by the register stage (writes) and `dltrain predict` (reads models:/<name>@<alias>).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import urllib.parse
+from pathlib import Path
+
+from dltrain.errors import ModelError, RegistryError
+
+EXPERIMENT = "mnist-training"
+MODEL_ARTIFACT_DIR = "model"  # run artifact folder holding model.pt, model.json, README.md
+_MODEL_REF = re.compile(r"^models:/(?P<name>[^@/]+)@(?P<alias>[\w-]+)$")
+
+
+def embedded_tracking_uri(root: Path) -> str:
+    """The default store: SQLite inside the repo, in the git-ignored mlruns/."""
+    return f"sqlite:///{Path(root).resolve() / 'mlruns' / 'mlflow.db'}"
+
+
+def embedded_artifact_uri(root: Path) -> str:
+    return (Path(root).resolve() / "mlruns" / "artifacts").as_uri()
+
+
+def resolve_tracking_uri(configured: str | None, root: Path) -> str:
+    """register.tracking_uri, else MLFLOW_TRACKING_URI, else the embedded SQLite store."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri(root)
+
+
+def display_uri(uri: str) -> str:
+    """The URI without a password, for messages and reports."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password:
+        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
+def quiet_mlflow() -> None:
+    """No database-migration logs, progress bars or run URLs on the console: one line per step
+    is ours to print. Env defaults only, so a user's explicit setting still wins."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # MLflow's own HTTP retries default to 7 with factor 2 (minutes of silence); our probe
+    # below does the waiting, so a server that dies mid-run fails in seconds instead.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # MLflow sets its logger's level when first imported: set the env for that, then the
+    # levels themselves in case it was imported already.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    import mlflow  # noqa: F401
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def wait_for_server(uri: str, attempts: int, backoff_s: float) -> None:
+    """For an http(s) tracking URI, probe the server's /health with exponential backoff;
+    RegistryError naming the server and the fixes once every attempt failed."""
+    if urllib.parse.urlsplit(uri).scheme not in ("http", "https"):
+        return
+    import requests
+
+    last: Exception | str = ""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+        try:
+            response = requests.get(uri.rstrip("/") + "/health", timeout=5)
+        except requests.RequestException as exc:
+            last = exc
+            continue
+        if response.status_code < 500:
+            return
+        last = f"HTTP {response.status_code}"
+    raise RegistryError(
+        f"MLflow tracking server {display_uri(uri)} is unreachable after {attempts} attempts "
+        f"({last}). Start it (`mlflow server --host 127.0.0.1 --port <port>`), or unset "
+        "register.tracking_uri and MLFLOW_TRACKING_URI to use the embedded SQLite store. "
+        "Nothing is lost: the model stays in models/ and a later `dvc repro` registers it.")
+
+
+def connect(uri: str, *, attempts: int = 4, backoff_s: float = 1.0):
+    """An MlflowClient on `uri` (tracking and registry), once the store is reachable."""
+    quiet_mlflow()
+    wait_for_server(uri, attempts, backoff_s)
+    import mlflow
+    from mlflow import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    # MLflow's artifact helpers read the global URIs (its default is ./mlflow.db in the
+    # current directory): point them at the same store so nothing lands elsewhere.
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def parse_model_ref(ref: str) -> tuple[str, str] | None:
+    """models:/<name>@<alias> -> (name, alias); None when `ref` is not such a reference."""
+    match = _MODEL_REF.match(ref)
+    return (match["name"], match["alias"]) if match else None
+
+
+def download_version(ref: str, tracking_uri: str, dst: Path, *, attempts: int = 4,
+                     backoff_s: float = 1.0) -> Path:
+    """Download the files of the version that `models:/<name>@<alias>` points to into `dst`;
+    return the folder holding model.pt and model.json."""
+    parsed = parse_model_ref(ref)
+    if parsed is None:
+        raise ModelError(f"invalid model reference {ref!r}; expected models:/<name>@<alias>, "
+                         "e.g. models:/mnist-mlp@champion, or a path to model.pt")
+    name, alias = parsed
+    if tracking_uri.startswith("sqlite:///") and not Path(
+            tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise ModelError(f"no MLflow registry at {tracking_uri} (run `dltrain register` first, "
+                         "or pass --tracking-uri)")
+    client = connect(tracking_uri, attempts=attempts, backoff_s=backoff_s)
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        raise ModelError(f"{ref}: no such model version in {display_uri(tracking_uri)} "
+                         f"({exc.message})") from exc
+    try:
+        local = download_artifacts(artifact_uri=version.source, dst_path=str(dst),
+                                   tracking_uri=tracking_uri)
+    except (MlflowException, OSError) as exc:
+        raise RegistryError(f"{ref} (version {version.version}): could not download its files "
+                            f"from {version.source}: {exc}") from exc
+    return Path(local)
