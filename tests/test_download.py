@@ -257,7 +257,7 @@ def test_server_errors_are_retried_with_backoff_on_the_same_mirror(
     spec_for(tiny_source)
     http_mirror.fail["/train-labels-idx1-ubyte.gz"] = [503, 500]
     manifest = download("fashion-mnist", None, tmp_path / "raw", mirrors=[http_mirror.url],
-                        retries=3, backoff_s=0.01, progress=False)
+                        retries=3, backoff_s=0.01, progress=True)  # the bar's code path too
     assert http_mirror.requests.count("/train-labels-idx1-ubyte.gz") == 3
     assert manifest["files"]["train-labels-idx1-ubyte.gz"]["verified"] == "md5"
 
