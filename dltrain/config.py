@@ -58,6 +58,8 @@ class TrainConfig:
     max_failures: int = 2
     seed: int = 42
     threads_per_worker: int | None = None  # None = the CPUs Ray gives each worker
+    # PACK fills a node before the next; SPREAD/STRICT_SPREAD put workers on separate nodes.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")

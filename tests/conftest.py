@@ -29,7 +29,7 @@ RAW_FILES = {
 def synthetic_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """n learnable 28x28 uint8 images and their labels, 10 balanced classes."""
     rng = np.random.default_rng(seed)
-    labels = np.arange(n, dtype=np.uint8) % 10
+    labels = (np.arange(n) % 10).astype(np.uint8)
     rng.shuffle(labels)
     images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
     for i, k in enumerate(labels):

@@ -1,0 +1,242 @@
+"""The per-worker training loop, in plain PyTorch.
+
+No Ray here: the loop takes its rank, world size and three small hooks (wrap the model for
+data parallelism, sum tensors across workers, report an epoch), so a unit test runs it
+in-process and dltrain/train.py plugs in Ray Train's versions.
+
+Data path: the processed arrays are memory-mapped uint8; each worker reads only its shard of
+each epoch's global permutation, cuts batches by fancy-indexing the map (no per-sample Python
+Dataset in the hot loop), and normalises on the fly. On a GPU the shard is copied to the device
+once, as uint8, and batches are cut there.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dltrain.model import MLP, normalize
+
+CHECKPOINT_STATE = "state.pt"
+CHECKPOINT_HISTORY = "history.json"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    processed_dir: str  # absolute: Ray workers change directory
+    hidden_sizes: tuple[int, ...]
+    epochs: int
+    batch_size: int  # global
+    learning_rate: float
+    optimizer: str
+    seed: int
+    threads: int | None = None
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    epoch_time_s: float
+    samples: int  # training samples seen by all workers this epoch
+    attempt: int = 0  # how many times training was restored from a checkpoint before this epoch
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint holds: enough to continue exactly where training stopped."""
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def next_epoch(self) -> int:
+        return self.history[-1]["epoch"] + 1 if self.history else 1
+
+
+def save_state(state: LoopState, directory: Path) -> None:
+    torch.save({"model": state.model, "optimizer": state.optimizer}, directory / CHECKPOINT_STATE)
+    (directory / CHECKPOINT_HISTORY).write_text(json.dumps(state.history))
+
+
+def load_state(directory: Path) -> LoopState:
+    # weights_only: a checkpoint is data, never code.
+    tensors = torch.load(directory / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
+    history = json.loads((directory / CHECKPOINT_HISTORY).read_text())
+    return LoopState(tensors["model"], tensors["optimizer"], history)
+
+
+def load_split(processed_dir: Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-map one split's images (N, 28, 28) and labels (N,), both uint8."""
+    processed_dir = Path(processed_dir)
+    images = np.load(processed_dir / f"{split}_images.npy", mmap_mode="r")
+    labels = np.load(processed_dir / f"{split}_labels.npy", mmap_mode="r")
+    return images, labels
+
+
+def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
+    if name == "rmsprop":
+        # Keras' RMSprop defaults (rho 0.9, epsilon 1e-7), so results compare with the seed
+        # program; PyTorch's own defaults differ (alpha 0.99, eps 1e-8).
+        return torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1e-7)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def shard_indices(n: int, rank: int, world_size: int, seed: int, epoch: int) -> np.ndarray:
+    """This worker's sample indices for one epoch: a seeded global permutation, cut so that
+    every worker gets the same count (DDP needs equal step counts; at most world_size - 1
+    samples are left out of an epoch, a different few each time)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    per_worker = n // world_size
+    return perm[rank * per_worker:(rank + 1) * per_worker]
+
+
+class Split:
+    """A split's arrays, on the CPU as memory maps or on the GPU as one uint8 tensor."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, device: torch.device) -> None:
+        self.device = device
+        self.n = len(labels)
+        if device.type == "cuda":
+            self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+            self.labels = torch.from_numpy(np.ascontiguousarray(labels)).to(device).long()
+        else:
+            self.images, self.labels = images, labels
+
+    def batches(self, indices: np.ndarray, batch_size: int
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.device.type == "cuda":
+            idx_all = torch.from_numpy(indices).to(self.device)
+            for start in range(0, len(indices), batch_size):
+                idx = idx_all[start:start + batch_size]
+                yield normalize(self.images[idx]), self.labels[idx]
+            return
+        for start in range(0, len(indices), batch_size):
+            # Sorted reads touch the memory map in order; the order inside a batch does not
+            # matter to the gradient.
+            idx = np.sort(indices[start:start + batch_size])
+            yield (normalize(torch.from_numpy(self.images[idx])),
+                   torch.from_numpy(self.labels[idx].astype(np.int64)))
+
+
+Allreduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity_sum(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def evaluate_shard(model: nn.Module, split: Split, indices: np.ndarray, batch_size: int,
+                   allreduce: Allreduce = _identity_sum) -> tuple[float, float]:
+    """Mean loss and accuracy over `indices` of every worker (sums are reduced across workers)."""
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    totals = torch.zeros(3, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        for x, y in split.batches(indices, batch_size):
+            logits = model(x)
+            totals += torch.tensor([loss_fn(logits, y).item(),
+                                    (logits.argmax(1) == y).sum().item(), len(y)],
+                                   dtype=torch.float64)
+    totals = allreduce(totals)
+    return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, split: Split,
+                indices: np.ndarray, batch_size: int) -> torch.Tensor:
+    """One pass over this worker's shard; returns (loss sum, correct, count) as a tensor."""
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    loss_sum = torch.zeros((), device=split.device)
+    correct = torch.zeros((), device=split.device, dtype=torch.long)
+    count = 0
+    for x, y in split.batches(indices, batch_size):
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        loss.backward()
+        optimizer.step()
+        # Accumulate on the device: no host sync per step.
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        count += len(y)
+    return torch.tensor([loss_sum.item(), correct.item(), count], dtype=torch.float64)
+
+
+def train_loop(cfg: LoopConfig, *, rank: int = 0, world_size: int = 1,
+               device: torch.device | None = None,
+               wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m,
+               allreduce: Allreduce = _identity_sum,
+               restored: LoopState | None = None,
+               on_epoch_end: Callable[[EpochRecord, Callable[[], LoopState]], None] | None = None,
+               ) -> LoopState:
+    """Train for cfg.epochs epochs (continuing after `restored`, if given) and return the state.
+
+    `on_epoch_end(record, snapshot)` is called on every worker after each epoch; `snapshot()`
+    builds the checkpoint state (call it on rank 0 only).
+    """
+    if cfg.batch_size % world_size:
+        raise ValueError(f"global batch {cfg.batch_size} does not split across "
+                         f"{world_size} workers")
+    device = device or torch.device("cpu")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)  # same initial weights on every worker
+    model = MLP(cfg.hidden_sizes).to(device)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.learning_rate)
+    history: list[dict[str, Any]] = []
+    attempt = 0
+    if restored is not None:
+        model.load_state_dict(restored.model)
+        optimizer.load_state_dict(restored.optimizer)
+        history = list(restored.history)
+        attempt = (history[-1].get("attempt", 0) + 1) if history else 0
+    start_epoch = restored.next_epoch if restored else 1
+    model = wrap_model(model)
+    plain = model.module if hasattr(model, "module") else model
+
+    train = Split(*load_split(cfg.processed_dir, "train"), device)
+    val = Split(*load_split(cfg.processed_dir, "val"), device)
+    per_worker_batch = cfg.batch_size // world_size
+    val_idx = np.arange(rank, val.n, world_size)
+
+    def snapshot() -> LoopState:
+        return LoopState({k: v.detach().cpu() for k, v in plain.state_dict().items()},
+                         optimizer.state_dict(), list(history))
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        started = time.perf_counter()
+        idx = shard_indices(train.n, rank, world_size, cfg.seed, epoch)
+        sums = allreduce(train_epoch(model, optimizer, train, idx, per_worker_batch))
+        val_loss, val_acc = evaluate_shard(plain, val, val_idx, 1024, allreduce)
+        record = EpochRecord(epoch=epoch, train_loss=float(sums[0] / sums[2]),
+                             train_accuracy=float(sums[1] / sums[2]), val_loss=val_loss,
+                             val_accuracy=val_acc, epoch_time_s=time.perf_counter() - started,
+                             samples=int(sums[2]), attempt=attempt)
+        history.append(asdict(record))
+        if on_epoch_end is not None:
+            on_epoch_end(record, snapshot)
+    return snapshot()
+
+
+def format_epoch(record: EpochRecord | dict[str, Any], epochs: int) -> str:
+    """One readable progress line per epoch."""
+    r = asdict(record) if isinstance(record, EpochRecord) else record
+    return (f"epoch {r['epoch']}/{epochs}  loss {r['train_loss']:.4f}  "
+            f"acc {r['train_accuracy']:.4f}  val_loss {r['val_loss']:.4f}  "
+            f"val_acc {r['val_accuracy']:.4f}  {r['epoch_time_s']:.1f}s")
