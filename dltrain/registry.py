@@ -91,15 +91,12 @@ def connect(uri: str, *, attempts: int = 4, backoff_s: float = 1.0):
     """An MlflowClient on `uri` (tracking and registry), once the store is reachable."""
     quiet_mlflow()
     wait_for_server(uri, attempts, backoff_s)
-    import mlflow
     from mlflow import MlflowClient
 
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    # MLflow's artifact helpers read the global URIs (its default is ./mlflow.db in the
-    # current directory): point them at the same store so nothing lands elsewhere.
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    # An explicit client, never mlflow.set_tracking_uri: that one also exports
+    # MLFLOW_TRACKING_URI, which would leak this store into every later resolution.
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from conftest import synthetic_split
 
 from dltrain.config import Params
 from dltrain.io import read_json, write_json
 from dltrain.model import MLP, architecture, normalize
 from dltrain.modelio import save_model
 from dltrain.paths import Workspace
+
+from conftest import synthetic_split
 
 HIDDEN = (32,)
 
@@ -96,3 +97,34 @@ def make_trained_workspace(root: Path, epochs: int = 3, seed: int = 0,
     model, records = train_tiny(ws.processed_dir, epochs=epochs, seed=seed)
     save_workspace_model(ws, model, records)
     return ws
+
+
+def evaluated_workspace(root: Path, seed: int = 0) -> Workspace:
+    """make_trained_workspace + the evaluate stage's reports."""
+    from dltrain.evaluate import evaluate
+
+    ws = make_trained_workspace(root, seed=seed)
+    evaluate(ws.model_path, ws.processed_dir, ws.reports_dir, batch_size=256)
+    return ws
+
+
+def replace_weights(ws: Workspace, seed: int, accuracy: float | None = None,
+                    test_sha256: str | None = None) -> str:
+    """New weights (the old ones plus a little noise) and, when given, a test accuracy and test
+    checksum written into reports/metrics.json, as if a new model had been trained and
+    evaluated. Returns the new weights' sha256."""
+    from dltrain.modelio import load_model
+
+    model, card = load_model(ws.model_path)
+    generator = torch.Generator().manual_seed(seed)
+    state = {k: v + 1e-4 * torch.randn(v.shape, generator=generator)
+             for k, v in model.state_dict().items()}
+    sha = save_model(state, {k: v for k, v in card.items() if k != "weights_sha256"},
+                     ws.model_path)
+    metrics = read_json(ws.metrics_path)
+    if accuracy is not None:
+        metrics["accuracy"] = accuracy
+    if test_sha256 is not None:
+        metrics["test_sha256"] = test_sha256
+    write_json(ws.metrics_path, metrics)
+    return sha
