@@ -136,8 +136,8 @@ def publish_artifacts(ws: Workspace, outcomes: dict[str, StageResult],
         # An embedded registry: link where `mlflow ui` on that store serves the version.
         link = model_link(registration, MLFLOW_UI_DEFAULT)
     if link:
-        description = ("Open after `mlflow ui --backend-store-uri <the registry's URI>`"
-                       if local else "The registered model version in MLflow")
+        description = (f"Start `mlflow ui --backend-store-uri {registration.get('tracking_uri')}`"
+                       " to open it" if local else "The registered model version in MLflow")
         create_link_artifact(link, link_text=f"{registration['model_name']} version "
                              f"{registration['version']}", key="mnist-model",
                              description=description)

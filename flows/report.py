@@ -49,7 +49,7 @@ def data_section(ws: Workspace) -> list[str]:
     if summary is None:
         return lines + [_MISSING.format(path=_rel(ws, ws.processed_dir / "summary.json"))]
     lines.append(f"- data set: **{summary.get('dataset', '—')}**")
-    checksum = summary.get("checksum") or summary.get("sha256")
+    checksum = summary.get("data_checksum")
     if checksum:
         lines.append(f"- data checksum: `{checksum}`")
     if manifest and manifest.get("source"):
@@ -93,7 +93,12 @@ def registry_section(ws: Workspace) -> list[str]:
     if reg is None:
         return lines + [_MISSING.format(path=_rel(ws, ws.registration_path))]
     aliases = ", ".join(reg.get("aliases") or []) or "none"
-    verdict = "registered a new version" if reg.get("registered") else "nothing new registered"
+    if reg.get("new_version"):
+        verdict = "registered a new version"
+    elif reg.get("registered"):
+        verdict = "already registered, nothing new"
+    else:
+        verdict = "not registered"
     lines.append(f"- {verdict}: **{reg.get('model_name', '—')}** version "
                  f"**{_fmt(reg.get('version'))}**, aliases: {aliases}")
     if reg.get("reason"):

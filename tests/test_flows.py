@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, make_clone, write_raw_dir
 
 from dltrain.errors import ConfigError
 from flows import mnist_training as mt
@@ -26,6 +25,8 @@ from flows.workspace import (
     validate_overrides,
     workspace_lock,
 )
+
+from conftest import REPO_ROOT, make_clone, write_raw_dir
 
 LOG = logging.getLogger("test_flows")
 TINY_TRAIN = {"train.epochs": 1, "train.num_workers": 1}
@@ -188,18 +189,19 @@ def test_summary_from_reports(tmp_path):
 
     ws = Workspace.at(tmp_path)
     write_json(ws.processed_dir / "summary.json",
-               {"dataset": "mnist", "checksum": "abc123", "train": {"n": 540}})
+               {"dataset": "mnist", "data_checksum": "abc123", "train": {"n": 540}})
     write_json(ws.training_report_path, {"world_size": 2, "samples_per_s": 1234.5, "epochs": [
         {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.8, "val_loss": 0.4,
          "val_accuracy": 0.85, "epoch_time_s": 1.25}]})
     write_json(ws.metrics_path, {"accuracy": 0.9, "loss": 0.3})
     write_json(ws.registration_path, {"model_name": "mnist-mlp", "version": 3,
-                                      "aliases": ["champion"], "registered": True})
+                                      "aliases": ["champion"], "registered": True,
+                                      "new_version": True})
     md = run_summary(ws, {}, {})
     assert "data set: **mnist**" in md and "`abc123`" in md and "train: 540 samples" in md
     assert "| 1 | 0.5000 | 0.8000 | 0.4000 | 0.8500 | 1.25 |" in md
     assert "- accuracy: 0.9000" in md
-    assert "**mnist-mlp** version **3**, aliases: champion" in md
+    assert "registered a new version: **mnist-mlp** version **3**, aliases: champion" in md
 
 
 @pytest.mark.parametrize("registration, uri, link", [
