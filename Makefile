@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Stage commands in dvc.yaml call `dltrain`, `dvc` calls them: both must come from the venv.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help setup data-package run test lint clean-outputs stack-up stack-down deploy
+.PHONY: help setup data-package run test lint clean-outputs stack-up stack-down deploy mlflow-ui
 
 help:
 	@echo "make run    set up, then run the pipeline (dvc repro)"
@@ -20,6 +20,7 @@ help:
 	@echo "make stack-up    start a local Prefect server + worker (PREFECT_HOME, PREFECT_SERVER_API_PORT)"
 	@echo "make stack-down  stop them"
 	@echo "make deploy      create the work pools and deploy prefect.yaml's deployments"
+	@echo "make mlflow-ui   browse the MLflow runs and model registry (http://127.0.0.1:$(MLFLOW_PORT))"
 
 setup: $(STAMP) data-package
 
@@ -58,3 +59,13 @@ stack-down:
 
 deploy: setup
 	@infra/prefect/deploy.sh
+
+# The embedded MLflow store that `dltrain register` writes (git-ignored mlruns/), served on
+# localhost only. Runs keep the artifact location they were logged with (mlruns/artifacts).
+MLFLOW_PORT ?= 5000
+mlflow-ui: setup
+	@mkdir -p mlruns/artifacts
+	@echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT) (Ctrl-C to stop)"
+	@MLFLOW_LOGGING_LEVEL=WARNING mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+	  --default-artifact-root $(CURDIR)/mlruns/artifacts

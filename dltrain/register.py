@@ -224,6 +224,11 @@ def log_run(client: Any, tracking_uri: str, ws: Workspace, params: Params, cand:
     return run_id
 
 
+def _number(version: Any) -> int | None:
+    """MLflow gives version numbers as int from SQLite and as str over REST: report ints."""
+    return None if version is None else int(version)
+
+
 def _alias_version(client: Any, name: str, alias: str) -> Any | None:
     from mlflow.exceptions import MlflowException
 
@@ -253,15 +258,15 @@ def _register(client: Any, tracking_uri: str, ws: Workspace, params: Params,
         "new_version": False, "run_id": None, "tracking_uri": display_uri(tracking_uri),
         "test_accuracy": cand.accuracy, "test_sha256": cand.test_sha256,
         "weights_sha256": cand.weights_sha256,
-        "previous_champion_version": champion.version if champion else None,
-        "champion_version": champion.version if champion else None,
+        "previous_champion_version": _number(champion.version) if champion else None,
+        "champion_version": _number(champion.version) if champion else None,
     }
     same = client.search_model_versions(
         f"name = '{name}' and tags.weights_sha256 = '{cand.weights_sha256}'")
     if same:
         # search results carry no aliases: fetch the version itself for them.
         existing = client.get_model_version(name, min(same, key=lambda v: int(v.version)).version)
-        return {**outcome, "version": existing.version, "aliases": list(existing.aliases),
+        return {**outcome, "version": _number(existing.version), "aliases": list(existing.aliases),
                 "registered": True, "run_id": existing.run_id,
                 "reason": f"the same weights (sha256 {cand.weights_sha256[:12]}) are already "
                           f"version {existing.version}: no new version"}
@@ -283,9 +288,10 @@ def _register(client: Any, tracking_uri: str, ws: Workspace, params: Params,
     alias = CHAMPION if promote else CHALLENGER
     client.set_registered_model_alias(name, alias, version.version)
     client.set_tag(run_id, "dltrain.registered", "true")
-    return {**outcome, "version": version.version, "aliases": [alias], "registered": True,
+    number = _number(version.version)
+    return {**outcome, "version": number, "aliases": [alias], "registered": True,
             "new_version": True, "reason": reason,
-            "champion_version": version.version if promote else outcome["champion_version"]}
+            "champion_version": number if promote else outcome["champion_version"]}
 
 
 def register(ws: Workspace, params: Params, *, attempts: int = 4,

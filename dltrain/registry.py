@@ -68,22 +68,22 @@ def wait_for_server(uri: str, attempts: int, backoff_s: float) -> None:
         return
     import requests
 
-    last: Exception | str = ""
+    last = ""
     for attempt in range(attempts):
         if attempt:
             time.sleep(backoff_s * 2 ** (attempt - 1))
         try:
             response = requests.get(uri.rstrip("/") + "/health", timeout=5)
         except requests.RequestException as exc:
-            last = exc
+            last = type(exc).__name__  # e.g. ConnectionError; the full text is noise
             continue
         if response.status_code < 500:
             return
         last = f"HTTP {response.status_code}"
     raise RegistryError(
         f"MLflow tracking server {display_uri(uri)} is unreachable after {attempts} attempts "
-        f"({last}). Start it (`mlflow server --host 127.0.0.1 --port <port>`), or unset "
-        "register.tracking_uri and MLFLOW_TRACKING_URI to use the embedded SQLite store. "
+        f"(last error: {last}). Start it (`mlflow server --host 127.0.0.1 --port <port>`), "
+        "or unset register.tracking_uri and MLFLOW_TRACKING_URI to use the embedded SQLite store. "
         "Nothing is lost: the model stays in models/ and a later `dvc repro` registers it.")
 
 
