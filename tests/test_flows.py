@@ -36,6 +36,12 @@ def dvc_lock(clone: Path) -> dict:
     return yaml.safe_load((clone / "dvc.lock").read_text())
 
 
+def dvc_lock_text(clone: Path) -> str | None:
+    """dvc.lock as it is (a clone may carry one from the working tree), None if absent."""
+    path = clone / "dvc.lock"
+    return path.read_text() if path.exists() else None
+
+
 # --- the stage list and DVC's verdicts ---------------------------------------------------
 
 def test_stages_are_dvc_yaml_stages_in_order():
@@ -274,9 +280,10 @@ def test_a_failing_stage_names_itself_and_leaves_dvc_lock(fresh_clone, tmp_path)
     (fresh_clone / "params.yaml").write_text(render_overrides(
         (fresh_clone / "params.yaml").read_text(),
         {"data.source": (tmp_path / "nowhere").as_uri()}))
+    lock = dvc_lock_text(fresh_clone)
     with pytest.raises(StageFailedError, match="stage 'download' failed"):
         mt.download.fn(str(fresh_clone))
-    assert not (fresh_clone / "dvc.lock").exists()
+    assert dvc_lock_text(fresh_clone) == lock
     assert not (fresh_clone / "data" / "raw").exists()
 
 
@@ -284,9 +291,10 @@ def test_a_failing_stage_names_itself_and_leaves_dvc_lock(fresh_clone, tmp_path)
 def test_a_stage_past_its_timeout_is_stopped(fresh_clone, tiny_source):
     (fresh_clone / "params.yaml").write_text(render_overrides(
         (fresh_clone / "params.yaml").read_text(), {"data.source": tiny_source.as_uri()}))
+    lock = dvc_lock_text(fresh_clone)
     with pytest.raises(StageFailedError, match="did not finish within its timeout of 0 s"):
         run_stage("download", fresh_clone, LOG, timeout_s=0.3)
-    assert not (fresh_clone / "dvc.lock").exists()  # nothing half-recorded
+    assert dvc_lock_text(fresh_clone) == lock  # nothing half-recorded
     # DVC released its lock: the stage runs normally afterwards.
     assert run_stage("download", fresh_clone, LOG).outcome == "ran"
 
@@ -334,9 +342,10 @@ def _summary_artifact() -> str:
 @pytest.mark.integration
 def test_flow_rejects_a_bad_override_before_any_stage(prefect_harness, fresh_clone):
     params_before = (fresh_clone / "params.yaml").read_text()
+    lock = dvc_lock_text(fresh_clone)
     with pytest.raises(ConfigError, match=r"train\.epochs: 0"):
         mt.mnist_training(epochs=0, workspace=str(fresh_clone))
-    assert not (fresh_clone / "dvc.lock").exists()
+    assert dvc_lock_text(fresh_clone) == lock
     assert not (fresh_clone / "data" / "raw").exists()
     assert (fresh_clone / "params.yaml").read_text() == params_before
 
