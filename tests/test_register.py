@@ -4,13 +4,20 @@ aliases, refusals, idempotence, and a tracking server that is down."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers_models import evaluated_workspace, replace_weights
+from PIL import Image
 
 from dltrain.cli import main
 from dltrain.config import Params, params_from_dict
@@ -183,3 +190,48 @@ def test_unreachable_server_fails_fast_and_writes_nothing(ws: Workspace, capsys)
     code = main(["register", "--workspace", str(ws.root), "-S", f"register.tracking_uri={uri}"])
     assert code == 1 and "unreachable" in capsys.readouterr().err
     assert not ws.registration_path.exists()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """A real `mlflow server` on 127.0.0.1 with its own SQLite store; stopped pass or fail."""
+    port = _closed_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+         "--default-artifact-root", str(store / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mlflow server did not start") from None
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.integration
+def test_register_and_predict_through_an_mlflow_server(ws: Workspace, mlflow_server: str,
+                                                       capsys) -> None:
+    outcome = register(ws, _params(tracking_uri=mlflow_server))
+    assert outcome["version"] == 1 and outcome["aliases"] == ["champion"]
+    assert register(ws, _params(tracking_uri=mlflow_server))["new_version"] is False
+
+    image = np.load(ws.processed_dir / "test_images.npy")[0]
+    label = int(np.load(ws.processed_dir / "test_labels.npy")[0])
+    png = ws.root / "one.png"
+    Image.fromarray(image, mode="L").save(png)
+    capsys.readouterr()
+    assert main(["predict", "--model", "models:/mnist-mlp@champion", "--tracking-uri",
+                 mlflow_server, "--json", str(png)]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["class"] == label
