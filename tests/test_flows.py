@@ -9,6 +9,7 @@ import logging
 import queue
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -372,3 +373,17 @@ def test_flow_runs_the_stages_in_order_then_skips_them(prefect_harness, fresh_cl
     again = mt.mnist_training(**run)
     assert again == {s.name: "skipped" for s in mt.STAGES}
     assert (fresh_clone / "reports/registration.json").read_text() == registration
+
+
+@pytest.mark.integration
+def test_a_second_run_on_a_busy_workspace_fails_fast(prefect_harness, fresh_clone):
+    params_before = (fresh_clone / "params.yaml").read_text()
+    lock = dvc_lock_text(fresh_clone)
+    with workspace_lock(fresh_clone, "flow run 0000 (first-run)"):
+        start = time.monotonic()
+        with pytest.raises(WorkspaceBusyError, match=r"in use by another pipeline run "
+                                                     r"\(flow run 0000 \(first-run\)"):
+            mt.mnist_training(epochs=1, workspace=str(fresh_clone))
+        assert time.monotonic() - start < 30  # no waiting on the first run
+    assert (fresh_clone / "params.yaml").read_text() == params_before
+    assert dvc_lock_text(fresh_clone) == lock

@@ -1,0 +1,122 @@
+"""The Prefect flow's own overhead: a flow run's wall time minus the same stages' under
+`dvc repro`, against a running Prefect server (target: <= 10 s).
+
+    .venv/bin/python bench/flow_overhead.py                  # starts a throw-away local stack
+    .venv/bin/python bench/flow_overhead.py --api-url http://127.0.0.1:4200/api
+
+Two fresh clones of this working tree, the same tiny synthetic data and params (1 epoch, 1
+worker): clone A runs `dvc repro`, clone B runs the flow (`python -c 'mnist_training(...)'`,
+reporting to the server). Both are timed cold (every stage runs) and warm (nothing changed:
+every stage skipped, `--repeats` times). Each is a fresh process, so both include their
+interpreter's start-up: what a user waits for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+sys.path.insert(0, str(REPO_ROOT))
+
+from flows.workspace import render_overrides  # noqa: E402
+
+from conftest import make_clone, write_raw_dir  # noqa: E402  (the tests' tiny data)
+
+PARAMS = {"train.epochs": 1, "train.num_workers": 1}
+
+
+def _env(api_url: str) -> dict[str, str]:
+    env = dict(os.environ, PREFECT_API_URL=api_url)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed in {cwd}:\n{proc.stdout}\n{proc.stderr}")
+    return elapsed
+
+
+def dvc_repro(clone: Path, env: dict[str, str]) -> float:
+    return _timed([str(Path(sys.executable).parent / "dvc"), "repro"], clone, env)
+
+
+def flow_run(clone: Path, env: dict[str, str], source: str) -> float:
+    overrides = {"data.source": source}
+    code = ("import json, sys; from flows.mnist_training import mnist_training; "
+            f"r = mnist_training(epochs=1, num_workers=1, overrides={overrides!r}, "
+            f"workspace={str(clone)!r}); print(json.dumps(r))")
+    return _timed([sys.executable, "-c", code], clone, env)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stack(command: str, home: Path, port: int) -> None:
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_API_PORT=str(port))
+    subprocess.run([sys.executable, str(REPO_ROOT / "infra/prefect/stack.py"), command],
+                   env=env, check=True)
+
+
+def measure(api_url: str, root: Path, repeats: int) -> dict[str, list[float]]:
+    source = write_raw_dir(root / "source").as_uri()
+    a, b = make_clone(root / "dvc"), make_clone(root / "flow")
+    params = a / "params.yaml"
+    params.write_text(render_overrides(params.read_text(), {"data.source": source, **PARAMS}))
+    env = _env(api_url)
+    times: dict[str, list[float]] = {"dvc cold": [], "flow cold": [], "dvc warm": [],
+                                     "flow warm": []}
+    times["dvc cold"].append(dvc_repro(a, env))
+    times["flow cold"].append(flow_run(b, env, source))
+    for _ in range(repeats):  # interleaved, so that load from others hits both alike
+        times["dvc warm"].append(dvc_repro(a, env))
+        times["flow warm"].append(flow_run(b, env, source))
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--api-url", help="a running Prefect server's API (default: start one)")
+    parser.add_argument("--repeats", type=int, default=3, help="warm runs of each (default 3)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dltrain-bench-") as tmp:
+        root = Path(tmp)
+        home, port = root / "prefect-home", _free_port()
+        api_url = args.api_url or f"http://127.0.0.1:{port}/api"
+        if not args.api_url:
+            _stack("up", home, port)
+        try:
+            times = measure(api_url, root, args.repeats)
+        finally:
+            if not args.api_url:
+                _stack("down", home, port)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n{'':<10}{'median s':>10}  runs")
+    for key, values in times.items():
+        print(f"{key:<10}{med[key]:>10.1f}  {', '.join(f'{v:.1f}' for v in values)}")
+    cold, warm = med["flow cold"] - med["dvc cold"], med["flow warm"] - med["dvc warm"]
+    print(f"\nflow overhead, every stage runs:    {cold:+.1f} s (target <= 10 s)")
+    print(f"flow overhead, every stage skipped: {warm:+.1f} s (target <= 10 s)")
+    print(json.dumps({"overhead_cold_s": round(cold, 2), "overhead_warm_s": round(warm, 2),
+                      "runs": {k: [round(x, 2) for x in v] for k, v in times.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
