@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 # Stage commands in dvc.yaml call `dltrain`, `dvc` calls them: both must come from the venv.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help setup data-package run test lint clean-outputs stack-up stack-down deploy mlflow-ui
+.PHONY: help setup data-package run test lint clean-outputs stack-up stack-down deploy \
+	cluster-up cluster-down mlflow-ui
 
 help:
 	@echo "make run    set up, then run the pipeline (dvc repro)"
@@ -20,6 +21,8 @@ help:
 	@echo "make stack-up    start a local Prefect server + worker (PREFECT_HOME, PREFECT_SERVER_API_PORT)"
 	@echo "make stack-down  stop them"
 	@echo "make deploy      create the work pools and deploy prefect.yaml's deployments"
+	@echo "make cluster-up WORKERS=N   a local multi-node Ray cluster (head + N worker nodes)"
+	@echo "make cluster-down           stop exactly that cluster"
 	@echo "make mlflow-ui   browse the MLflow runs and model registry (http://127.0.0.1:$(MLFLOW_PORT))"
 
 setup: $(STAMP) data-package
@@ -69,3 +72,15 @@ mlflow-ui: setup
 	@MLFLOW_LOGGING_LEVEL=WARNING mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
 	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlruns/artifacts
+
+# A real multi-node Ray cluster on this machine (infra/local-cluster/): a head and $(WORKERS)
+# worker nodes, each its own `ray start` with its own CPUs. State: .cluster/ ($$DLTRAIN_CLUSTER_DIR).
+WORKERS ?= 1
+HEAD_CPUS ?= 1
+WORKER_CPUS ?= 1
+cluster-up: setup
+	@python infra/local-cluster/cluster.py up --workers $(WORKERS) --head-cpus $(HEAD_CPUS) \
+	  --worker-cpus $(WORKER_CPUS)
+
+cluster-down:
+	@$(BIN)/python infra/local-cluster/cluster.py down

@@ -1,0 +1,391 @@
+"""A real multi-node Ray cluster on one machine: a head node and N worker nodes, each a separate
+`ray start` with its own CPU count, its own ports and its own process group.
+
+    python infra/local-cluster/cluster.py up --workers 2     # start (or complete) the cluster
+    python infra/local-cluster/cluster.py status             # its address and nodes
+    python infra/local-cluster/cluster.py env                # the export lines for a client
+    python infra/local-cluster/cluster.py add-node           # one more worker node
+    python infra/local-cluster/cluster.py kill-node worker-1 # SIGKILL one node (a crash)
+    python infra/local-cluster/cluster.py down               # stop exactly this cluster
+
+`make cluster-up WORKERS=N` / `make cluster-down` call this. State lives in
+$DLTRAIN_CLUSTER_DIR (default: <repo>/.cluster, git-ignored): cluster.json (address, nodes,
+their process groups), the cluster's auth token, env (the export lines) and the node logs.
+
+Why it is built this way:
+- Each node runs `ray start --block` as the leader of its own process group (setsid), and every
+  process Ray starts for that node stays in the group; so `down` and `kill-node` stop exactly
+  the processes of this cluster. `ray stop` is never used: it stops every Ray on the machine,
+  other users' local Ray included.
+- Ray's temp dir is our own (a short /tmp path: Ray's Unix sockets live there and their paths
+  are limited to ~107 bytes), so Ray writes no /tmp/ray/ray_current_cluster and a plain
+  `ray.init()` elsewhere on the machine never attaches to this cluster by accident.
+- ray 2.60 turns token authentication on for `ray start` clusters. The token is generated
+  here, kept in the state dir (mode 0600) and handed to every node and client through
+  RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH; ~/.ray/auth_token is left alone.
+- Ray replaces a loopback --node-ip-address by the machine's own IP
+  (ray._private.services.resolve_ip_for_localhost), so the printed address is that IP; the
+  GCS listens on all interfaces, which is what the token protects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+HOST = "127.0.0.1"
+JOIN_TIMEOUT_S = float(os.environ.get("DLTRAIN_CLUSTER_TIMEOUT_S", "180"))
+# Per-node object store: Ray's default (30% of RAM per node) would ask for several GB per
+# node; the pipeline passes only small objects through it.
+OBJECT_STORE_BYTES = 100 * 1024 * 1024
+QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_IMPORT_WARNING": "1"}
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be started or changed; the message says why and where to look."""
+
+
+@dataclass
+class NodeRecord:
+    name: str
+    pgid: int  # `ray start --block` leads the node's process group
+    cpus: int
+    node_id: str | None = None
+
+
+@dataclass
+class ClusterState:
+    state_dir: Path
+    address: str = ""
+    temp_dir: str = ""
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    workers_started: int = 0  # names worker nodes: a replacement never reuses a dead one's name
+
+    @property
+    def file(self) -> Path:
+        return self.state_dir / "cluster.json"
+
+    @property
+    def token_path(self) -> Path:
+        return self.state_dir / "auth_token"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @classmethod
+    def load(cls, state_dir: Path) -> ClusterState:
+        state = cls(state_dir=state_dir)
+        if state.file.is_file():
+            data = json.loads(state.file.read_text())
+            state.address, state.temp_dir = data["address"], data["temp_dir"]
+            state.workers_started = data.get("workers_started", len(data["nodes"]))
+            state.nodes = {n["name"]: NodeRecord(**n) for n in data["nodes"]}
+        return state
+
+    def save(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"address": self.address, "temp_dir": self.temp_dir,
+                                   "workers_started": self.workers_started,
+                                   "nodes": [asdict(n) for n in self.nodes.values()]},
+                                  indent=2))
+        tmp.replace(self.file)
+
+    def client_env(self) -> dict[str, str]:
+        """What a driver (dltrain train, a Prefect worker) needs to reach the cluster."""
+        return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
+
+    def export_lines(self) -> str:
+        return "".join(f"export {k}={v}\n" for k, v in self.client_env().items())
+
+
+# --------------------------------------------------------------------------- processes
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # the id now belongs to someone else's group: not ours
+        return False
+    return _group_members(pgid) != []
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def stop_group(pgid: int, grace_s: float) -> None:
+    """SIGTERM the node's `ray start --block` (it shuts its node down in order), then SIGKILL
+    whatever of the group is left after `grace_s`; returns once the group is gone."""
+    if grace_s > 0:
+        try:
+            os.kill(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + grace_s
+        while group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 10
+    while _group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def node_env(state: ClusterState) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(QUIET_ENV)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(state.token_path))
+    # Every Ray process of the cluster inherits this: code inside it that looks the cluster up
+    # without an address (Ray Train's placement-group cleaner does) would otherwise fail with
+    # "Found multiple active Ray instances" when another Ray runs on the machine.
+    env["RAY_ADDRESS"] = state.address
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _ray() -> str:
+    beside = Path(sys.executable).parent / "ray"
+    return str(beside) if beside.exists() else "ray"
+
+
+def start_node(state: ClusterState, name: str, cpus: int, *, head: bool,
+               dashboard: bool = False) -> NodeRecord:
+    cmd = [_ray(), "start", "--block", "--node-ip-address", HOST, "--node-name", name,
+           "--num-cpus", str(cpus), "--num-gpus", "0",
+           "--object-store-memory", str(OBJECT_STORE_BYTES),
+           # Every port that has a fixed default gets a free one: several nodes share this
+           # machine. Worker ports 0/0: the OS picks them (as ray.cluster_utils does).
+           "--dashboard-agent-listen-port", str(free_port()),
+           "--min-worker-port", "0", "--max-worker-port", "0",
+           "--disable-usage-stats", "--log-style", "record"]
+    if head:
+        gcs_port = free_port()
+        state.address = f"{_machine_ip()}:{gcs_port}"
+        cmd += ["--head", "--port", str(gcs_port), "--temp-dir", state.temp_dir,
+                "--ray-client-server-port", str(free_port()),
+                "--include-dashboard", "true" if dashboard else "false",
+                "--dashboard-port", str(free_port())]
+    else:
+        # One log monitor per machine: the nodes share Ray's temp dir, so a second monitor
+        # would print every worker line twice (ray.cluster_utils does the same).
+        cmd += ["--address", state.address, "--include-log-monitor", "false"]
+    state.logs_dir.mkdir(parents=True, exist_ok=True)
+    with open(state.logs_dir / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen(cmd, env=node_env(state), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO_ROOT)
+    record = NodeRecord(name=name, pgid=proc.pid, cpus=cpus)
+    state.nodes[name] = record
+    state.save()
+    return record
+
+
+def _machine_ip() -> str:
+    """The IP Ray registers for a loopback node (see the module docstring)."""
+    from ray._private.services import resolve_ip_for_localhost
+
+    return resolve_ip_for_localhost(HOST)
+
+
+# --------------------------------------------------------------------------- GCS
+
+def alive_nodes(state: ClusterState) -> dict[str, str]:
+    """node name -> Ray node ID of the cluster's ALIVE nodes ({} if the GCS does not answer)."""
+    # main() has put the token in this process' environment before ray was first imported
+    # (Ray reads RAY_AUTH_* once, at import).
+    from ray._raylet import GcsClient
+    from ray.core.generated import gcs_pb2
+
+    try:
+        infos = GcsClient(address=state.address).get_all_node_info(timeout=5)
+    except Exception:  # not up yet, or gone: the caller decides what that means
+        return {}
+    return {info.node_name: node_id.hex() for node_id, info in infos.items()
+            if info.state == gcs_pb2.GcsNodeInfo.ALIVE}
+
+
+def wait_for_nodes(state: ClusterState, names: list[str], timeout_s: float) -> None:
+    """Wait until every named node has joined; a node whose processes died fails at once."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = alive_nodes(state)
+        for name in names:
+            state.nodes[name].node_id = alive.get(name, state.nodes[name].node_id)
+        missing = [n for n in names if n not in alive]
+        if not missing:
+            state.save()
+            return
+        dead = [n for n in missing if not group_alive(state.nodes[n].pgid)]
+        if dead:
+            raise ClusterError(f"node(s) {', '.join(dead)} exited while starting; see "
+                               + ", ".join(str(state.logs_dir / f"{n}.log") for n in dead))
+        if time.monotonic() > deadline:
+            raise ClusterError(f"node(s) {', '.join(missing)} did not join within "
+                               f"{timeout_s:.0f}s; see their logs in {state.logs_dir}")
+        time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------- commands
+
+def up(state: ClusterState, workers: int, head_cpus: int, worker_cpus: int,
+       dashboard: bool, timeout_s: float) -> ClusterState:
+    """Start the head and `workers` worker nodes; a running cluster is completed, not
+    restarted (idempotent)."""
+    head = state.nodes.get("head")
+    if head is None or not group_alive(head.pgid):
+        down(state, quiet=True)  # leftovers of a crashed cluster
+        state = ClusterState(state_dir=state.state_dir)
+        state.state_dir.mkdir(parents=True, exist_ok=True)
+        _write_token(state.token_path)
+        state.temp_dir = tempfile.mkdtemp(prefix="dltrain-ray-")
+        start_node(state, "head", head_cpus, head=True, dashboard=dashboard)
+        wait_for_nodes(state, ["head"], timeout_s)
+        print(f"head node up at {state.address} ({head_cpus} CPU)", flush=True)
+    running = [n for n, r in state.nodes.items() if n != "head" and group_alive(r.pgid)]
+    started = [add_node(state, worker_cpus, wait=False).name
+               for _ in range(max(0, workers - len(running)))]
+    wait_for_nodes(state, started, timeout_s)
+    for name in started:
+        print(f"worker node {name} joined ({worker_cpus} CPU)", flush=True)
+    _write_env(state)
+    return state
+
+
+def add_node(state: ClusterState, cpus: int, wait: bool = True,
+             timeout_s: float = JOIN_TIMEOUT_S) -> NodeRecord:
+    if not state.address:
+        raise ClusterError(f"no cluster in {state.state_dir}; run `make cluster-up` first")
+    state.workers_started += 1
+    record = start_node(state, f"worker-{state.workers_started}", cpus, head=False)
+    if wait:
+        wait_for_nodes(state, [record.name], timeout_s)
+    return record
+
+
+def kill_node(state: ClusterState, which: str) -> NodeRecord:
+    """SIGKILL every process of one node at once: what a machine crash looks like to Ray."""
+    for record in state.nodes.values():
+        if which in (record.name, record.node_id):
+            stop_group(record.pgid, grace_s=0)
+            del state.nodes[record.name]
+            state.save()
+            return record
+    raise ClusterError(f"no node {which!r} in this cluster; nodes: {', '.join(state.nodes)}")
+
+
+def down(state: ClusterState, quiet: bool = False) -> None:
+    """Stop exactly this cluster's nodes (workers first), remove its Ray temp dir and token."""
+    for name in sorted(state.nodes, key=lambda n: n == "head"):
+        stop_group(state.nodes[name].pgid, grace_s=5)
+        if not quiet:
+            print(f"stopped {name}", flush=True)
+    if state.temp_dir:
+        shutil.rmtree(state.temp_dir, ignore_errors=True)
+    for path in (state.file, state.token_path, state.state_dir / "env"):
+        path.unlink(missing_ok=True)
+
+
+def _write_token(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+
+
+def _write_env(state: ClusterState) -> None:
+    (state.state_dir / "env").write_text(state.export_lines())
+
+
+def describe(state: ClusterState) -> str:
+    alive = alive_nodes(state) if state.address else {}
+    lines = [f"cluster {state.address or '(none)'}  state {state.state_dir}"]
+    for record in state.nodes.values():
+        status = "alive" if record.name in alive else "DOWN"
+        lines.append(f"  {record.name:<10} {record.cpus} CPU  {status:<5}  "
+                     f"node {record.node_id or '?'}  pgid {record.pgid}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--state-dir", type=Path,
+                        default=Path(os.environ.get("DLTRAIN_CLUSTER_DIR")
+                                     or REPO_ROOT / ".cluster"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_up = sub.add_parser("up", help="start the cluster (or complete it), print its address")
+    p_up.add_argument("--workers", type=int, default=1)
+    p_up.add_argument("--head-cpus", type=int, default=1)
+    p_up.add_argument("--worker-cpus", type=int, default=1)
+    p_up.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True)
+    p_up.add_argument("--timeout", type=float, default=JOIN_TIMEOUT_S)
+    p_add = sub.add_parser("add-node", help="start one more worker node, print its name")
+    p_add.add_argument("--cpus", type=int, default=1)
+    p_kill = sub.add_parser("kill-node", help="SIGKILL one node (by name or Ray node ID)")
+    p_kill.add_argument("node")
+    sub.add_parser("down", help="stop exactly this cluster")
+    sub.add_parser("status", help="the address and the nodes")
+    sub.add_parser("env", help="print the export lines for a client")
+    args = parser.parse_args(argv)
+
+    state = ClusterState.load(args.state_dir.resolve())
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(state.token_path))
+    try:
+        if args.command == "up":
+            state = up(state, args.workers, args.head_cpus, args.worker_cpus, args.dashboard,
+                       args.timeout)
+            print(describe(state))
+            print(f"cluster address: {state.address}\nfor clients:\n{state.export_lines()}"
+                  f"(or: source {state.state_dir / 'env'})")
+        elif args.command == "add-node":
+            record = add_node(state, args.cpus)
+            print(f"{record.name} {record.node_id}")
+        elif args.command == "kill-node":
+            record = kill_node(state, args.node)
+            print(f"killed {record.name} {record.node_id}")
+        elif args.command == "down":
+            down(state)
+        elif args.command == "status":
+            print(describe(state))
+        else:
+            print(state.export_lines(), end="")
+    except ClusterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
