@@ -74,7 +74,7 @@ mlflow-ui: setup
 	  --default-artifact-root $(CURDIR)/mlruns/artifacts
 
 # A real multi-node Ray cluster on this machine (infra/local-cluster/): a head and $(WORKERS)
-# worker nodes, each its own `ray start` with its own CPUs. State: .cluster/ ($$DLTRAIN_CLUSTER_DIR).
+# worker nodes, each its own `ray start` with its own CPUs. State: .cluster/ (or env DLTRAIN_CLUSTER_DIR).
 WORKERS ?= 1
 HEAD_CPUS ?= 1
 WORKER_CPUS ?= 1
