@@ -55,18 +55,28 @@ class EpochRecord:
 
 @dataclass
 class LoopState:
-    """What a checkpoint holds: enough to continue exactly where training stopped."""
+    """What a checkpoint holds: enough to continue exactly where training stopped, and the
+    weights of the epoch with the best validation accuracy so far (the model the stage ships,
+    as Keras' ModelCheckpoint(save_best_only=True) would: RMSprop's last epoch often dips)."""
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
+    best_model: dict[str, torch.Tensor] | None = None
 
     @property
     def next_epoch(self) -> int:
         return self.history[-1]["epoch"] + 1 if self.history else 1
 
+    @property
+    def best_epoch(self) -> int | None:
+        if not self.history:
+            return None
+        return max(self.history, key=lambda e: (e["val_accuracy"], -e["epoch"]))["epoch"]
+
 
 def save_state(state: LoopState, directory: Path) -> None:
-    torch.save({"model": state.model, "optimizer": state.optimizer}, directory / CHECKPOINT_STATE)
+    torch.save({"model": state.model, "optimizer": state.optimizer,
+                "best_model": state.best_model}, directory / CHECKPOINT_STATE)
     (directory / CHECKPOINT_HISTORY).write_text(json.dumps(state.history))
 
 
@@ -74,7 +84,7 @@ def load_state(directory: Path) -> LoopState:
     # weights_only: a checkpoint is data, never code.
     tensors = torch.load(directory / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
     history = json.loads((directory / CHECKPOINT_HISTORY).read_text())
-    return LoopState(tensors["model"], tensors["optimizer"], history)
+    return LoopState(tensors["model"], tensors["optimizer"], history, tensors.get("best_model"))
 
 
 def load_split(processed_dir: Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -201,10 +211,12 @@ def train_loop(cfg: LoopConfig, *, rank: int = 0, world_size: int = 1,
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.learning_rate)
     history: list[dict[str, Any]] = []
     attempt = 0
+    best_model: dict[str, torch.Tensor] | None = None
     if restored is not None:
         model.load_state_dict(restored.model)
         optimizer.load_state_dict(restored.optimizer)
         history = list(restored.history)
+        best_model = restored.best_model
         attempt = (history[-1].get("attempt", 0) + 1) if history else 0
     start_epoch = restored.next_epoch if restored else 1
     model = wrap_model(model)
@@ -215,9 +227,11 @@ def train_loop(cfg: LoopConfig, *, rank: int = 0, world_size: int = 1,
     per_worker_batch = cfg.batch_size // world_size
     val_idx = np.arange(rank, val.n, world_size)
 
+    def weights() -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in plain.state_dict().items()}
+
     def snapshot() -> LoopState:
-        return LoopState({k: v.detach().cpu() for k, v in plain.state_dict().items()},
-                         optimizer.state_dict(), list(history))
+        return LoopState(weights(), optimizer.state_dict(), list(history), best_model)
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         started = time.perf_counter()
@@ -228,7 +242,10 @@ def train_loop(cfg: LoopConfig, *, rank: int = 0, world_size: int = 1,
                              train_accuracy=float(sums[1] / sums[2]), val_loss=val_loss,
                              val_accuracy=val_acc, epoch_time_s=time.perf_counter() - started,
                              samples=int(sums[2]), attempt=attempt)
+        best_so_far = max((e["val_accuracy"] for e in history), default=-1.0)
         history.append(asdict(record))
+        if best_model is None or record.val_accuracy > best_so_far:
+            best_model = weights()
         if on_epoch_end is not None:
             on_epoch_end(record, snapshot)
     return snapshot()

@@ -332,6 +332,7 @@ def write_outputs(state: LoopState, params: Params, ws: Workspace, summary: dict
                   *, world_size: int, device: str, nodes: list[str], wall_s: float,
                   name: str, storage: str) -> dict[str, Any]:
     epochs = state.history
+    best = next(e for e in epochs if e["epoch"] == state.best_epoch)
     times = sorted(e["epoch_time_s"] for e in epochs)
     median = times[len(times) // 2]
     report = {
@@ -343,6 +344,8 @@ def write_outputs(state: LoopState, params: Params, ws: Workspace, summary: dict
         "wall_time_s": wall_s,
         "ray_overhead_s": wall_s - sum(e["epoch_time_s"] for e in epochs),
         "resumed": any(e.get("attempt", 0) for e in epochs),
+        # models/model.pt holds the weights of this epoch (best validation accuracy).
+        "best_epoch": state.best_epoch,
         "run_name": name,
         "storage_path": storage,
     }
@@ -356,10 +359,11 @@ def write_outputs(state: LoopState, params: Params, ws: Workspace, summary: dict
         "device": device,
         "nodes": nodes,
         "timings": {"wall_time_s": wall_s, "epoch_times_s": [e["epoch_time_s"] for e in epochs]},
-        "final": {k: epochs[-1][k] for k in ("train_loss", "train_accuracy", "val_loss",
-                                              "val_accuracy")},
+        "best_epoch": state.best_epoch,
+        "final": {k: best[k] for k in ("train_loss", "train_accuracy", "val_loss",
+                                        "val_accuracy")},
     }
-    save_model(state.model, card, ws.model_path, ws.model_card_path)
+    save_model(state.best_model or state.model, card, ws.model_path, ws.model_card_path)
     write_json(ws.training_report_path, report)
     return report
 
@@ -416,11 +420,11 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto") -> dict[str, A
     finally:
         if started_local:
             ray.shutdown()
-    last = report["epochs"][-1]
+    best = next(e for e in report["epochs"] if e["epoch"] == report["best_epoch"])
     print(f"trained {len(report['epochs'])} epochs in {report['wall_time_s']:.1f}s "
           f"({report['samples_per_s']:.0f} samples/s, Ray overhead "
-          f"{report['ray_overhead_s']:.1f}s): val_acc {last['val_accuracy']:.4f}; "
-          f"wrote {ws.model_path.relative_to(ws.root)}", flush=True)
+          f"{report['ray_overhead_s']:.1f}s); best val_acc {best['val_accuracy']:.4f} at epoch "
+          f"{best['epoch']}; wrote {ws.model_path.relative_to(ws.root)}", flush=True)
     return report
 
 

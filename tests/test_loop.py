@@ -85,3 +85,13 @@ def test_checkpoint_is_plain_tensors(processed_ws: Path, tmp_path: Path) -> None
     loaded = torch.load(tmp_path / "state.pt", weights_only=True)
     assert isinstance(loaded["model"]["net.0.weight"], torch.Tensor)
     assert isinstance(load_state(tmp_path), LoopState)
+
+
+def test_the_best_validation_epoch_is_kept(processed_ws: Path) -> None:
+    state = train_loop(config(processed_ws, epochs=3, learning_rate=3e-3))
+    best = max(state.history, key=lambda e: e["val_accuracy"])
+    assert state.best_epoch == best["epoch"]
+    # Oracle: the same run stopped at the best epoch has exactly those weights.
+    stopped = train_loop(config(processed_ws, epochs=best["epoch"], learning_rate=3e-3))
+    for key in stopped.model:
+        torch.testing.assert_close(state.best_model[key], stopped.model[key])
