@@ -13,6 +13,8 @@ once, as uint8, and batches are cut there.
 from __future__ import annotations
 
 import json
+import resource
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -51,6 +53,7 @@ class EpochRecord:
     epoch_time_s: float
     samples: int  # training samples seen by all workers this epoch
     attempt: int = 0  # how many times training was restored from a checkpoint before this epoch
+    peak_rss_mb: list[float] = field(default_factory=list)  # per worker, by rank
 
 
 @dataclass
@@ -243,12 +246,22 @@ def train_loop(cfg: LoopConfig, *, rank: int = 0, world_size: int = 1,
                              val_accuracy=val_acc, epoch_time_s=time.perf_counter() - started,
                              samples=int(sums[2]), attempt=attempt)
         best_so_far = max((e["val_accuracy"] for e in history), default=-1.0)
+        record.peak_rss_mb = _peak_rss_mb(rank, world_size, allreduce)
         history.append(asdict(record))
         if best_model is None or record.val_accuracy > best_so_far:
             best_model = weights()
         if on_epoch_end is not None:
             on_epoch_end(record, snapshot)
     return snapshot()
+
+
+def _peak_rss_mb(rank: int, world_size: int, allreduce: Allreduce) -> list[float]:
+    """Every worker's peak resident memory so far, gathered with one all-reduce."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mine = rss / (1 << 20) if sys.platform == "darwin" else rss / 1024  # bytes vs KiB
+    gathered = torch.zeros(world_size, dtype=torch.float64)
+    gathered[rank] = mine
+    return [round(float(v), 1) for v in allreduce(gathered)]
 
 
 def format_epoch(record: EpochRecord | dict[str, Any], epochs: int) -> str:
