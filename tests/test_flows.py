@@ -17,7 +17,14 @@ import yaml
 
 from dltrain.errors import ConfigError
 from flows import mnist_training as mt
-from flows.dvc_stage import StageFailedError, StageResult, _pump, parse_outcome, run_stage
+from flows.dvc_stage import (
+    StageFailedError,
+    StageResult,
+    _pump,
+    parse_outcome,
+    run_stage,
+    unchanged,
+)
 from flows.report import model_link, run_summary
 from flows.workspace import (
     WorkspaceBusyError,
@@ -250,6 +257,7 @@ def test_download_task_runs_then_skips(tiny_workspace):
 @pytest.mark.integration
 def test_preprocess_task(tiny_workspace):
     assert mt.preprocess.fn(str(tiny_workspace)).outcome == "ran"
+    assert mt.preprocess.fn(str(tiny_workspace)).outcome == "skipped"
     assert "preprocess" in dvc_lock(tiny_workspace)["stages"]
     assert json.loads((tiny_workspace / "data/processed/summary.json").read_text())["train"]
 
@@ -387,3 +395,17 @@ def test_a_second_run_on_a_busy_workspace_fails_fast(prefect_harness, fresh_clon
         assert time.monotonic() - start < 30  # no waiting on the first run
     assert (fresh_clone / "params.yaml").read_text() == params_before
     assert dvc_lock_text(fresh_clone) == lock
+
+
+@pytest.mark.integration
+def test_in_process_check_agrees_with_dvc(tiny_workspace, tmp_path, monkeypatch):
+    """The skip shortcut is DVC's own Stage.changed(): unchanged after a run, changed after a
+    param edit, from any working directory."""
+    monkeypatch.chdir(tmp_path)
+    if not (tiny_workspace / "data" / "processed").exists():
+        run_stage("preprocess", tiny_workspace, LOG)
+    assert unchanged("download", tiny_workspace) and unchanged("preprocess", tiny_workspace)
+    with params_overridden(tiny_workspace / "params.yaml", {"data.val_fraction": 0.2}):
+        assert not unchanged("preprocess", tiny_workspace)
+        assert unchanged("download", tiny_workspace)  # download does not read val_fraction
+    assert not unchanged("no-such-stage", tiny_workspace)
