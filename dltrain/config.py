@@ -192,7 +192,7 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
         raise ConfigError(f"invalid section {name}: expected a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(raw) - set(known))
+    unknown = sorted(set(raw) - set(known), key=str)  # YAML keys need not be strings
     if unknown:
         raise ConfigError(f"unknown key {name}.{unknown[0]}; the keys of {name} are: "
                           + ", ".join(known))
@@ -210,7 +210,7 @@ def params_from_dict(raw: Any) -> Params:
         raise ConfigError(f"params must be a mapping of sections, got {type(raw).__name__}")
     sections = {f.name: f.type for f in dataclasses.fields(Params)}
     hints = typing.get_type_hints(Params)
-    unknown = sorted(set(raw) - set(sections))
+    unknown = sorted(set(raw) - set(sections), key=str)
     if unknown:
         raise ConfigError(f"unknown section {unknown[0]!r}; the sections are: "
                           + ", ".join(sections))
@@ -225,12 +225,16 @@ def parse_override(text: str) -> tuple[str, Any]:
                           "e.g. train.epochs=3")
     try:
         return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError as exc:
+    # PyYAML raises ValueError for an impossible date (2024-13-01) and RecursionError for
+    # deeply nested brackets: both are a bad value, not a bug.
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
         raise ConfigError(f"invalid override {text!r}: the value is not valid YAML ({exc})") from exc
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Return a copy of the raw mapping with `section.key` overrides set."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params must be a mapping of sections, got {type(raw).__name__}")
     merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for dotted, value in overrides.items():
         section, _, key = dotted.partition(".")
@@ -248,9 +252,14 @@ def read_params_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"params file not found: {path}") from exc
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    return raw or {}
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping of sections (data:, model:, train:, ...), "
+                          f"got a {type(raw).__name__}")
+    return raw
 
 
 def load_params(path: Path | str = "params.yaml",

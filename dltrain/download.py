@@ -24,7 +24,7 @@ from typing import IO, Any
 
 from dltrain.datasets import MANIFEST_NAME, RAW_FILES, RawFile, check_dataset_name, get_spec
 from dltrain.errors import DataError, DownloadError
-from dltrain.io import atomic_dir, read_json, write_json
+from dltrain.io import atomic_dir, disk_full_error, is_disk_full, read_json, write_json
 
 CHUNK = 1 << 20
 # Some mirrors refuse urllib's default agent; torchvision sends its own name for the same reason.
@@ -137,6 +137,10 @@ def _fetch_file(file: RawFile | str, locations: list[str], staging: Path, *, ret
                 failures.append(f"{where}: {exc}")
                 break
             except Exception as exc:  # noqa: BLE001 - classified just below
+                if is_disk_full(exc):
+                    # Our disk, not the mirror: another mirror or a retry cannot help.
+                    part.unlink(missing_ok=True)
+                    raise disk_full_error(part, exc) from exc
                 if not _is_transient(exc) or attempt == retries:
                     failures.append(f"{where}: {_reason(exc)}"
                                     + (f" (after {attempt} attempts)" if attempt > 1 else ""))

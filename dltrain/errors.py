@@ -32,3 +32,8 @@ class ModelError(DltrainError):
 
 class RegistryError(DltrainError):
     """The MLflow tracking server or registry could not be used."""
+
+
+class DiskFullError(DltrainError):
+    """An output could not be written: the device holding it has no space left. Nothing
+    partial is left behind (the atomic writers remove their temporary file)."""

@@ -9,7 +9,9 @@ are (N, 28, 28) and labels (N,). Files may be gzipped.
 from __future__ import annotations
 
 import gzip
+import math
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ def _read_bytes(path: Path) -> bytes:
             return fh.read()
     except FileNotFoundError as exc:
         raise DataError(f"{path}: file not found") from exc
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
         raise DataError(f"{path}: not a readable (gzipped) IDX file: {exc}") from exc
 
 
@@ -56,7 +58,7 @@ def read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
     if len(data) < header:
         raise DataError(f"{path}: truncated IDX header")
     shape = struct.unpack(f">{dims}I", data[4:header])
-    expected = int(np.prod(shape, dtype=np.int64))
+    expected = math.prod(shape)  # exact: np.prod in int64 wraps on a forged header
     actual = len(data) - header
     if actual != expected:
         kind = "short" if actual < expected else "too long"

@@ -4,6 +4,7 @@ crash or a full disk never leaves a truncated file that looks valid."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from dltrain.errors import DiskFullError
+
 
 def _umask() -> int:
     mask = os.umask(0)  # the only portable way to read it is to set it
@@ -20,38 +23,74 @@ def _umask() -> int:
     return mask
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC (no space left) or EDQUOT (over quota): the same remedy for a user."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(path: Path, exc: OSError) -> DiskFullError:
+    """The DltrainError for a write to `path` that failed for lack of space."""
+    return DiskFullError(f"no space left on the device holding {path} ({exc.strerror}); "
+                         "nothing was written there. Free some space (`df -h "
+                         f"{Path(path).parent}`) and re-run the stage.")
+
+
+@contextlib.contextmanager
+def _disk_full_as_error(path: Path) -> Iterator[None]:
+    # A full disk is the user's to fix, not a bug: name the output instead of a traceback.
+    try:
+        yield
+    except DiskFullError as exc:
+        # From a nested writer (a file inside atomic_dir's staging): name the final output.
+        cause = exc.__cause__
+        if isinstance(cause, OSError):
+            raise disk_full_error(path, cause) from cause
+        raise
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(path, exc) from exc
+        raise
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path in the same directory; on success rename it onto `path`."""
+    """Yield a temporary path in the same directory; on success rename it onto `path`.
+
+    A full disk, inside the block or while syncing, is a DiskFullError naming `path`, and the
+    temporary file is removed: a truncated output never takes the final name."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes it 0600; outputs get the usual mode
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    with _disk_full_as_error(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes it 0600; outputs get the usual mode
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp_path, path)
+        finally:
+            tmp_path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield an empty staging directory beside `path`; if the block succeeds, it replaces
-    `path` as a whole. On failure `path` is left exactly as it was and the staging is removed.
+    `path` as a whole. On failure `path` is left exactly as it was and the staging is removed;
+    a full disk while the block writes is a DiskFullError naming `path`.
 
     A directory cannot be renamed onto a non-empty one, so the old one is moved aside first
     (and moved back if the second rename fails): two renames on one file system, no copying.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    with _disk_full_as_error(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; outputs get the usual mode
     try:
-        yield staging
+        with _disk_full_as_error(path):
+            yield staging
         old = None
         if path.exists() or path.is_symlink():
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}.tmp")

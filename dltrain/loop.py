@@ -13,9 +13,11 @@ once, as uint8, and batches are cut there.
 from __future__ import annotations
 
 import json
+import pickle
 import resource
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dltrain.errors import ModelError
 from dltrain.model import MLP, normalize
 
 CHECKPOINT_STATE = "state.pt"
@@ -84,9 +87,19 @@ def save_state(state: LoopState, directory: Path) -> None:
 
 
 def load_state(directory: Path) -> LoopState:
-    # weights_only: a checkpoint is data, never code.
-    tensors = torch.load(directory / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
-    history = json.loads((directory / CHECKPOINT_HISTORY).read_text())
+    """A checkpoint written by save_state; ModelError if it is not plain tensors and JSON."""
+    path = directory / CHECKPOINT_STATE
+    try:
+        # weights_only: a checkpoint is data, never code.
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        history = json.loads((directory / CHECKPOINT_HISTORY).read_text())
+    except pickle.UnpicklingError as exc:
+        raise ModelError(f"checkpoint {path} is not plain weights: it holds objects that "
+                         "would run code when loaded, so it was refused") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"checkpoint {directory} is corrupt or incomplete: {exc}") from exc
+    if not isinstance(tensors, dict) or "model" not in tensors or "optimizer" not in tensors:
+        raise ModelError(f"checkpoint {path} lacks the model or optimizer state")
     return LoopState(tensors["model"], tensors["optimizer"], history, tensors.get("best_model"))
 
 

@@ -34,6 +34,7 @@ from dltrain.registry import (
     display_uri,
     embedded_artifact_uri,
     embedded_tracking_uri,
+    redact,
     resolve_tracking_uri,
 )
 
@@ -312,7 +313,8 @@ def register(ws: Workspace, params: Params, *, attempts: int = 4,
         outcome = _register(client, tracking_uri, ws, params, cand)
     except (MlflowException, RequestException) as exc:
         raise RegistryError(f"MLflow at {display_uri(tracking_uri)} failed during registration: "
-                            f"{exc}. The model stays in models/; re-run `dltrain register` "
+                            f"{redact(str(exc), tracking_uri)}. The model stays in models/; "
+                            "re-run `dltrain register` "
                             "(or `dvc repro`) once the store is reachable.") from exc
     write_json(ws.registration_path, outcome)
     where = (f"version {outcome['version']} ({', '.join(outcome['aliases']) or 'no alias'})"

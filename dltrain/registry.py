@@ -43,6 +43,17 @@ def display_uri(uri: str) -> str:
     return uri
 
 
+def redact(text: str, uri: str) -> str:
+    """`text` (an error message that may quote the URI) without the URI's password."""
+    password = urllib.parse.urlsplit(uri).password
+    if not password:
+        return text
+    # As written in the URI (percent-encoded) and as sent (decoded): either may be quoted.
+    for form in {password, urllib.parse.unquote(password)}:
+        text = text.replace(form, "***")
+    return text
+
+
 def quiet_mlflow() -> None:
     """No database-migration logs, progress bars or run URLs on the console: one line per step
     is ours to print. Env defaults only, so a user's explicit setting still wins."""
