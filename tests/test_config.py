@@ -7,7 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, venv_env
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from dltrain import cli
 from dltrain.config import (
@@ -19,6 +20,8 @@ from dltrain.config import (
     read_params_file,
 )
 from dltrain.errors import ConfigError
+
+from conftest import REPO_ROOT, venv_env
 
 
 def test_defaults_load_from_an_empty_mapping_and_from_the_repo_params():
@@ -152,3 +155,67 @@ def test_cli_console_script_reports_bad_params(workspace: Path):
     assert "data.val_fraction" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in workspace.iterdir()) == ["params.yaml"]
+
+
+# ----------------------------------------------------------------------------- property-based
+# Random and malformed mappings, values and override strings: the loader either returns
+# Params or raises ConfigError with a message; never another exception, never a hang.
+
+PROPERTY_SETTINGS = settings(max_examples=300, deadline=2000,
+                             suppress_health_check=[HealthCheck.too_slow])
+SECTIONS = ["data", "model", "train", "evaluate", "register"]
+KEYS = ["dataset", "source", "val_fraction", "seed", "hidden_sizes", "epochs", "batch_size",
+        "learning_rate", "optimizer", "num_workers", "use_gpu", "ray_address", "storage_path",
+        "max_failures", "threads_per_worker", "placement_strategy", "model_name",
+        "tracking_uri", "min_accuracy", "min_improvement"]
+# What YAML can produce: scalars of every type, lists and mappings, nested.
+yaml_scalars = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+                | st.dates() | st.sampled_from(["fashion-mnist", "mnist", "rmsprop", "PACK"]))
+yaml_values = st.recursive(yaml_scalars, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=8) | st.integers(), inner,
+                                             max_size=4), max_leaves=12)
+sections = st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=8) | st.integers(),
+                           yaml_values, max_size=6)
+mappings = st.dictionaries(st.sampled_from(SECTIONS) | st.text(max_size=8) | st.integers()
+                           | st.none(), sections | yaml_values, max_size=5)
+
+
+def _loads_or_config_error(call) -> None:
+    try:
+        result = call()
+    except ConfigError as exc:
+        assert str(exc).strip(), "a ConfigError without a message"
+        return
+    assert isinstance(result, Params)
+
+
+@PROPERTY_SETTINGS
+@given(raw=mappings | yaml_values)
+@example(raw={1: {}, "x": {}})  # keys of mixed types: sorting them must not raise
+@example(raw={"train": {"epochs": 10 ** 30, "batch_size": 7, "num_workers": 3}})
+@example(raw={"data": {"val_fraction": float("nan")}})
+def test_any_mapping_gives_params_or_a_config_error(raw) -> None:
+    _loads_or_config_error(lambda: params_from_dict(raw))
+
+
+@PROPERTY_SETTINGS
+@given(text=st.text(max_size=60))
+@example(text="train.epochs=2024-13-01")  # PyYAML: ValueError for an impossible date
+@example(text="train.epochs=" + "[" * 700)  # PyYAML: RecursionError
+@example(text="=")
+@example(text="train.epochs=!!python/object:os.system ls")  # safe_load refuses tags
+def test_any_override_string_is_parsed_or_a_config_error(text: str) -> None:
+    try:
+        key, value = parse_override(text)
+    except ConfigError as exc:
+        assert text in str(exc) or repr(text) in str(exc)
+        return
+    _loads_or_config_error(lambda: params_from_dict(apply_overrides({}, {key: value})))
+
+
+@PROPERTY_SETTINGS
+@given(text=st.text(max_size=200) | st.sampled_from(["- a\n- b\n", "42", "[", "a: [1, 2"]))
+def test_any_params_file_loads_or_is_a_config_error(tmp_path_factory, text: str) -> None:
+    path = tmp_path_factory.getbasetemp() / "prop-params.yaml"
+    path.write_text(text)
+    _loads_or_config_error(lambda: load_params(path))

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import synthetic_split
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from dltrain.errors import DataError
 from dltrain.idx import read_idx, read_images, read_labels, read_split, write_idx
+
+from conftest import synthetic_split
 
 
 @pytest.fixture
@@ -96,3 +99,57 @@ def test_image_and_label_counts_must_match(tmp_path: Path, split):
     message = str(info.value)
     assert str(tmp_path / "labels.gz") in message and str(tmp_path / "images.gz") in message
     assert "49 labels" in message and "50 images" in message
+
+
+# ----------------------------------------------------------------------------- property-based
+# Random bytes, mutated valid headers and truncated files: a DataError naming the file, or a
+# valid array; never another exception, never a hang.
+
+PROPERTY_SETTINGS = settings(max_examples=300, deadline=2000,
+                             suppress_health_check=[HealthCheck.function_scoped_fixture])
+VALID_LABELS = bytes([0, 0, 8, 1]) + struct.pack(">I", 6) + bytes([1, 2, 3, 4, 5, 6])
+VALID_IMAGES = bytes([0, 0, 8, 3]) + struct.pack(">3I", 2, 28, 28) + bytes(2 * 28 * 28)
+
+
+def _parse(path: Path, payload: bytes, gz: bool) -> None:
+    path.write_bytes(gzip.compress(payload, mtime=0) if gz else payload)
+    for reader in (read_idx, read_images, read_labels):
+        try:
+            array = reader(path)
+        except DataError as exc:
+            assert str(path) in str(exc)
+            continue
+        assert array.dtype == np.uint8
+
+
+@PROPERTY_SETTINGS
+@given(payload=st.binary(max_size=300), gz=st.booleans())
+@example(payload=b"\x1f\x8b" + bytes(20), gz=False)  # a gzip magic, then garbage (zlib.error)
+@example(payload=bytes([0, 0, 8, 4]) + struct.pack(">4I", 65536, 65536, 65536, 65536),
+         gz=False)  # a product of 2**64: wraps to 0 in int64
+def test_random_bytes_are_parsed_or_a_data_error(tmp_path: Path, payload: bytes,
+                                                  gz: bool) -> None:
+    _parse(tmp_path / "random.idx", payload, gz)
+
+
+@PROPERTY_SETTINGS
+@given(base=st.sampled_from([VALID_LABELS, VALID_IMAGES]),
+       edits=st.lists(st.tuples(st.integers(0, 15), st.integers(0, 255)), max_size=4),
+       cut=st.integers(0, 2000), gz=st.booleans())
+def test_mutated_headers_and_truncations_are_parsed_or_a_data_error(
+        tmp_path: Path, base: bytes, edits: list[tuple[int, int]], cut: int, gz: bool) -> None:
+    data = bytearray(base)
+    for index, value in edits:
+        if index < len(data):
+            data[index] = value
+    _parse(tmp_path / "mutated.idx", bytes(data[:cut]), gz)
+
+
+@PROPERTY_SETTINGS
+@given(cut=st.integers(0, 400))
+def test_truncated_gzip_files_are_a_data_error(tmp_path: Path, cut: int) -> None:
+    whole = gzip.compress(VALID_IMAGES, mtime=0)
+    path = tmp_path / "cut.idx.gz"
+    path.write_bytes(whole[:min(cut, len(whole) - 1)])
+    with pytest.raises(DataError, match="cut.idx.gz"):
+        read_idx(path)

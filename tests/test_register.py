@@ -3,6 +3,7 @@ aliases, refusals, idempotence, and a tracking server that is down."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -192,12 +194,11 @@ def test_unreachable_server_fails_fast_and_writes_nothing(ws: Workspace, capsys)
     assert not ws.registration_path.exists()
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path):
-    """A real `mlflow server` on 127.0.0.1 with its own SQLite store; stopped pass or fail."""
-    port = _closed_port()
-    store = tmp_path / "server"
-    store.mkdir()
+@contextlib.contextmanager
+def serve_mlflow(port: int, store: Path) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1:`port` with its SQLite store in `store`; stopped
+    when the block ends, pass or fail."""
+    store.mkdir(exist_ok=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
@@ -218,6 +219,41 @@ def mlflow_server(tmp_path: Path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    with serve_mlflow(_closed_port(), tmp_path / "server") as uri:
+        yield uri
+
+
+@pytest.mark.integration
+def test_server_down_then_up_registers_once(ws: Workspace, tmp_path: Path, capsys) -> None:
+    """Registration while the server is down fails clearly and records nothing; once the same
+    server is up, the re-run registers one version, and a third run adds none."""
+    port = _closed_port()
+    uri = f"http://127.0.0.1:{port}"
+    assert main(["register", "--workspace", str(ws.root), "-S", f"register.tracking_uri={uri}",
+                 "-S", "register.min_accuracy=0.5"]) == 1
+    err = capsys.readouterr().err
+    assert f"MLflow tracking server {uri} is unreachable" in err and "Traceback" not in err
+    assert not ws.registration_path.exists()
+
+    with serve_mlflow(port, tmp_path / "server") as served:
+        assert served == uri
+        first = register(ws, _params(tracking_uri=uri))
+        again = register(ws, _params(tracking_uri=uri))
+        from mlflow import MlflowClient
+
+        versions = MlflowClient(tracking_uri=uri).search_model_versions("name = 'mnist-mlp'")
+        runs = MlflowClient(tracking_uri=uri).search_runs(
+            [MlflowClient(tracking_uri=uri).get_experiment_by_name("mnist-training")
+             .experiment_id])
+    assert (first["version"], first["new_version"], first["aliases"]) == (1, True, ["champion"])
+    assert (again["version"], again["new_version"]) == (1, False)
+    assert [str(v.version) for v in versions] == ["1"]
+    assert len(runs) == 1  # the failed attempt logged nothing
+    assert json.loads(ws.registration_path.read_text())["version"] == 1
 
 
 @pytest.mark.integration

@@ -1,0 +1,391 @@
+"""Faults injected into real components: mirrors that corrupt, stall or drop (local HTTP
+servers on 127.0.0.1), a disk that fills while outputs are written (a size-limited tmpfs), and
+a training driver killed with its whole process group, then re-run.
+
+Each test asserts what is left behind: data/raw and the outputs byte for byte as before, no
+temporary file anywhere, a model that loads, every epoch listed once. RELIABILITY.md maps each
+fault to its test.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+import dltrain.download as download_module
+from dltrain import cli
+from dltrain.datasets import MANIFEST_NAME, DatasetSpec, RawFile
+from dltrain.download import download
+from dltrain.errors import DiskFullError, DownloadError
+from dltrain.io import atomic_open, read_json, write_json
+from dltrain.model import MLP
+from dltrain.modelio import load_model, save_model
+from dltrain.preprocess import preprocess
+
+from conftest import RAW_FILES, make_processed, venv_env, write_raw_dir
+
+NAMES = sorted(RAW_FILES.values())
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` and its bytes."""
+    if not directory.exists():
+        return {}
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def leftovers(root: Path) -> list[str]:
+    """Temporary files or directories of the atomic writers anywhere under `root`."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.name.endswith((".tmp", ".part")) or ".old-" in p.name)
+
+
+@pytest.fixture
+def known_files(monkeypatch: pytest.MonkeyPatch, tiny_source: Path) -> Path:
+    """The files of `tiny_source` become the data set's published ones (their md5s are the
+    known checksums), so that a mirror serving anything else fails verification."""
+    files = tuple(RawFile(n, hashlib.md5((tiny_source / n).read_bytes()).hexdigest(),
+                          hashlib.md5(gzip.decompress((tiny_source / n).read_bytes())).hexdigest())
+                  for n in NAMES)
+    spec = DatasetSpec("fashion-mnist", files, (), ())
+    monkeypatch.setattr(download_module, "get_spec", lambda name: spec)
+    return tiny_source
+
+
+# ----------------------------------------------------------------------------- mirrors
+
+@dataclass
+class Mirror:
+    """One misbehaving mirror: `mode` is good, corrupt, stall (accepts, sends nothing),
+    stall-body (headers and half the body, then nothing) or drop (closes mid-body)."""
+
+    mode: str
+    url: str = ""
+    requests: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def mirrors(tiny_source: Path) -> Iterator[dict[str, Mirror]]:
+    """One HTTP server on 127.0.0.1 per mode, each in a thread; stalled handlers are released
+    and every server is stopped in teardown, pass or fail."""
+    release = threading.Event()
+    servers: list[http.server.ThreadingHTTPServer] = []
+    found: dict[str, Mirror] = {}
+
+    def handler_for(mirror: Mirror) -> type[http.server.BaseHTTPRequestHandler]:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                mirror.requests.append(self.path)
+                data = (tiny_source / self.path.lstrip("/")).read_bytes()
+                if mirror.mode == "stall":
+                    release.wait(60)
+                    return
+                if mirror.mode == "corrupt":
+                    data = data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + \
+                        data[len(data) // 2 + 1:]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if mirror.mode in ("stall-body", "drop"):
+                    self.wfile.write(data[:len(data) // 2])
+                    self.wfile.flush()
+                    if mirror.mode == "stall-body":
+                        release.wait(60)
+                    self.close_connection = True
+                    return
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        return Handler
+
+    try:
+        for mode in ("corrupt", "stall", "stall-body", "drop", "good"):
+            mirror = Mirror(mode)
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_for(mirror))
+            server.daemon_threads = True
+            servers.append(server)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            mirror.url = f"http://127.0.0.1:{server.server_address[1]}"
+            found[mode] = mirror
+        yield found
+    finally:
+        release.set()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
+BAD_MIRRORS = ("corrupt", "stall", "stall-body", "drop")
+# A short read timeout: the stalling mirrors are abandoned in well under a second.
+FAST = {"retries": 2, "backoff_s": 0.0, "timeout_s": 0.4, "progress": False}
+
+
+def test_corrupt_stalling_and_dropping_mirrors_are_passed_over_for_the_next(
+        tmp_path: Path, known_files: Path, mirrors: dict[str, Mirror],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    ws = tmp_path / "ws"
+    raw_dir = ws / "data" / "raw"
+    order = [mirrors[m].url for m in (*BAD_MIRRORS, "good")]
+
+    started = time.monotonic()
+    manifest = download("fashion-mnist", None, raw_dir, mirrors=order, **FAST)
+    elapsed = time.monotonic() - started
+
+    # Every file came from the good mirror, verified, and nothing else is in data/raw.
+    assert sorted(p.name for p in raw_dir.iterdir()) == sorted([*NAMES, MANIFEST_NAME])
+    for name in NAMES:
+        assert (raw_dir / name).read_bytes() == (known_files / name).read_bytes()
+        assert manifest["files"][name]["source"] == f"{mirrors['good'].url}/{name}"
+        assert manifest["files"][name]["verified"] == "md5"
+    # A wrong file is not retried; a stall or a drop is retried, then the next mirror is used.
+    assert len(mirrors["corrupt"].requests) == 4
+    for mode in ("stall", "stall-body", "drop"):
+        assert len(mirrors[mode].requests) == 4 * FAST["retries"], mode
+    assert leftovers(tmp_path) == []
+    err = capsys.readouterr().err
+    assert "checksum mismatch" in err and "timed out" in err
+    assert "connection closed early" in err and "trying the next mirror" in err
+    # The read timeout bounds each stalled attempt: 4 files x 2 stalling mirrors x 2 tries.
+    assert elapsed < 4 * 2 * 2 * FAST["timeout_s"] + 10
+
+
+def test_only_bad_mirrors_fail_naming_each_and_leave_raw_byte_for_byte(
+        tmp_path: Path, known_files: Path, mirrors: dict[str, Mirror]) -> None:
+    ws = tmp_path / "ws"
+    raw_dir = write_raw_dir(ws / "data" / "raw", n_train=30, n_test=10, seed=9)  # older data
+    before, listing = snapshot(raw_dir), sorted(p.name for p in (ws / "data").iterdir())
+
+    with pytest.raises(DownloadError) as info:
+        download("fashion-mnist", None, raw_dir, mirrors=[mirrors[m].url for m in BAD_MIRRORS],
+                 **FAST)
+
+    message = str(info.value)
+    first = NAMES[0]  # the first file fetched, where every mirror failed
+    for mode, reason in [("corrupt", "checksum mismatch"), ("stall", "timed out"),
+                         ("stall-body", "timed out"), ("drop", "connection closed early")]:
+        assert f"{mirrors[mode].url}/{first}: {reason}" in message, (mode, message)
+    assert snapshot(raw_dir) == before
+    assert sorted(p.name for p in (ws / "data").iterdir()) == listing
+    assert leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- full disk
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[callable]:
+    """mount(size) -> a directory on a tmpfs of that many bytes (root only); unmounted in
+    teardown, pass or fail."""
+    mounted: list[Path] = []
+
+    def mount(size: int) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755",
+                               "tmpfs", str(where)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); "
+                        "test_a_failed_write_mid_file_leaves_no_output covers the logic")
+        mounted.append(where)
+        return where
+
+    try:
+        yield mount
+    finally:
+        for where in mounted:
+            subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _fill(directory: Path, leave: int) -> None:
+    """Fill the tmpfs holding `directory` until only about `leave` bytes are free."""
+    free = shutil.disk_usage(directory).free
+    (directory / "filler").write_bytes(b"\0" * max(0, free - leave))
+
+
+def test_preprocess_onto_a_full_disk_is_a_clear_error_and_keeps_the_old_outputs(
+        tmp_path: Path, small_disk, capsys: pytest.CaptureFixture[str]) -> None:
+    disk = small_disk(512 * 1024)
+    small = tmp_path / "small"
+    download("fashion-mnist", str(write_raw_dir(tmp_path / "s1", n_train=60, n_test=20)),
+             small, progress=False)
+    processed = disk / "data" / "processed"
+    preprocess(small, processed, dataset="fashion-mnist", val_fraction=0.1, seed=0)
+    before = snapshot(processed)
+    big = tmp_path / "big"
+    download("fashion-mnist", str(write_raw_dir(tmp_path / "s2", n_train=900, n_test=200)),
+             big, progress=False)  # ~0.9 MB of arrays: more than the disk holds
+
+    with pytest.raises(DiskFullError) as info:
+        preprocess(big, processed, dataset="fashion-mnist", val_fraction=0.1, seed=0)
+
+    message = str(info.value)
+    assert "no space left" in message and str(processed) in message
+    assert snapshot(processed) == before  # the old outputs, still valid
+    assert sorted(p.name for p in disk.iterdir()) == ["data"]
+    assert leftovers(disk) == []
+
+    # The same through the CLI, in a workspace on its own small disk: one line naming the
+    # path, exit 1, no traceback.
+    size = sum(p.stat().st_size for p in big.iterdir())
+    ws = small_disk(size + 64 * 1024)
+    shutil.copytree(big, ws / "data" / "raw")
+    (ws / "params.yaml").write_text("data:\n  dataset: fashion-mnist\n")
+    inside = snapshot(ws)
+    capsys.readouterr()
+    assert cli.main(["preprocess", "--workspace", str(ws)]) == 1
+    err = capsys.readouterr().err
+    assert "no space left" in err and str(ws / "data" / "processed") in err
+    assert "Traceback" not in err
+    assert snapshot(ws) == inside and leftovers(ws) == []
+
+
+def test_download_onto_a_full_disk_stops_at_once_and_keeps_raw(
+        tmp_path: Path, small_disk, known_files: Path, mirrors: dict[str, Mirror]) -> None:
+    disk = small_disk(256 * 1024)
+    raw_dir = disk / "raw"
+    write_raw_dir(raw_dir, n_train=30, n_test=10, seed=9)
+    before = snapshot(raw_dir)
+    _fill(disk, leave=8 * 1024)  # room for less than one file
+
+    with pytest.raises(DiskFullError) as info:
+        download("fashion-mnist", None, raw_dir, mirrors=[mirrors["good"].url, str(known_files)],
+                 **FAST)
+
+    assert "no space left" in str(info.value) and str(raw_dir) in str(info.value)
+    assert len(mirrors["good"].requests) == 1  # neither retried nor another mirror tried
+    assert snapshot(raw_dir) == before
+    assert leftovers(disk) == []
+
+
+def test_model_and_json_writes_onto_a_full_disk_keep_the_previous_files(
+        tmp_path: Path, small_disk) -> None:
+    disk = small_disk(256 * 1024)
+    model_path = disk / "models" / "model.pt"
+    save_model(MLP((8,)).state_dict(), {"architecture": {"hidden_sizes": [8]}}, model_path)
+    before = snapshot(disk / "models")
+
+    with pytest.raises(DiskFullError) as info:  # 784-512-10: 1.6 MB of weights
+        save_model(MLP((512,)).state_dict(), {"architecture": {"hidden_sizes": [512]}},
+                   model_path)
+    assert "no space left" in str(info.value) and str(model_path) in str(info.value)
+    assert snapshot(disk / "models") == before
+    model, card = load_model(model_path)  # still the old, complete model
+    assert card["architecture"]["hidden_sizes"] == [8]
+
+    report = disk / "reports" / "training.json"
+    write_json(report, {"epochs": [1]})
+    _fill(disk, leave=4 * 1024)
+    with pytest.raises(DiskFullError) as info:
+        write_json(report, {"epochs": list(range(100_000))})
+    assert str(report) in str(info.value)
+    assert read_json(report) == {"epochs": [1]}
+    assert leftovers(disk) == []
+
+
+def test_a_failed_write_mid_file_leaves_no_output(tmp_path: Path) -> None:
+    """Where no tmpfs can be mounted: a write that fails with ENOSPC half way through."""
+    target = tmp_path / "reports" / "metrics.json"
+    write_json(target, {"accuracy": 0.9})
+    with pytest.raises(DiskFullError) as info, atomic_open(target) as fh:
+        fh.write('{"accuracy": 0.')
+        fh.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert "no space left" in str(info.value) and str(target) in str(info.value)
+    assert read_json(target) == {"accuracy": 0.9}
+    assert leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- killed driver
+
+def _descendants(pid: int) -> set[psutil.Process]:
+    try:
+        return set(psutil.Process(pid).children(recursive=True))
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.integration
+def test_killed_driver_then_rerun_resumes_cleanly_and_the_model_loads(tmp_path: Path) -> None:
+    """SIGKILL the whole process group of `dltrain train` after its second checkpoint, then
+    run the stage again: one run's epochs, each once, and a model that loads."""
+    ws = make_processed(tmp_path, n_train=12000, n_test=200)
+    epochs = 6
+    (ws / "params.yaml").write_text(json.dumps({
+        "model": {"hidden_sizes": [256]},
+        "train": {"epochs": epochs, "batch_size": 32, "num_workers": 1, "max_failures": 0}}))
+    cmd = [sys.executable, "-m", "dltrain", "train", "--workspace", str(ws)]
+    log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(cmd, env=venv_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    tree: set[psutil.Process] = set()
+    try:
+        deadline = time.monotonic() + 300
+        while not list((ws / ".ray_results").glob("*/epoch_0002")):
+            tree |= _descendants(proc.pid)
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()
+            assert time.monotonic() < deadline, "no second checkpoint within 300 s"
+            time.sleep(0.1)
+        tree |= _descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert not (ws / "models" / "model.pt").exists()  # killed before it finished
+    # Ray's processes of the killed run that outlived the group kill (they are ours: the
+    # driver's descendants). Recorded for RELIABILITY.md, then stopped so that no orphan
+    # keeps writing checkpoints while the re-run trains.
+    survivors = [p for p in tree if _alive(p)]
+    (tmp_path / "survivors.txt").write_text(
+        "\n".join(f"{p.pid} {p.name()}" for p in survivors if _alive(p)))
+    for p in survivors:
+        if _alive(p):
+            p.kill()
+    psutil.wait_procs(survivors, timeout=30)
+
+    rerun = subprocess.run(cmd, env=venv_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    report = json.loads((ws / "reports" / "training.json").read_text())
+    numbers = [e["epoch"] for e in report["epochs"]]
+    assert numbers == list(range(1, epochs + 1))  # every epoch once, in order
+    attempts = [e["attempt"] for e in report["epochs"]]
+    if report["resumed"]:  # continued: the first run's epochs, then the re-run's
+        assert "resuming run" in rerun.stdout
+        assert attempts[0] == 0 and attempts[-1] == 1 and attempts == sorted(attempts)
+        assert attempts.count(0) >= 1
+    else:  # restarted cleanly: every epoch from the re-run
+        assert attempts == [0] * epochs
+    model, card = load_model(ws / "models" / "model.pt")
+    assert card["best_epoch"] in numbers
+    assert torch.load(ws / "models" / "model.pt", weights_only=True).keys() == \
+        model.state_dict().keys()
+    assert report["epochs"][-1]["val_accuracy"] >= 0.9
+    run_dir = Path(report["storage_path"]) / report["run_name"]
+    assert (run_dir / "dltrain-complete.json").is_file()

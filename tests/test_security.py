@@ -1,0 +1,225 @@
+"""Security properties: model files and checkpoints load as weights only (a planted pickle
+payload is refused and never runs), servers the project starts bind to loopback unless told
+otherwise, and no credentials are in the repo or in what the pipeline writes."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_models import evaluated_workspace
+
+from dltrain.cli import main
+from dltrain.config import params_from_dict
+from dltrain.errors import ModelError, RegistryError
+from dltrain.evaluate import evaluate
+from dltrain.loop import CHECKPOINT_HISTORY, CHECKPOINT_STATE, load_state
+from dltrain.paths import Workspace
+from dltrain.register import register
+from dltrain.registry import display_uri, redact
+
+from conftest import REPO_ROOT
+
+
+class Payload:
+    """Unpickling this creates the marker file: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    return evaluated_workspace(tmp_path_factory.mktemp("security"))
+
+
+@pytest.fixture
+def poisoned(tmp_path: Path, evaluated: Workspace) -> tuple[Workspace, Path]:
+    """A copy of the evaluated workspace whose models/model.pt carries a pickle payload next
+    to the real weights (same card, same shapes): only unpickling would tell."""
+    ws = Workspace.at(tmp_path / "ws")
+    shutil.copytree(evaluated.root, ws.root)
+    marker = tmp_path / "payload-ran"
+    state = torch.load(ws.model_path, weights_only=True)
+    torch.save({**state, "extra": Payload(marker)}, ws.model_path)
+    return ws, marker
+
+
+def test_evaluate_refuses_a_pickle_payload_without_running_it(poisoned) -> None:
+    ws, marker = poisoned
+    metrics_before = ws.metrics_path.read_bytes()
+    with pytest.raises(ModelError, match="not plain weights") as info:
+        evaluate(ws.model_path, ws.processed_dir, ws.reports_dir, batch_size=256)
+    assert str(ws.model_path) in str(info.value)
+    assert not marker.exists()
+    assert ws.metrics_path.read_bytes() == metrics_before
+
+
+def test_register_refuses_a_pickle_payload_without_running_it(poisoned, capsys) -> None:
+    ws, marker = poisoned
+    with pytest.raises(ModelError, match="not plain weights"):
+        register(ws, params_from_dict({"register": {"min_accuracy": 0.5}}))
+    assert main(["register", "--workspace", str(ws.root)]) == 1
+    assert "would run code when loaded" in capsys.readouterr().err
+    assert not marker.exists()
+    assert not ws.registration_path.exists()
+    assert not (ws.root / "mlruns").exists()  # refused before MLflow was touched
+
+
+def test_cli_evaluate_refuses_it_too(poisoned, capsys) -> None:
+    ws, marker = poisoned
+    assert main(["evaluate", "--workspace", str(ws.root)]) == 1
+    err = capsys.readouterr().err
+    assert "not plain weights" in err and "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_training_checkpoint_with_a_payload_is_refused(tmp_path: Path) -> None:
+    """What a resumed run loads (dltrain.loop.load_state): weights only, too."""
+    checkpoint = tmp_path / "epoch_0002"
+    checkpoint.mkdir()
+    marker = tmp_path / "payload-ran"
+    torch.save({"model": {"w": torch.zeros(2)}, "optimizer": {"extra": Payload(marker)},
+                "best_model": None}, checkpoint / CHECKPOINT_STATE)
+    (checkpoint / CHECKPOINT_HISTORY).write_text(json.dumps([{"epoch": 2}]))
+    with pytest.raises(ModelError, match="not plain weights") as info:
+        load_state(checkpoint)
+    assert str(checkpoint / CHECKPOINT_STATE) in str(info.value)
+    assert not marker.exists()
+
+
+def test_a_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "epoch_0001"
+    checkpoint.mkdir()
+    torch.save({"model": {"w": torch.zeros(1000)}, "optimizer": {}}, checkpoint / "full.pt")
+    data = (checkpoint / "full.pt").read_bytes()
+    (checkpoint / CHECKPOINT_STATE).write_bytes(data[:len(data) // 2])
+    (checkpoint / CHECKPOINT_HISTORY).write_text("[]")
+    with pytest.raises(ModelError, match="corrupt or incomplete"):
+        load_state(checkpoint)
+
+
+# ----------------------------------------------------------------------------- loopback
+
+def tracked_files() -> list[Path]:
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         cwd=REPO_ROOT, check=True, capture_output=True).stdout
+    return [REPO_ROOT / p for p in out.decode().split("\0") if p and (REPO_ROOT / p).is_file()]
+
+
+# Configs for real deployments, where the dashboard must be reachable from other machines:
+# binding all interfaces is what they are told to do (and they say so).
+ALL_INTERFACES_ALLOWED = {"infra/cloud/ray-cluster-aws-gpu.yaml", "infra/k8s/raycluster.yaml"}
+
+
+def test_only_the_cluster_deployment_configs_bind_all_interfaces() -> None:
+    offenders = []
+    for path in tracked_files():
+        rel = str(path.relative_to(REPO_ROOT))
+        if rel.startswith(("tests/", "RELIABILITY.md")) or path.suffix in (".png", ".pt"):
+            continue
+        text = path.read_text(errors="replace")
+        if re.search(r"0\.0\.0\.0|--host[= ]+(::|\[::\])", text) and rel not in \
+                ALL_INTERFACES_ALLOWED:
+            offenders.append(rel)
+    assert offenders == []
+
+
+def test_local_servers_are_started_on_loopback() -> None:
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert re.search(r"mlflow ui --host 127\.0\.0\.1 ", makefile)
+    stack = (REPO_ROOT / "infra" / "prefect" / "stack.py").read_text()
+    assert 'HOST = "127.0.0.1"' in stack
+    assert '["server", "start", "--host", HOST' in stack
+    assert "PREFECT_SERVER_API_HOST=HOST" in stack
+    deploy = (REPO_ROOT / "infra" / "prefect" / "deploy.sh").read_text()
+    assert "http://127.0.0.1:" in deploy
+    cluster = (REPO_ROOT / "infra" / "local-cluster" / "cluster.py").read_text()
+    assert 'HOST = "127.0.0.1"' in cluster and '"--node-ip-address", HOST' in cluster
+    # The embedded Ray of `dltrain train` starts no dashboard (an HTTP server) at all.
+    train = (REPO_ROOT / "dltrain" / "train.py").read_text()
+    assert "include_dashboard=False" in train
+
+
+def test_servers_in_the_tests_bind_loopback() -> None:
+    for path in (REPO_ROOT / "tests").glob("*.py"):
+        if path.name == "test_security.py":  # this file names what it looks for
+            continue
+        text = path.read_text()
+        assert "0.0.0.0" not in text, path
+        for match in re.finditer(r"--host\", \"([^\"]+)\"", text):
+            assert match.group(1) == "127.0.0.1", path
+
+
+# ----------------------------------------------------------------------------- credentials
+
+SECRET_PATTERNS = [
+    r"AKIA[0-9A-Z]{16}",                                      # AWS access key id
+    r"(?i)aws_secret_access_key\s*[:=]\s*['\"]?[A-Za-z0-9/+]{20,}",
+    r"(?i)(api[_-]?key|password|passwd|secret|token)\s*[:=]\s*['\"]?[A-Za-z0-9+/_-]{16,}",
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
+    r"gh[pousr]_[A-Za-z0-9]{30,}",                            # GitHub tokens
+    r"https?://[^/\s:@'\"]+:[^/\s@'\"*{}$<]+@",               # a URL with user:password
+]
+
+
+def test_no_credentials_in_any_tracked_file() -> None:
+    hits = []
+    for path in tracked_files():
+        if path.suffix in (".png", ".pt", ".gz"):
+            continue
+        text = path.read_text(errors="replace")
+        for pattern in SECRET_PATTERNS:
+            for match in re.finditer(pattern, text):
+                if path.name == "test_security.py":  # the patterns and their own test cases
+                    continue
+                hits.append(f"{path.relative_to(REPO_ROOT)}: {match.group(0)[:40]}")
+    assert hits == []
+
+
+def test_dvc_config_holds_no_remote_credentials() -> None:
+    config = (REPO_ROOT / ".dvc" / "config").read_text()
+    for key in ("access_key_id", "secret_access_key", "session_token", "password", "user"):
+        assert key not in config
+    ignored = subprocess.run(["git", "check-ignore", ".dvc/config.local"], cwd=REPO_ROOT,
+                             capture_output=True, text=True)
+    assert ignored.returncode == 0  # machine-local remote settings never reach git
+
+
+@pytest.mark.parametrize("uri,shown", [
+    ("http://alice:s3cr3t-pw@mlflow.example:5000", "http://alice:***@mlflow.example:5000"),
+    ("https://bob:p%40ss@host/path", "https://bob:***@host/path"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ("sqlite:////repo/mlruns/mlflow.db", "sqlite:////repo/mlruns/mlflow.db"),
+])
+def test_tracking_uri_is_shown_without_its_password(uri: str, shown: str) -> None:
+    assert display_uri(uri) == shown
+
+
+def test_errors_quoting_the_uri_are_redacted() -> None:
+    uri = "http://alice:p%40ss-w0rd@host:5000"
+    text = f"API request to {uri}/api/2.0/mlflow/runs/create failed; password p@ss-w0rd"
+    assert "w0rd" not in redact(text, uri)
+    assert redact("no uri here", "http://127.0.0.1:5000") == "no uri here"
+
+
+def test_unreachable_server_error_does_not_leak_the_password(tmp_path: Path, evaluated,
+                                                             capsys) -> None:
+    ws = Workspace.at(tmp_path / "ws")
+    shutil.copytree(evaluated.root, ws.root)
+    uri = "http://alice:hunter2-secret@127.0.0.1:9"  # port 9 (discard): refused on loopback
+    with pytest.raises(RegistryError) as info:
+        register(ws, params_from_dict({"register": {"tracking_uri": uri}}), attempts=1,
+                 backoff_s=0.0)
+    assert "hunter2" not in str(info.value) and "alice:***@127.0.0.1:9" in str(info.value)
+    out = capsys.readouterr()
+    assert "hunter2" not in out.out + out.err
+    assert not ws.registration_path.exists()
