@@ -218,7 +218,7 @@ def params_from_dict(raw: Any) -> Params:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """Parse one `section.key=value` override; the value is read as YAML (so 3, true, null, [256])."""
+    """Parse one `section.key=value` override; the value is YAML (3, true, null, [256])."""
     key, sep, value = text.partition("=")
     if not sep or "." not in key:
         raise ConfigError(f"invalid override {text!r}; expected section.key=value, "
@@ -228,7 +228,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     # PyYAML raises ValueError for an impossible date (2024-13-01) and RecursionError for
     # deeply nested brackets: both are a bad value, not a bug.
     except (yaml.YAMLError, ValueError, RecursionError) as exc:
-        raise ConfigError(f"invalid override {text!r}: the value is not valid YAML ({exc})") from exc
+        raise ConfigError(
+            f"invalid override {text!r}: the value is not valid YAML ({exc})") from exc
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ class DltrainError(Exception):
 
 
 class ConfigError(DltrainError):
-    """params.yaml (or an override) is invalid: an unknown key, a wrong type, a value out of range."""
+    """params.yaml (or an override) is invalid: unknown key, wrong type, value out of range."""
 
     exit_code = 2
 
@@ -19,7 +19,7 @@ class DownloadError(DltrainError):
 
 
 class DataError(DltrainError):
-    """An input data file is missing or malformed (bad IDX magic, short data, label out of range)."""
+    """An input data file is missing or malformed (bad IDX magic, short data, bad label)."""
 
 
 class TrainingError(DltrainError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ def card_path_for(model_path: Path) -> Path:
 
 def save_model(state_dict: dict[str, torch.Tensor], card: dict[str, Any], model_path: Path,
                card_path: Path | None = None) -> str:
-    """Write the weights and their card atomically; return the weights' sha256 (also in the card)."""
+    """Write the weights and their card atomically; return the weights' sha256 (in the card too)."""
     model_path = Path(model_path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     # Serialised in memory, then written with a plain file write: torch.save's own file writer
@@ -59,10 +60,14 @@ def load_state_dict(model_path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(model_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch's text is a page of advice on how to load it anyway; keep only what it found.
+        found = re.search(r"Unsupported [^\n]*?(?=\. |\n|$)", str(exc))
         raise ModelError(f"{model_path} is not plain weights: it holds objects that would run "
-                         f"code when loaded, so it was refused ({str(exc).splitlines()[0]})") from exc
+                         "code when loaded, so it was refused"
+                         + (f" ({found.group(0)})" if found else "")) from exc
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise ModelError(f"{model_path} is corrupt or not a PyTorch weights file: {exc}") from exc
+        raise ModelError(
+            f"{model_path} is corrupt or not a PyTorch weights file: {exc}") from exc
     if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ModelError(f"{model_path} is not a state dict of tensors")

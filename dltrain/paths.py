@@ -15,7 +15,7 @@ class Workspace:
     root: Path
 
     @classmethod
-    def at(cls, root: Path | str) -> "Workspace":
+    def at(cls, root: Path | str) -> Workspace:
         return cls(Path(root).resolve())
 
     @property

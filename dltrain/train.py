@@ -184,20 +184,42 @@ NOISY_LOGGERS = {
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.CRITICAL,
     "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client":
         logging.CRITICAL,
+    # After a worker dies, tearing down its process group fails by definition; the traceback
+    # hides the one line that matters (the TrainingError naming the failure).
+    "ray.train.v2._internal.callbacks.backend_setup": logging.CRITICAL,
     "ray._private.authentication.authentication_token_setup": logging.ERROR,
     "ray.util.state": logging.ERROR,
 }
 
 
+class _AtLeast(logging.Filter):
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
 def quiet_worker() -> None:
     """worker_process_setup_hook: runs in every Ray process of this job (and the driver)."""
     for name, level in NOISY_LOGGERS.items():
-        logging.getLogger(name).setLevel(level)
+        # A filter, not only a level: Ray Train's dictConfig resets the levels of existing
+        # `ray.train.*` loggers when the controller starts, but leaves their filters.
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.addFilter(_AtLeast(level))
     # ray.train's worker context logs each report() at INFO under a logger named by its file
     # path, outside the `ray.train` hierarchy that LoggingConfig controls.
     from ray.train.v2._internal.execution import context as train_context
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    # Helpers that Ray Train starts (the placement-group cleaner) find "the" cluster through
+    # RAY_ADDRESS; without it they fail when a second Ray runs on the same machine.
+    import ray
+
+    if ray.is_initialized() and "RAY_ADDRESS" not in os.environ:
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
 
