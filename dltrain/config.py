@@ -58,6 +58,8 @@ class TrainConfig:
     max_failures: int = 2
     seed: int = 42
     threads_per_worker: int | None = None  # None = the CPUs Ray gives each worker
+    # Validate and ship an exponential moving average of the weights (0 = the raw weights).
+    ema_decay: float = 0.99
     # PACK fills a node before the next; SPREAD/STRICT_SPREAD put workers on separate nodes.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
@@ -71,6 +73,8 @@ class TrainConfig:
         _check(self.batch_size % self.num_workers == 0, "train.batch_size", self.batch_size,
                f"a multiple of train.num_workers ({self.num_workers}), so that the global "
                "batch splits evenly across workers")
+        _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", self.ema_decay,
+               "a number in [0, 1): 0 turns weight averaging off")
         _check(self.threads_per_worker is None or self.threads_per_worker >= 1,
                "train.threads_per_worker", self.threads_per_worker, "null or an integer >= 1")
 

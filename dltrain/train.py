@@ -421,7 +421,8 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto") -> dict[str, A
         loop_cfg = LoopConfig(processed_dir=str(ws.processed_dir.resolve()),
                               hidden_sizes=tuple(params.model.hidden_sizes), epochs=t.epochs,
                               batch_size=t.batch_size, learning_rate=t.learning_rate,
-                              optimizer=t.optimizer, seed=t.seed, threads=threads)
+                              optimizer=t.optimizer, seed=t.seed, threads=threads,
+                              ema_decay=t.ema_decay)
         where = address or "a local Ray"
         print(f"training {params.data.dataset} on {where}: {t.num_workers} worker(s) x "
               f"{cpus_per_worker} CPU, {'GPU' if t.use_gpu else 'CPU'}, {t.epochs} epochs, "

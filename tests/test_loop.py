@@ -45,18 +45,54 @@ def test_same_seed_same_weights_other_seed_other_weights(processed_ws: Path) -> 
     assert not all(torch.equal(a.model[k], c.model[k]) for k in a.model)
 
 
-def test_restoring_a_checkpoint_continues_exactly(processed_ws: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_restoring_a_checkpoint_continues_exactly(processed_ws: Path, tmp_path: Path,
+                                                  ema_decay: float) -> None:
     """2 epochs, a checkpoint on disk, 2 more == 4 epochs straight: resume mixes nothing."""
-    straight = train_loop(config(processed_ws, epochs=4))
-    first = train_loop(config(processed_ws, epochs=2))
+    straight = train_loop(config(processed_ws, epochs=4, ema_decay=ema_decay))
+    first = train_loop(config(processed_ws, epochs=2, ema_decay=ema_decay))
     save_state(first, tmp_path)
     restored = load_state(tmp_path)
     assert restored.next_epoch == 3
-    resumed = train_loop(config(processed_ws, epochs=4), restored=restored)
+    resumed = train_loop(config(processed_ws, epochs=4, ema_decay=ema_decay), restored=restored)
     assert [e["epoch"] for e in resumed.history] == [1, 2, 3, 4]
     assert [e["attempt"] for e in resumed.history] == [0, 0, 1, 1]
     for key in straight.model:
         torch.testing.assert_close(resumed.model[key], straight.model[key])
+        torch.testing.assert_close(resumed.best_model[key], straight.best_model[key])
+    if ema_decay:
+        for key in straight.ema:
+            torch.testing.assert_close(resumed.ema[key], straight.ema[key])
+
+
+def test_weight_average_is_the_exponential_average_of_the_steps() -> None:
+    """Oracle: after each step, avg <- decay * avg + (1 - decay) * weights."""
+    from dltrain.loop import WeightAverage
+
+    torch.manual_seed(0)
+    model = MLP((4,))
+    average = WeightAverage(model, decay=0.75)
+    expected = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        average.update()
+        expected = [0.75 * e + 0.25 * p.detach()
+                    for e, p in zip(expected, model.parameters(), strict=True)]
+    for e, a in zip(expected, average.model.parameters(), strict=True):
+        torch.testing.assert_close(a, e)
+    assert not any(p.requires_grad for p in average.model.parameters())
+
+
+def test_averaged_weights_are_validated_and_shipped(processed_ws: Path) -> None:
+    state = train_loop(config(processed_ws, epochs=3, ema_decay=0.9))
+    # Oracle: the shipped weights are the average as it stood at the best epoch.
+    stopped = train_loop(config(processed_ws, epochs=state.best_epoch, ema_decay=0.9))
+    for key in stopped.ema:
+        torch.testing.assert_close(state.best_model[key], stopped.ema[key])
+    assert not torch.equal(stopped.ema["net.0.weight"], stopped.model["net.0.weight"])
+    assert state.history[-1]["val_accuracy"] >= 0.9
 
 
 @pytest.mark.parametrize("n,world", [(540, 1), (540, 2), (541, 2), (100, 3)])
