@@ -166,12 +166,18 @@ def mark_complete(storage: str, name: str, report: dict[str, Any]) -> None:
 
 # Environment for every Ray process: no usage reporting, no metrics exporters, no print
 # patching (it doubles every line a worker prints), no preemption watcher (a cloud-spot feature
-# whose actor start warns on every run). Set before ray is imported.
+# whose actor start warns on every run), quicker polling. Set before ray is imported.
 RAY_QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_METRICS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # The controller polls its workers this often: the default 2 s adds up to 2 s at the
+    # start and again at the end of every run; a poll is one cheap call per worker.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    # Starting the worker group (new processes importing torch) can take over a minute on a
+    # busy small machine; the default 60 s would fail the run for it.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
     "RAY_DEDUP_LOGS": "1",
     "RAY_DISABLE_IMPORT_WARNING": "1",
     "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
