@@ -119,22 +119,23 @@ def _train_workers() -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.integration
-def test_killed_worker_resumes_from_the_latest_checkpoint(tmp_path: Path) -> None:
-    """SIGKILL a worker after a checkpoint: the run completes, resumed from the checkpoint."""
+def _kill_a_worker_after(checkpoint: str, tmp_path: Path, max_failures: int
+                        ) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run `dltrain train` (2 workers, 8 epochs) in a subprocess, SIGKILL one Ray Train worker
+    once `checkpoint` exists in storage, and wait for the run to end."""
     ws = make_processed(tmp_path, n_train=12000, n_test=200)
     (ws / "params.yaml").write_text(json.dumps({
         "model": {"hidden_sizes": [256]},
-        "train": {"epochs": 8, "batch_size": 32, "num_workers": 2, "max_failures": 2}}))
-    proc = subprocess.Popen([sys.executable, "-m", "dltrain", "train", "--workspace", str(ws)],
-                            env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+        "train": {"epochs": 8, "batch_size": 32, "num_workers": 2,
+                  "max_failures": max_failures}}))
+    args = [sys.executable, "-m", "dltrain", "train", "--workspace", str(ws)]
+    proc = subprocess.Popen(args, env=venv_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
-        run_dirs = ws / ".ray_results"
-        while not list(run_dirs.glob("*/epoch_0002")):
+        while not list((ws / ".ray_results").glob(f"*/{checkpoint}")):
             assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            assert time.monotonic() < deadline, f"no {checkpoint} within 240 s"
             time.sleep(0.2)
         victims = _train_workers()
         assert victims, "no Ray Train worker process found"
@@ -143,7 +144,14 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(tmp_path: Path) -> Non
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, output
+    return subprocess.CompletedProcess(args, proc.returncode, output), ws
+
+
+@pytest.mark.integration
+def test_killed_worker_resumes_from_the_latest_checkpoint(tmp_path: Path) -> None:
+    """SIGKILL a worker after a checkpoint: the run completes, resumed from the checkpoint."""
+    done, ws = _kill_a_worker_after("epoch_0002", tmp_path, max_failures=2)
+    assert done.returncode == 0, done.stdout
     report = json.loads((ws / "reports" / "training.json").read_text())
     assert [e["epoch"] for e in report["epochs"]] == list(range(1, 9))
     assert report["resumed"] is True
@@ -151,29 +159,12 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(tmp_path: Path) -> Non
     attempts = [e["attempt"] for e in report["epochs"]]
     assert attempts[0] == 0 and attempts[-1] >= 1 and attempts == sorted(attempts)
     assert report["epochs"][-1]["val_accuracy"] >= 0.9
-    assert "resuming from the checkpoint of epoch" in output
+    assert "resuming from the checkpoint of epoch" in done.stdout
 
 
 @pytest.mark.integration
 def test_worker_failure_without_retries_fails_clearly(tmp_path: Path) -> None:
-    ws = make_processed(tmp_path, n_train=12000, n_test=200)
-    (ws / "params.yaml").write_text(json.dumps({
-        "model": {"hidden_sizes": [256]},
-        "train": {"epochs": 8, "batch_size": 32, "num_workers": 2, "max_failures": 0}}))
-    proc = subprocess.Popen([sys.executable, "-m", "dltrain", "train", "--workspace", str(ws)],
-                            env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not list((ws / ".ray_results").glob("*/epoch_0001")):
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        _train_workers()[-1].send_signal(signal.SIGKILL)
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0
-    assert "training failed after 0 allowed worker failure(s) (train.max_failures)" in output
+    done, ws = _kill_a_worker_after("epoch_0001", tmp_path, max_failures=0)
+    assert done.returncode != 0
+    assert "training failed after 0 allowed worker failure(s) (train.max_failures)" in done.stdout
     assert not (ws / "models" / "model.pt").exists()
