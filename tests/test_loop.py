@@ -61,24 +61,26 @@ def test_restoring_a_checkpoint_continues_exactly(processed_ws: Path, tmp_path: 
         torch.testing.assert_close(resumed.model[key], straight.model[key])
         torch.testing.assert_close(resumed.best_model[key], straight.best_model[key])
     if ema_decay:
+        assert resumed.ema_steps == straight.ema_steps > 0
         for key in straight.ema:
             torch.testing.assert_close(resumed.ema[key], straight.ema[key])
 
 
 def test_weight_average_is_the_exponential_average_of_the_steps() -> None:
-    """Oracle: after each step, avg <- decay * avg + (1 - decay) * weights."""
+    """Oracle: after step t, avg <- d * avg + (1 - d) * weights, d = min(decay, (1+t)/(10+t))."""
     from dltrain.loop import WeightAverage
 
     torch.manual_seed(0)
     model = MLP((4,))
     average = WeightAverage(model, decay=0.75)
     expected = [p.detach().clone() for p in model.parameters()]
-    for _ in range(3):
+    for t in range(1, 41):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
         average.update()
-        expected = [0.75 * e + 0.25 * p.detach()
+        d = min(0.75, (1 + t) / (10 + t))
+        expected = [d * e + (1 - d) * p.detach()
                     for e, p in zip(expected, model.parameters(), strict=True)]
     for e, a in zip(expected, average.model.parameters(), strict=True):
         torch.testing.assert_close(a, e)
