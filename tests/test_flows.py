@@ -303,9 +303,15 @@ def test_a_stage_past_its_timeout_is_stopped(fresh_clone, tiny_source):
     lock = dvc_lock_text(fresh_clone)
     with pytest.raises(StageFailedError, match="did not finish within its timeout of 0 s"):
         run_stage("download", fresh_clone, LOG, timeout_s=0.3)
-    assert dvc_lock_text(fresh_clone) == lock  # nothing half-recorded
+    # Nothing half-recorded: dvc.lock is as it was, or (when the stop landed while DVC was
+    # already committing) it records the complete stage, which DVC then finds up to date.
+    after = dvc_lock_text(fresh_clone)
     # DVC released its lock: the stage runs normally afterwards.
-    assert run_stage("download", fresh_clone, LOG).outcome == "ran"
+    outcome = run_stage("download", fresh_clone, LOG).outcome
+    if after == lock:
+        assert outcome == "ran"
+    else:
+        assert outcome == "skipped" and dvc_lock_text(fresh_clone) == after
 
 
 @pytest.mark.integration
