@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import RAW_FILES, write_raw_dir
 
 import dltrain.download as download_module
 from dltrain import cli
@@ -30,6 +29,8 @@ from dltrain.datasets import (
 from dltrain.download import data_checksum, download
 from dltrain.errors import ConfigError, DownloadError
 from dltrain.io import read_json, write_json
+
+from conftest import RAW_FILES, write_raw_dir
 
 NAMES = sorted(RAW_FILES.values())
 FAST = {"backoff_s": 0.0, "timeout_s": 5.0, "progress": False}

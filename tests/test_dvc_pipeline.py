@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import venv_env, write_raw_dir
 
 from dltrain.io import read_json
+
+from conftest import venv_env, write_raw_dir
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_raw_dir
 
 from dltrain.datasets import DEBIAN_FASHION_MNIST_DIR, MANIFEST_NAME
 from dltrain.download import download
@@ -20,6 +19,8 @@ from dltrain.errors import ConfigError, DataError
 from dltrain.idx import read_split, write_idx
 from dltrain.io import read_json, write_json
 from dltrain.preprocess import SPLITS, preprocess, split_paths, stratified_split
+
+from conftest import write_raw_dir
 
 OUTPUT_NAMES = sorted([f"{s}_{k}.npy" for s in SPLITS for k in ("images", "labels")]
                       + ["summary.json"])
