@@ -17,6 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import make_clone, venv_env, write_raw_dir
@@ -31,11 +32,11 @@ def free_port() -> int:
 
 
 def _alive(pid: int) -> bool:
+    """Running, not merely a zombie waiting for its parent to reap it."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    return state != "Z"
 
 
 @dataclass
