@@ -29,6 +29,7 @@ from torch import nn
 
 from dltrain.errors import ModelError
 from dltrain.model import MLP, normalize
+from dltrain.preprocess import split_paths
 
 CHECKPOINT_STATE = "state.pt"
 CHECKPOINT_HISTORY = "history.json"
@@ -111,10 +112,8 @@ def load_state(directory: Path) -> LoopState:
 
 def load_split(processed_dir: Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Memory-map one split's images (N, 28, 28) and labels (N,), both uint8."""
-    processed_dir = Path(processed_dir)
-    images = np.load(processed_dir / f"{split}_images.npy", mmap_mode="r")
-    labels = np.load(processed_dir / f"{split}_labels.npy", mmap_mode="r")
-    return images, labels
+    images_path, labels_path = split_paths(Path(processed_dir), split)
+    return np.load(images_path, mmap_mode="r"), np.load(labels_path, mmap_mode="r")
 
 
 def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:

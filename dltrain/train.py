@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -34,6 +33,7 @@ from dltrain.loop import LoopConfig, LoopState, format_epoch, load_state, save_s
 from dltrain.model import architecture
 from dltrain.modelio import save_model
 from dltrain.paths import Workspace
+from dltrain.preprocess import split_paths
 
 COMPLETE_MARKER = "dltrain-complete.json"
 log = logging.getLogger("dltrain.train")
@@ -53,9 +53,9 @@ def check_processed(processed_dir: Path, dataset: str) -> dict[str, Any]:
                             f"but data.dataset is {dataset!r}; re-run download and preprocess "
                             "(`dvc repro preprocess`)")
     for split in ("train", "val"):
-        for kind in ("images", "labels"):
-            if not (processed_dir / f"{split}_{kind}.npy").is_file():
-                raise TrainingError(f"processed data incomplete: {split}_{kind}.npy missing in "
+        for path in split_paths(processed_dir, split):
+            if not path.is_file():
+                raise TrainingError(f"processed data incomplete: {path.name} missing in "
                                     f"{processed_dir}; re-run `dvc repro preprocess`")
     return summary
 
@@ -467,8 +467,3 @@ def _local_gpus() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def clean_storage(path: Path) -> None:
-    """Remove a local storage directory (used by tests and `make clean`)."""
-    shutil.rmtree(path, ignore_errors=True)
