@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers_models import make_trained_workspace, write_params
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from dltrain.classes import FASHION_MNIST, MNIST
 from dltrain.cli import main
@@ -59,6 +62,27 @@ def test_confusion_rows_are_actual_and_columns_predicted() -> None:
     assert matrix[1, 1] == 2
     assert matrix[2, 2] == 1 and matrix[2, 0] == 1   # one 2 called 0
     assert matrix.sum() == len(LABELS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9)), min_size=1, max_size=300))
+def test_metrics_are_scikit_learns(pairs: list[tuple[int, int]]) -> None:
+    """The numpy formulas give exactly scikit-learn's figures (zero_division=0), whatever the
+    mix of present, absent, never-predicted classes."""
+    labels, predicted = (np.array(column) for column in zip(*pairs, strict=True))
+    metrics = compute_metrics(labels, _logits(predicted), MNIST)
+    classes = list(range(10))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=classes, zero_division=0)
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, predicted))
+    assert metrics["macro_f1"] == pytest.approx(float(np.mean(f1)))
+    for k in classes:
+        row = metrics["per_class"][MNIST[k]]
+        assert (row["precision"], row["recall"], row["f1"]) == pytest.approx(
+            (precision[k], recall[k], f1[k]))
+        assert row["support"] == support[k]
+    assert (compute_confusion(labels, predicted)
+            == confusion_matrix(labels, predicted, labels=classes)).all()
 
 
 @pytest.fixture(scope="module")
