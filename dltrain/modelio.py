@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 import pickle
 import re
 import zipfile
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 
 from dltrain.errors import ModelError
-from dltrain.io import atomic_path, read_json, write_json
+from dltrain.io import atomic_path, read_json
 from dltrain.model import MLP
 
 
@@ -35,20 +37,42 @@ def card_path_for(model_path: Path) -> Path:
     return Path(model_path).with_suffix(".json")
 
 
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def save_model(state_dict: dict[str, torch.Tensor], card: dict[str, Any], model_path: Path,
                card_path: Path | None = None) -> str:
-    """Write the weights and their card atomically; return the weights' sha256 (in the card too)."""
+    """Write the weights and their card as a pair; return the weights' sha256 (in the card too).
+
+    DVC tracks model.pt and model.json as two outputs, so the pair cannot be one rename. Both
+    are written in full and synced beside their final names first, then renamed: a failure
+    while writing (a full disk) leaves the previous pair untouched. The only window left, a
+    crash between the two renames, leaves a card whose weights_sha256 is not the weights',
+    which load_model refuses.
+    """
     model_path = Path(model_path)
+    card_path = Path(card_path) if card_path else card_path_for(model_path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     # Serialised in memory, then written with a plain file write: torch.save's own file writer
     # turns a full disk into a RuntimeError without errno, which atomic_path could not tell
     # from a bug. The model is small (1.6 MB for the 784-512-10 MLP).
     buffer = io.BytesIO()
     torch.save(tensors, buffer)
-    with atomic_path(model_path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
-        weights_sha256 = sha256_file(tmp)
-    write_json(card_path or card_path_for(model_path), {**card, "weights_sha256": weights_sha256})
+    weights = buffer.getvalue()
+    weights_sha256 = hashlib.sha256(weights).hexdigest()
+    # write_json's format: indented, sorted keys, stable bytes for DVC.
+    card_bytes = (json.dumps({**card, "weights_sha256": weights_sha256}, indent=2,
+                             sort_keys=True) + "\n").encode()
+    # Nested: both files are complete before the first rename (the card's, as the inner block
+    # exits; the weights' last). A full disk names model_path (the outer block).
+    with atomic_path(model_path) as weights_tmp:
+        _write_synced(weights_tmp, weights)
+        with atomic_path(card_path) as card_tmp:
+            _write_synced(card_tmp, card_bytes)
     return weights_sha256
 
 
@@ -86,6 +110,12 @@ def load_model(model_path: Path, card_path: Path | None = None) -> tuple[MLP, di
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{card_path} is not a valid model description: {exc}") from exc
     state = load_state_dict(model_path)
+    recorded = card.get("weights_sha256")  # absent from cards older than the pair check
+    if recorded is not None and sha256_file(model_path) != recorded:
+        raise ModelError(f"{model_path} is not the weights that {card_path} describes (their "
+                         "sha256 differs from the card's weights_sha256: a save was "
+                         "interrupted between the two files, or one was replaced); re-run "
+                         "`dltrain train` (or `dvc repro train`)")
     model = MLP(hidden_sizes)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     actual = {k: tuple(v.shape) for k, v in state.items()}

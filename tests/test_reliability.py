@@ -33,7 +33,7 @@ import dltrain.download as download_module
 from dltrain import cli
 from dltrain.datasets import MANIFEST_NAME, DatasetSpec, RawFile
 from dltrain.download import download
-from dltrain.errors import DiskFullError, DownloadError
+from dltrain.errors import DiskFullError, DownloadError, ModelError
 from dltrain.io import atomic_open, read_json, write_json
 from dltrain.model import MLP
 from dltrain.modelio import load_model, save_model
@@ -299,6 +299,58 @@ def test_model_and_json_writes_onto_a_full_disk_keep_the_previous_files(
     assert str(report) in str(info.value)
     assert read_json(report) == {"epochs": [1]}
     assert leftovers(disk) == []
+
+
+def test_a_full_disk_while_the_card_is_written_keeps_the_previous_pair(
+        tmp_path: Path, small_disk) -> None:
+    """The weights fit, their card does not: neither file is replaced."""
+    disk = small_disk(256 * 1024)
+    model_path = disk / "models" / "model.pt"
+    save_model(MLP((8,)).state_dict(), {"architecture": {"hidden_sizes": [8]}}, model_path)
+    before = snapshot(disk / "models")
+    _fill(disk, leave=96 * 1024)  # room for the 26 KB of weights, not for a 200 KB card
+
+    with pytest.raises(DiskFullError) as info:
+        save_model(MLP((8,)).state_dict(), {"architecture": {"hidden_sizes": [8]},
+                                             "notes": "x" * 200_000}, model_path)
+    assert "no space left" in str(info.value) and str(model_path) in str(info.value)
+    assert snapshot(disk / "models") == before
+    assert load_model(model_path)[1] == read_json(disk / "models" / "model.json")
+    assert leftovers(disk) == []
+
+
+def test_weights_and_card_from_different_saves_are_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash between the pair's two renames (injected: the second rename fails) leaves a
+    card that is not the weights'; loading it is a clear error, and the next save repairs it."""
+    model_path = tmp_path / "models" / "model.pt"
+    save_model(MLP((8,)).state_dict(), {"architecture": {"hidden_sizes": [8]}}, model_path)
+    old_weights = model_path.read_bytes()
+    renames: list[str] = []
+    real_replace = os.replace
+
+    def crash_on_the_second(src, dst) -> None:
+        renames.append(Path(dst).name)
+        if len(renames) == 2:
+            raise OSError(errno.EIO, "injected crash between the two renames")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_the_second)
+    with pytest.raises(OSError, match="injected crash"):
+        save_model(MLP((8,)).state_dict(), {"architecture": {"hidden_sizes": [8]}}, model_path)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert renames == ["model.json", "model.pt"]  # the card went first; the weights did not
+    assert model_path.read_bytes() == old_weights and leftovers(tmp_path) == []
+
+    with pytest.raises(ModelError) as info:
+        load_model(model_path)
+    message = str(info.value)
+    assert str(model_path) in message and "model.json" in message
+    assert "sha256" in message and "re-run `dltrain train`" in message
+
+    sha = save_model(MLP((8,)).state_dict(), {"architecture": {"hidden_sizes": [8]}},
+                     model_path)
+    assert load_model(model_path)[1]["weights_sha256"] == sha
 
 
 def test_a_failed_write_mid_file_leaves_no_output(tmp_path: Path) -> None:
