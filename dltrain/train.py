@@ -21,7 +21,6 @@ import os
 import subprocess
 import tempfile
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from dltrain.model import architecture
 from dltrain.modelio import save_model
 from dltrain.paths import Workspace
 from dltrain.preprocess import split_paths
+from dltrain.rayenv import RAY_QUIET_ENV, quiet_worker, runtime_env
 
 COMPLETE_MARKER = "dltrain-complete.json"
 log = logging.getLogger("dltrain.train")
@@ -164,78 +164,6 @@ def mark_complete(storage: str, name: str, report: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- Ray
 
-# Environment for every Ray process: no usage reporting, no metrics exporters, no print
-# patching (it doubles every line a worker prints), no preemption watcher (a cloud-spot feature
-# whose actor start warns on every run), quicker polling. Set before ray is imported.
-RAY_QUIET_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_TRAIN_METRICS_ENABLED": "0",
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    # The controller polls its workers this often: the default 2 s adds up to 2 s at the
-    # start and again at the end of every run; a poll is one cheap call per worker.
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
-    # Starting the worker group (new processes importing torch) can take over a minute on a
-    # busy small machine; the default 60 s would fail the run for it.
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
-    "RAY_DEDUP_LOGS": "1",
-    "RAY_DISABLE_IMPORT_WARNING": "1",
-    "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
-}
-# Ray Train runs the training function in a thread of the worker process. libgomp (torch's
-# OpenMP) gives each calling thread its own team, and once the worker's main thread has run a
-# parallel region with a team of its own, the training thread's team runs about 1.7x slower
-# (reproduced outside Ray: 0.96 s -> 1.65 s per epoch). With OMP_NUM_THREADS=1 the main thread
-# never builds a team; the training thread sets its own count (torch.set_num_threads).
-WORKER_ONLY_ENV = {"OMP_NUM_THREADS": "1"}
-# Loggers whose messages a user can do nothing about. On a busy machine the Train controller's
-# placement-group cleaner warns once a second that the state API answered slowly ("Failed to
-# query Ray Train Controller actor state"), and the autoscaling client prints a traceback for a
-# resource request that merely timed out; neither affects the run.
-NOISY_LOGGERS = {
-    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.CRITICAL,
-    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client":
-        logging.CRITICAL,
-    # After a worker dies, tearing down its process group fails by definition; the traceback
-    # hides the one line that matters (the TrainingError naming the failure).
-    "ray.train.v2._internal.callbacks.backend_setup": logging.CRITICAL,
-    "ray._private.authentication.authentication_token_setup": logging.ERROR,
-    "ray.util.state": logging.ERROR,
-}
-
-
-class _AtLeast(logging.Filter):
-    def __init__(self, level: int) -> None:
-        super().__init__()
-        self.level = level
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= self.level
-
-
-def quiet_worker() -> None:
-    """worker_process_setup_hook: runs in every Ray process of this job (and the driver)."""
-    for name, level in NOISY_LOGGERS.items():
-        # A filter, not only a level: Ray Train's dictConfig resets the levels of existing
-        # `ray.train.*` loggers when the controller starts, but leaves their filters.
-        logger = logging.getLogger(name)
-        logger.setLevel(level)
-        logger.addFilter(_AtLeast(level))
-    # ray.train's worker context logs each report() at INFO under a logger named by its file
-    # path, outside the `ray.train` hierarchy that LoggingConfig controls.
-    from ray.train.v2._internal.execution import context as train_context
-
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    # Helpers that Ray Train starts (the placement-group cleaner) find "the" cluster through
-    # RAY_ADDRESS; without it they fail when a second Ray runs on the same machine.
-    import ray
-
-    if ray.is_initialized() and "RAY_ADDRESS" not in os.environ:
-        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-
 def start_ray(address: str | None, cpus: int) -> bool:
     """Connect to a cluster or start a local Ray; returns True if it started a local one."""
     for key, value in RAY_QUIET_ENV.items():
@@ -243,11 +171,9 @@ def start_ray(address: str | None, cpus: int) -> bool:
     import ray
 
     quiet_worker()
-    runtime_env = {"worker_process_setup_hook": "dltrain.train.quiet_worker",
-                   "env_vars": {**RAY_QUIET_ENV, **WORKER_ONLY_ENV}}
     if ray.is_initialized():
         return False
-    common = {"runtime_env": runtime_env, "logging_level": logging.WARNING,
+    common = {"runtime_env": runtime_env(), "logging_level": logging.WARNING,
               "log_to_driver": True}
     if address:
         try:
@@ -258,7 +184,11 @@ def start_ray(address: str | None, cpus: int) -> bool:
         return False
     # The dashboard is off: on a small machine it costs seconds of start-up and a core's worth
     # of CPU, and nothing in the pipeline needs it (`make cluster-up` starts one with it).
-    ray.init(num_cpus=cpus, include_dashboard=False, **common)
+    # No pre-started workers: Ray starts them for tasks without a runtime_env, and every
+    # process of a Train run has one, so they would only compete for the CPUs at start-up.
+    ray.init(num_cpus=cpus, include_dashboard=False,
+             _system_config={"enable_worker_prestart": False,
+                             "prestart_worker_first_driver": False}, **common)
     return True
 
 
@@ -326,13 +256,43 @@ def _cluster_resources() -> tuple[float, float]:
     return resources.get("CPU", 0.0), resources.get("GPU", 0.0)
 
 
-def _fit(params: Params, loop_cfg: LoopConfig, cpus_per_worker: int, storage: str,
-         name: str) -> Any:
-    import ray.train
+def _trainer_class(local: bool) -> type:
+    """TorchTrainer, less the helper actors this run has no use for.
+
+    Ray 2.60 gives each helper actor a process of its own (~2 s of CPU on two cores): on a
+    local Ray an autoscaling coordinator (see raypolicy.StaticScalingPolicy) and a placement-
+    group cleaner (it frees the workers' resources if the controller dies; a local Ray dies
+    with the driver and frees everything), started one after the other before the workers may
+    start; and everywhere a DatasetManager for Ray Data shards, started while the first epoch
+    runs (this loop reads memory-mapped arrays, no Ray Data). BENCHMARKS.md has the figures;
+    tests/test_train.py checks which actors a run starts."""
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import (
+        PlacementGroupCleanerCallback,
+    )
+
+    from dltrain.raypolicy import StaticScalingPolicy
+
+    unused = (DatasetsCallback, PlacementGroupCleanerCallback) if local else (DatasetsCallback,)
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
+            kwargs["callbacks"] = [cb for cb in kwargs["callbacks"]
+                                   if not isinstance(cb, unused)]
+            if local and not self.scaling_config.elasticity_enabled:
+                kwargs["scaling_policy"] = StaticScalingPolicy(scaling_config=self.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
+    return LeanTorchTrainer
+
+
+def _fit(params: Params, loop_cfg: LoopConfig, cpus_per_worker: int, storage: str,
+         name: str, local: bool) -> Any:
+    import ray.train
 
     t = params.train
-    trainer = TorchTrainer(
+    trainer = _trainer_class(local)(
         _train_fn_per_worker,
         train_loop_config={"loop": asdict(loop_cfg), "use_gpu": t.use_gpu},
         scaling_config=ray.train.ScalingConfig(
@@ -441,7 +401,7 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto") -> dict[str, A
               f"global batch {t.batch_size}"
               + (f"; resuming run {name} from its latest checkpoint" if resuming else ""),
               flush=True)
-        result = _fit(params, loop_cfg, cpus_per_worker, storage, name)
+        result = _fit(params, loop_cfg, cpus_per_worker, storage, name, started_local)
         if result.checkpoint is None:
             raise TrainingError("training finished without a checkpoint")
         with result.checkpoint.as_directory() as directory:

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,11 +85,34 @@ def test_too_many_workers_fail_before_ray_starts(processed_ws: Path, tmp_path: P
 
 # ----------------------------------------------------------------------------- real Ray
 
+def _actors_started(ray_tmpdir: Path) -> list[str]:
+    """The class of every actor the local Ray ran, from its session's worker logs (each worker
+    process writes `:actor_name:<class>` into its .out file when it becomes an actor)."""
+    names = []
+    for out in ray_tmpdir.glob("ray/session_2*/logs/worker-*.out"):
+        names += [line.split(":actor_name:", 1)[1].strip()
+                  for line in out.read_text(errors="replace").splitlines()
+                  if line.startswith(":actor_name:")]
+    return sorted(names)
+
+
 @pytest.mark.integration
-def test_two_cpu_workers_train_checkpoint_and_report(processed_ws: Path, tmp_path: Path) -> None:
+def test_two_cpu_workers_train_checkpoint_and_report(processed_ws: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     ws = Workspace.at(tmp_path)
     shutil.copytree(processed_ws / "data", tmp_path / "data")
-    report = train(params(num_workers=2, epochs=3), ws)
+    # A short path of its own: Ray's socket paths must stay under ~107 bytes.
+    ray_tmpdir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmpdir))
+    try:
+        report = train(params(num_workers=2, epochs=3), ws)
+        actors = _actors_started(ray_tmpdir)
+    finally:
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
+    # Only the controller, its barrier and the workers: none of the helper actors Ray Train
+    # would start one after the other for Ray Data, an autoscaler or placement-group cleanup.
+    assert actors == ["RayTrainWorker", "RayTrainWorker", "SynchronizationActor",
+                      "TrainController"]
 
     assert report["world_size"] == 2
     assert len(report["nodes"]) == 2
