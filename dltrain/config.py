@@ -51,7 +51,7 @@ class TrainConfig:
     batch_size: int = 128  # global: split evenly across the workers
     learning_rate: float = 0.001
     optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
-    num_workers: int = 2
+    num_workers: int = 1
     use_gpu: bool = False
     ray_address: str | None = None  # None = RAY_ADDRESS if set, else a local embedded Ray
     storage_path: str | None = None  # None = <repo>/.ray_results; shared storage on a cluster
