@@ -7,6 +7,7 @@ run cache, and we only read its verdict from its output.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -20,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
+
+import psutil
 
 from dltrain.errors import DltrainError
 
@@ -36,8 +39,9 @@ _HINTS = ("To track the changes with git", "git add ", "To enable auto staging",
           "dvc config core.autostage", "Use `dvc push`")
 
 # After a timeout: SIGINT first (DVC then releases its locks and leaves dvc.lock as it was),
-# SIGKILL if the stage has not stopped after this grace period.
+# SIGKILL if the stage has not stopped after this grace period (flows/stage_guard.py does both).
 _GRACE_S = 15.0
+GUARD = Path(__file__).with_name("stage_guard.py")
 
 
 class StageFailedError(DltrainError):
@@ -96,20 +100,32 @@ def _pump(stream: IO[bytes], lines: queue.Queue[str | None]) -> None:
     lines.put(None)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the stage and everything it started (its own process group)."""
-    if proc.poll() is not None:
+def _stop(guard: subprocess.Popen[bytes]) -> None:
+    """Stop the stage and everything it started: the guard does it on SIGINT (SIGINT to the
+    stage's group, SIGKILL after the grace period, then Ray's workers). Should the guard
+    itself hang, it and every process under it are killed."""
+    if guard.poll() is not None:
         return
-    for sig, wait_s in ((signal.SIGINT, _GRACE_S), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    try:
+        guard.send_signal(signal.SIGINT)
+        guard.wait(timeout=_GRACE_S + 10.0)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        tree = [psutil.Process(guard.pid), *psutil.Process(guard.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for proc in tree:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    guard.wait()
+
+
+def guarded(cmd: list[str]) -> list[str]:
+    """`cmd` under flows/stage_guard.py, which stops it should this process die."""
+    return [sys.executable, str(GUARD), "--parent", str(os.getpid()), "--grace",
+            str(_GRACE_S), "--", *cmd]
 
 
 def unchanged(stage: str, workspace: Path) -> bool:
@@ -140,11 +156,12 @@ def run_stage(stage: str, workspace: Path, logger: logging.Logger | logging.Logg
     logger.info("$ %s  (in %s)", " ".join(["dvc", *cmd[1:]]), workspace)
     deadline = None if timeout_s is None else start + timeout_s
     seen: list[str] = []
-    # A session of its own: a timeout or a cancelled flow run stops the whole stage (dvc, the
-    # `dltrain` it runs, Ray's workers), not only dvc.
-    proc = subprocess.Popen(cmd, cwd=workspace, env=stage_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+    # Under the guard, in a session of its own: a timeout, a cancelled flow run, or the death
+    # of this process stops the whole stage (dvc, the `dltrain` it runs, Ray's workers), not
+    # only dvc; and no group signal meant for the flow run reaches the stage unguarded.
+    proc = subprocess.Popen(guarded(cmd), cwd=workspace, env=stage_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
     try:

@@ -4,7 +4,8 @@ params.yaml for the duration of the run.
 Why params.yaml: DVC records in dvc.lock the params a stage read from params.yaml, and decides
 from them whether a stage changed. Writing the run's validated overrides there (what
 `dvc exp run --set-param` does) makes a flow run's parameters visible to DVC exactly like an
-edit by hand; the file is put back as it was when the run ends, so an override lasts one run.
+edit by hand; the file is put back as it was when the run ends, so an override lasts one run
+(also when the run was killed: the next run puts it back, from the journal kept in .dvc/tmp).
 """
 
 from __future__ import annotations
@@ -105,16 +106,54 @@ def render_overrides(text: str, overrides: dict[str, Any]) -> str:
     return out.getvalue()
 
 
+def params_journal_path(params_path: Path) -> Path:
+    """Where a run keeps params.yaml's original text while its overrides are in the file:
+    beside the workspace lock, in DVC's git-ignored tmp directory."""
+    return params_path.parent / LOCK_RELPATH.parent / f"dltrain-{params_path.name}.orig.json"
+
+
+def recover_params(params_path: Path, logger: Any = None) -> bool:
+    """Put back params.yaml after a run that died with its overrides in the file (its process
+    was killed: no `finally` ran). Call it holding the workspace lock. True if restored."""
+    journal = params_journal_path(params_path)
+    try:
+        record = json.loads(journal.read_text())
+        original, written = record["original"], record["written"]
+    except FileNotFoundError:
+        return False
+    except (ValueError, KeyError, TypeError):
+        journal.unlink(missing_ok=True)  # unreadable: nothing it says can be trusted
+        return False
+    current = params_path.read_text()
+    restored = current == written and current != original
+    if restored:
+        _write_keeping_mode(params_path, original)
+        if logger is not None:
+            logger.warning("a previous run ended without putting %s back (its process was "
+                           "killed); restored it", params_path)
+    elif current != original and logger is not None:
+        logger.warning("a previous run ended without putting %s back, and the file was edited "
+                       "since; leaving it as it is now", params_path)
+    journal.unlink(missing_ok=True)
+    return restored
+
+
 @contextlib.contextmanager
 def params_overridden(params_path: Path, overrides: dict[str, Any],
                       logger: Any = None) -> Iterator[None]:
     """Write `overrides` into params.yaml for the duration of the block, then put the file
-    back, unless someone edited it meanwhile (their edit wins; we say so)."""
+    back, unless someone edited it meanwhile (their edit wins; we say so). A run killed
+    before it could put the file back is repaired by the next one (recover_params)."""
+    recover_params(params_path, logger)
     if not overrides:
         yield
         return
     original = params_path.read_text()
     written = render_overrides(original, overrides)
+    journal = params_journal_path(params_path)
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(journal) as tmp:  # first: the file is never overridden unrecorded
+        tmp.write_text(json.dumps({"original": original, "written": written}))
     _write_keeping_mode(params_path, written)
     try:
         yield
@@ -124,6 +163,7 @@ def params_overridden(params_path: Path, overrides: dict[str, Any],
         elif logger is not None:
             logger.warning("%s was edited during the run; leaving it as it is now",
                            params_path)
+        journal.unlink(missing_ok=True)
 
 
 def _write_keeping_mode(path: Path, text: str) -> None:

@@ -3,10 +3,13 @@ Prefect's test harness, on tiny synthetic data through real DVC, Ray and MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import os
 import queue
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +21,7 @@ import yaml
 from dltrain.errors import ConfigError
 from flows import mnist_training as mt
 from flows.dvc_stage import (
+    GUARD,
     StageFailedError,
     StageResult,
     _pump,
@@ -28,6 +32,7 @@ from flows.dvc_stage import (
 from flows.report import model_link, run_summary
 from flows.workspace import (
     WorkspaceBusyError,
+    params_journal_path,
     params_overridden,
     render_overrides,
     validate_overrides,
@@ -89,6 +94,108 @@ def test_pump_keeps_one_line_per_progress_bar():
     assert items == ["start", "epoch 1: 100%", "done", "partial"]
 
 
+# --- the stage guard: a stage never outlives the flow run that started it ------------------
+
+# A stand-in for `dvc repro train`: it starts a "Ray worker" in a session of its own (out of
+# reach of a group signal, as Ray's are), records both pids, and on SIGINT notes it and exits
+# (or, stubborn, ignores SIGINT).
+STAGE_SCRIPT = """\
+import os, signal, subprocess, sys, time
+out, stubborn = sys.argv[1], sys.argv[2] == "stubborn"
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                          start_new_session=True)
+def on_sigint(*_):
+    open(os.path.join(out, "sigint"), "w").write(str(time.monotonic()))
+    sys.exit(130)
+signal.signal(signal.SIGINT, signal.SIG_IGN if stubborn else on_sigint)
+open(os.path.join(out, "pids.tmp"), "w").write(f"{os.getpid()} {worker.pid}")
+os.replace(os.path.join(out, "pids.tmp"), os.path.join(out, "pids"))
+time.sleep(600)
+"""
+# A stand-in for the flow-run process: it starts the stage under the guard, as run_stage does.
+PARENT_SCRIPT = """\
+import subprocess, sys, time
+from flows.dvc_stage import guarded
+cmd = guarded([sys.executable, sys.argv[1], sys.argv[2], sys.argv[3]])
+cmd[cmd.index("--grace") + 1] = sys.argv[4]
+guard = subprocess.Popen(cmd, start_new_session=True)
+print(guard.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_until(check, timeout_s: float) -> float:
+    """Seconds until `check()` held; fails after `timeout_s`."""
+    start = time.monotonic()
+    while not check():
+        assert time.monotonic() - start < timeout_s, f"not within {timeout_s} s"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("stubborn", [False, True], ids=["stops-on-sigint", "ignores-sigint"])
+def test_the_guard_stops_the_stage_when_its_flow_run_dies(tmp_path, stubborn):
+    """SIGKILL the parent: the guard stops the stage's group (SIGINT; SIGKILL after the grace
+    for a stage that ignores SIGINT) and the worker in a session of its own, then exits."""
+    stage = tmp_path / "stage.py"
+    stage.write_text(STAGE_SCRIPT)
+    grace_s = 1.0
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT_SCRIPT, str(stage), str(tmp_path),
+         "stubborn" if stubborn else "polite", str(grace_s)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    try:
+        guard = int(parent.stdout.readline())
+        _wait_until((tmp_path / "pids").exists, 30)
+        pids = [guard, *map(int, (tmp_path / "pids").read_text().split())]
+        assert not any(_gone(p) for p in pids)
+        parent.kill()
+        parent.wait()
+        killed = time.monotonic()
+        took = _wait_until(lambda: all(_gone(p) for p in pids), 20)
+    finally:
+        parent.kill()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    if stubborn:  # SIGINT ignored: killed once the grace period was over
+        assert not (tmp_path / "sigint").exists()
+        assert grace_s <= took < grace_s + 10
+    else:  # stopped by its SIGINT, well within the grace period
+        assert float((tmp_path / "sigint").read_text()) - killed < grace_s
+        assert took < grace_s + 5
+
+
+def test_the_guard_passes_the_exit_status_through_and_stops_on_sigint(tmp_path):
+    guard = [sys.executable, str(GUARD), "--grace", "1", "--"]
+    done = subprocess.run([*guard, sys.executable, "-c", "import sys; sys.exit(3)"], timeout=30)
+    assert done.returncode == 3
+    stage = tmp_path / "stage.py"
+    stage.write_text(STAGE_SCRIPT)
+    proc = subprocess.Popen([*guard, sys.executable, str(stage), str(tmp_path), "polite"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_until((tmp_path / "pids").exists, 30)
+        stage_pid, worker = map(int, (tmp_path / "pids").read_text().split())
+        proc.send_signal(signal.SIGINT)  # what run_stage does on a timeout
+        assert proc.wait(timeout=20) == 130
+    finally:
+        proc.kill()
+    assert (tmp_path / "sigint").exists()
+    assert _gone(stage_pid) and _gone(worker)
+    assert "received SIGINT; stopping" in proc.stderr.read()
+
+
 # --- params for one run ------------------------------------------------------------------
 
 PARAMS_TEXT = """\
@@ -126,6 +233,51 @@ def test_params_overridden_keeps_an_edit_made_during_the_run(tmp_path):
     with params_overridden(path, {"train.epochs": 1}):
         path.write_text(PARAMS_TEXT.replace("epochs: 5", "epochs: 7"))
     assert "epochs: 7" in path.read_text()
+
+
+# A run that is SIGKILLed while its overrides are in params.yaml: no `finally` runs.
+KILLED_RUN = """\
+import sys, time
+from pathlib import Path
+from flows.workspace import params_overridden
+with params_overridden(Path(sys.argv[1]), {"train.epochs": 1}):
+    print("overridden", flush=True)
+    time.sleep(600)
+"""
+
+
+def _killed_mid_run(path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(path)], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "overridden"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "epochs: 1" in path.read_text()  # left behind by the killed run
+
+
+@pytest.mark.parametrize("next_overrides", [{}, {"train.epochs": 1}])
+def test_the_next_run_puts_back_params_a_killed_run_left_overridden(tmp_path, next_overrides):
+    path = tmp_path / "params.yaml"
+    path.write_text(PARAMS_TEXT)
+    _killed_mid_run(path)
+    with params_overridden(path, next_overrides, LOG):
+        assert ("epochs: 1" in path.read_text()) == bool(next_overrides)
+    assert path.read_text() == PARAMS_TEXT
+    assert not params_journal_path(path).exists()
+
+
+def test_an_edit_after_a_killed_run_is_kept(tmp_path, caplog):
+    path = tmp_path / "params.yaml"
+    path.write_text(PARAMS_TEXT)
+    _killed_mid_run(path)
+    path.write_text(PARAMS_TEXT.replace("epochs: 5", "epochs: 7"))
+    with caplog.at_level(logging.WARNING), params_overridden(path, {}, LOG):
+        pass
+    assert "epochs: 7" in path.read_text()
+    assert "edited since; leaving it" in caplog.text
+    assert not params_journal_path(path).exists()
 
 
 @pytest.mark.parametrize("overrides, message", [
