@@ -44,7 +44,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     from dltrain.train import train
 
     ws, params = _load(args)
-    train(params, ws, resume=args.resume)
+    try:
+        train(params, ws, resume=args.resume)
+    except SystemExit as exc:
+        # Ray's own handlers end a signalled driver with SystemExit (ray.init's for SIGTERM;
+        # Ray Train's for SIGINT, after aborting the run), with status 0 or 1 and no message;
+        # by now train() has shut its local Ray down. An interruption, never a success.
+        raise KeyboardInterrupt from exc
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -382,6 +382,67 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
+def _wait_gone(tree: set[psutil.Process], after: str, timeout_s: float = 30) -> float:
+    """Seconds until every process in `tree` has exited on its own; a failure (and a kill,
+    so nothing outlives the test) after `timeout_s`."""
+    start = time.monotonic()
+    try:
+        while left := [p for p in tree if _alive(p)]:
+            assert time.monotonic() - start < timeout_s, \
+                f"still running {timeout_s:.0f} s {after}: {[p.name() for p in left]}"
+            time.sleep(0.1)
+    finally:
+        for p in tree:
+            if _alive(p):
+                p.kill()
+    took = time.monotonic() - start
+    print(f"\n{len(tree)} processes of the driver gone {took:.1f} s {after}")
+    return took
+
+
+def _train_until_first_checkpoint(ws: Path, log: Path) -> tuple[subprocess.Popen, set]:
+    """`dltrain train` in a session of its own, returned once its first checkpoint exists,
+    with its descendants (Ray's processes) as seen until then."""
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "dltrain", "train", "--workspace",
+                                 str(ws)], env=venv_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    tree: set[psutil.Process] = set()
+    deadline = time.monotonic() + 300
+    while not list((ws / ".ray_results").glob("*/epoch_0001")):
+        tree |= _descendants(proc.pid)
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.1)
+    return proc, tree | _descendants(proc.pid)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signalled_driver_stops_its_ray_and_says_interrupted(tmp_path: Path, sig) -> None:
+    """Ctrl-C (SIGINT to the group, as a terminal or the stage guard sends it) or SIGTERM to the
+    driver alone (a process manager): exit 130 with one line, and every Ray process gone."""
+    ws = make_processed(tmp_path)
+    (ws / "params.yaml").write_text(json.dumps({
+        "model": {"hidden_sizes": [32]},
+        "train": {"epochs": 200, "batch_size": 32, "num_workers": 1, "max_failures": 0}}))
+    proc, tree = _train_until_first_checkpoint(ws, tmp_path / "train.log")
+    try:
+        assert any("RayTrainWorker" in p.name() for p in tree if _alive(p))
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    _wait_gone(tree, f"after {sig.name}")
+    assert "dltrain train: interrupted" in (tmp_path / "train.log").read_text()
+    assert not (ws / "models" / "model.pt").exists()
+
+
 @pytest.mark.integration
 def test_killed_driver_then_rerun_resumes_cleanly_and_the_model_loads(tmp_path: Path) -> None:
     """SIGKILL the whole process group of `dltrain train` after its second checkpoint, then
@@ -411,16 +472,9 @@ def test_killed_driver_then_rerun_resumes_cleanly_and_the_model_loads(tmp_path: 
             proc.kill()
         log.close()
     assert not (ws / "models" / "model.pt").exists()  # killed before it finished
-    # Ray's processes of the killed run that outlived the group kill (they are ours: the
-    # driver's descendants). Recorded for RELIABILITY.md, then stopped so that no orphan
-    # keeps writing checkpoints while the re-run trains.
-    survivors = [p for p in tree if _alive(p)]
-    (tmp_path / "survivors.txt").write_text(
-        "\n".join(f"{p.pid} {p.name()}" for p in survivors if _alive(p)))
-    for p in survivors:
-        if _alive(p):
-            p.kill()
-    psutil.wait_procs(survivors, timeout=30)
+    # Ray starts its workers in sessions of their own, out of the group kill's reach; they
+    # exit by themselves once their raylet is gone, so no orphan trains beside the re-run.
+    _wait_gone(tree, "after a SIGKILL of the driver's group")
 
     rerun = subprocess.run(cmd, env=venv_env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
