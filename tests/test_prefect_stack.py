@@ -9,6 +9,9 @@ stopped in the fixture's teardown, pass or fail, and the teardown checks their p
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -151,6 +154,152 @@ def test_deploy_and_run_the_pipeline_then_rerun_skips(local_stack, tmp_path):
     assert _model_versions(local_stack.clone) == versions  # nothing new registered
     assert (local_stack.clone / "reports" / "registration.json").read_text() == registration
     assert (local_stack.clone / "dvc.lock").read_text() == lock
+
+
+def _start_deployment(stack: LocalStack, params: dict) -> str:
+    """`prefect deployment run` without waiting; returns the flow run's id."""
+    started = stack.run("prefect", "deployment", "run", "mnist-training/local",
+                        "--params", json.dumps(params))
+    assert started.returncode == 0, started.stdout + started.stderr
+    found = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout)
+    assert found, started.stdout
+    return found.group(1)
+
+
+def _flow_run_state(stack: LocalStack, run_id: str) -> str:
+    with urllib.request.urlopen(f"{stack.api_url}/flow_runs/{run_id}", timeout=10) as resp:
+        return json.loads(resp.read())["state_type"]
+
+
+def _unfinished_checkpoint(clone: Path) -> bool:
+    """A Ray Train run of this clone has written its first checkpoint and is not complete."""
+    return any(not (ckpt.parent / "dltrain-complete.json").exists()
+               for ckpt in (clone / ".ray_results").glob("*/epoch_0001"))
+
+
+def _alive_in(procs: set[psutil.Process]) -> list[str]:
+    left = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{proc.pid} {' '.join(proc.cmdline()[:3])}")
+        except psutil.NoSuchProcess:
+            pass
+    return left
+
+
+def _dvc_locks_free(clone: Path) -> None:
+    """DVC's repo lock can be taken, its rwlock names no live process, the flow's lock is free."""
+    from dvc.repo import Repo
+
+    from flows.workspace import workspace_lock
+
+    with Repo(str(clone)) as repo, repo.lock:
+        pass
+    rwlock = clone / ".dvc" / "tmp" / "rwlock"
+    if rwlock.exists():
+        holders = [info["pid"] for mode in json.loads(rwlock.read_text() or "{}").values()
+                   for infos in mode.values() for info in ([infos] if isinstance(infos, dict)
+                                                           else infos)]
+        assert not [pid for pid in holders if psutil.pid_exists(pid)], rwlock.read_text()
+    with workspace_lock(clone, "test"):
+        pass
+
+
+# What is SIGKILLed while `train` runs: the worker's process group (Prefect 3.9 starts the
+# flow run in a session of its own, so the flow run is not in it), or that and the flow run's.
+# A distinct epoch count each: the second case must not find the first one's train up to date.
+KILLS = {"worker": 30, "worker-and-flow-run": 31}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("victims", list(KILLS))
+def test_worker_killed_mid_train_then_the_rerun_resumes_from_the_dvc_cache(local_stack,
+                                                                           tmp_path, victims):
+    """Fault 5 of RELIABILITY.md: SIGKILL the worker (and its flow run) while `train` runs. The
+    stage (dvc, `dltrain train`, Ray) is stopped by its guard, DVC's locks are free; after
+    the worker is restarted, a new run skips download and preprocess (DVC) and finishes."""
+    clone = local_stack.clone
+    deploy = local_stack.run("bash", "infra/prefect/deploy.sh")  # idempotent
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    params_before = (clone / "params.yaml").read_text()
+    source = write_raw_dir(tmp_path / "source")
+    epochs = KILLS[victims]
+    params = {"epochs": epochs, "num_workers": 1,
+              "overrides": {"data.source": source.as_uri(), "train.batch_size": 32}}
+    worker = psutil.Process(int((local_stack.home / "stack" / "worker.pid").read_text()))
+    tree: set[psutil.Process] = set()
+    try:
+        run_id = _start_deployment(local_stack, params)
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not _unfinished_checkpoint(clone):  # train is running, with a checkpoint
+            tree |= set(worker.children(recursive=True))
+            assert _flow_run_state(local_stack, run_id) in ("SCHEDULED", "PENDING", "RUNNING")
+            assert time.monotonic() < deadline, "train did not start"
+            time.sleep(0.2)
+        tree |= set(worker.children(recursive=True))
+        names = " ".join(_alive_in(tree))
+        assert "stage_guard.py" in names and "dltrain train" in names, names
+        assert "ray::RayTrainWorker" in names, names
+        flow_run = [p for p in worker.children() if "prefect.engine" in " ".join(p.cmdline())]
+        assert len(flow_run) == 1, [p.cmdline() for p in worker.children()]
+        groups = [os.getpgid(worker.pid)]
+        if victims == "worker-and-flow-run":
+            groups.append(os.getpgid(flow_run[0].pid))
+        assert len(set(groups)) == len(groups)  # the flow run has a process group of its own
+        killed = time.monotonic()
+        for pgid in groups:
+            os.killpg(pgid, signal.SIGKILL)
+        while left := _alive_in(tree):
+            assert time.monotonic() - killed < 60, f"still running 60 s after the kill: {left}"
+            time.sleep(0.2)
+        print(f"\nfault 5 ({victims} killed): every process of the stage gone "
+              f"{time.monotonic() - killed:.1f} s after the kill ({len(tree)} processes)")
+    finally:
+        for proc in tree:  # pass or fail, nothing of the stage outlives the test
+            if _alive_in({proc}):
+                proc.kill()
+    assert not (clone / "models" / "model.pt").exists()  # the kill interrupted train
+    _dvc_locks_free(clone)
+    # Its worker gone, the flow run ends itself at its next log line (rich's console exits on
+    # the broken pipe) and reports Crashed; SIGKILLed, it cannot, and the API keeps showing
+    # it Running (RELIABILITY.md: Prefect's zombie-flow automation).
+    state = _flow_run_state(local_stack, run_id)
+    assert state == ("CRASHED" if victims == "worker" else "RUNNING")
+
+    up = local_stack.stack("up")  # the worker again (the server kept running)
+    assert up.returncode == 0 and "starting a process worker" in up.stdout, up.stdout + up.stderr
+    started = time.monotonic()
+    rerun = _run_deployment(local_stack, params)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "Completed" in rerun.stdout
+    print(f"fault 5 ({victims}): the re-run took {time.monotonic() - started:.0f} s")
+    summary = _latest_summary(local_stack)
+    for stage in ("download", "preprocess"):
+        assert f"| {stage} | skipped |" in summary, summary
+    for stage in ("train", "evaluate", "register"):
+        assert f"| {stage} | ran |" in summary, summary
+    report = json.loads((clone / "reports" / "training.json").read_text())
+    assert [e["epoch"] for e in report["epochs"]] == list(range(1, epochs + 1))
+    attempts = [e["attempt"] for e in report["epochs"]]
+    assert attempts == sorted(attempts) and attempts[-1] <= 1  # one run, or one resumption
+    assert report["resumed"] == (attempts[0] == 0 and attempts[-1] == 1)
+    print(f"fault 5 ({victims}): the re-run {'resumed' if report['resumed'] else 'restarted'} "
+          f"(attempt 0 trained epochs 1-{attempts.count(0)})")
+    from dltrain.modelio import load_model
+
+    _model, card = load_model(clone / "models" / "model.pt")
+    assert card["params"]["train"]["epochs"] == epochs
+    # params.yaml as it was; DVC finds nothing changed but the run's own overrides.
+    assert (clone / "params.yaml").read_text() == params_before
+    status = local_stack.run("dvc", "status", "--json")
+    assert status.returncode == 0, status.stderr
+    overridden = {"data.source", "train.batch_size", "train.epochs", "train.num_workers"}
+    for stage, changes in json.loads(status.stdout).items():
+        for change in changes:
+            assert set(change) == {"changed deps"}, (stage, change)
+            assert set(change["changed deps"]) == {"params.yaml"}, (stage, change)
+            assert set(change["changed deps"]["params.yaml"]) <= overridden, (stage, change)
 
 
 def test_stack_down_leaves_a_reused_pid_alone(tmp_path):
