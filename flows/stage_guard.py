@@ -24,6 +24,7 @@ Standard library and psutil only (psutil comes with DVC), so it starts in well u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import signal
@@ -91,6 +92,7 @@ class Guard:
         self.cmd, self.parent, self.grace_s = cmd, parent, grace_s
         self.child: subprocess.Popen[bytes] | None = None
         self.signalled: str | None = None
+        self._pause = 0.002
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.signalled = self.signalled or signal.Signals(signum).name
@@ -102,8 +104,7 @@ class Guard:
         # first check of the parent, so that a parent that died in between is seen too.
         _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-        # Its own session: the guard's signal handlers are not inherited (exec resets them),
-        # and a group signal to the command does not reach the guard.
+        # A session of its own: a signal to the command's group does not reach the guard.
         self.child = subprocess.Popen(self.cmd, start_new_session=True)
         while self._wait_child(POLL_S) is None:
             reason = self._stop_reason()
@@ -115,6 +116,9 @@ class Guard:
         # Adopted orphans (a subreaper's); without a subreaper the list is empty here.
         self._kill_stragglers(_descendants())
         code = self.child.returncode
+        if code is None:  # not even SIGKILL ended it (uninterruptible I/O): say so
+            _say(f"`{' '.join(self.cmd[:4])}` (pid {self.child.pid}) did not exit")
+            return 1
         return 128 - code if code < 0 else code
 
     def _stop_reason(self) -> str | None:
@@ -130,26 +134,29 @@ class Guard:
         assert self.child is not None
         deadline = time.monotonic() + timeout_s
         while True:
-            self._reap_orphans()
-            code = self.child.poll()
-            if code is not None or time.monotonic() >= deadline:
-                return code
-            time.sleep(min(0.05, timeout_s))
+            self._reap()
+            left = deadline - time.monotonic()
+            if self.child.returncode is not None or left <= 0:
+                return self.child.returncode
+            # Short first, then every 0.1 s: a quick command is reaped at once, a long one
+            # costs ten cheap waitpid calls a second.
+            time.sleep(min(self._pause, left))
+            self._pause = min(2 * self._pause, 0.1)
 
-    def _reap_orphans(self) -> None:
+    def _reap(self) -> None:
+        """Collect every exited child: the command (keeping its status) and adopted orphans.
+        A waitpid per exited child, not a scan of /proc: the guard runs for hours of
+        training and must cost nothing meanwhile."""
         assert self.child is not None
-        try:
-            children = psutil.Process().children()
-        except psutil.Error:
-            return
-        for proc in children:
-            if proc.pid == self.child.pid:
-                continue
+        while True:
             try:
-                if proc.status() == psutil.STATUS_ZOMBIE:
-                    os.waitpid(proc.pid, os.WNOHANG)
-            except (psutil.Error, ChildProcessError):
-                pass
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.child.pid:
+                self.child.returncode = os.waitstatus_to_exitcode(status)
 
     def stop(self) -> None:
         """SIGINT the command's group, SIGKILL it after the grace period, then every
@@ -161,9 +168,9 @@ class Guard:
         _signal_group(self.child.pid, signal.SIGINT)
         if self._wait_child(self.grace_s) is None:
             _signal_group(self.child.pid, signal.SIGKILL)
-            if self._wait_child(_KILL_WAIT_S) is None:
-                self.child.kill()
-                self.child.wait()
+            with contextlib.suppress(ProcessLookupError):
+                self.child.kill()  # also if it has left its process group
+            self._wait_child(_KILL_WAIT_S)
         self._kill_stragglers(before | _descendants())
 
     def _kill_stragglers(self, procs: Iterable[psutil.Process]) -> None:
@@ -176,7 +183,7 @@ class Guard:
                     pass
             deadline = time.monotonic() + wait_s
             while left and time.monotonic() < deadline:
-                self._reap_orphans()
+                self._reap()
                 left = [p for p in left if _alive(p)]
                 time.sleep(0.05)
             if not left:
