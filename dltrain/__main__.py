@@ -1,5 +1,3 @@
-import sys
+from dltrain.cli import run
 
-from dltrain.cli import main
-
-sys.exit(main())
+run()
