@@ -149,16 +149,20 @@ def synthetic_workspace(root: Path, factor: int, processed: Path) -> Path:
 
 
 def growth(tmp: Path, processed: Path) -> str:
-    lines = ["| data | workers | epoch (s) | x of 1x | peak RSS per worker (MB) |",
+    lines = ["| data | workers | fastest epoch (s) | x of 1x | peak RSS per worker (MB) |",
              "|---|---|---|---|---|"]
     base: dict[int, float] = {}
     for factor in (1, 4, 10):
         ws = synthetic_workspace(tmp, factor, processed)
         for workers in (1, 2):
             shutil.rmtree(ws / ".ray_results", ignore_errors=True)
-            run_stage(ws, "train", f"train.num_workers={workers}", "train.epochs=2")
+            # The fastest epoch of the run: the least disturbed by a shared machine (timeit's
+            # rule); the first epoch also pays for faulting in the fresh memory map. The short
+            # 1x epochs, the denominator of every ratio, get more tries.
+            epochs = 4 if factor == 1 else 2
+            run_stage(ws, "train", f"train.num_workers={workers}", f"train.epochs={epochs}")
             report = training_report(ws)
-            epoch = report["epochs"][-1]["epoch_time_s"]
+            epoch = min(e["epoch_time_s"] for e in report["epochs"])
             base.setdefault(workers, epoch / factor if factor != 1 else epoch)
             rss = report["epochs"][-1]["peak_rss_mb"]
             lines.append(f"| {factor}x ({factor * 54}k) | {workers} | {epoch:.2f} | "
