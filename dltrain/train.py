@@ -20,20 +20,22 @@ import logging
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import asdict
+from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dltrain.config import Params
 from dltrain.errors import TrainingError
 from dltrain.io import read_json, write_json
-from dltrain.loop import LoopConfig, LoopState, format_epoch, load_state, save_state
-from dltrain.model import architecture
-from dltrain.modelio import save_model
 from dltrain.paths import Workspace
 from dltrain.preprocess import split_paths
 from dltrain.rayenv import RAY_QUIET_ENV, quiet_worker, runtime_env
+
+if TYPE_CHECKING:  # torch, imported where it is used (see train())
+    from dltrain.loop import LoopConfig, LoopState
 
 COMPLETE_MARKER = "dltrain-complete.json"
 log = logging.getLogger("dltrain.train")
@@ -199,7 +201,14 @@ def _train_fn_per_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from dltrain.loop import EpochRecord, train_loop
+    from dltrain.loop import (
+        EpochRecord,
+        LoopConfig,
+        format_epoch,
+        load_state,
+        save_state,
+        train_loop,
+    )
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -325,6 +334,9 @@ def _root_cause(exc: BaseException) -> str:
 def write_outputs(state: LoopState, params: Params, ws: Workspace, summary: dict[str, Any],
                   *, world_size: int, device: str, nodes: list[str], wall_s: float,
                   name: str, storage: str) -> dict[str, Any]:
+    from dltrain.model import architecture
+    from dltrain.modelio import save_model
+
     epochs = state.history
     best = next(e for e in epochs if e["epoch"] == state.best_epoch)
     times = sorted(e["epoch_time_s"] for e in epochs)
@@ -380,7 +392,13 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto") -> dict[str, A
 
     import ray
 
+    # torch (~1.5 s to import) is needed only once training is done; imported while ray.init
+    # waits for the processes it starts, it costs the stage next to nothing.
+    torch_import = _import_in_background("dltrain.loop", "dltrain.modelio")
     started_local = start_ray(address, local_cpus())
+    torch_import.join()
+    from dltrain.loop import LoopConfig, load_state
+
     try:
         if address is not None:
             # On a cluster each worker takes threads_per_worker CPUs (default 1) wherever
@@ -421,6 +439,20 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto") -> dict[str, A
           f"{report['ray_overhead_s']:.1f}s); best val_acc {best['val_accuracy']:.4f} at epoch "
           f"{best['epoch']}; wrote {ws.model_path.relative_to(ws.root)}", flush=True)
     return report
+
+
+def _import_in_background(*modules: str) -> threading.Thread:
+    """Import `modules` in a thread; a failure shows again where they are imported for use."""
+    def load() -> None:
+        for module in modules:
+            try:
+                import_module(module)
+            except Exception:  # noqa: BLE001  (re-raised by the import that needs it)
+                return
+
+    thread = threading.Thread(target=load, name="dltrain-imports", daemon=True)
+    thread.start()
+    return thread
 
 
 def _local_gpus() -> int:
