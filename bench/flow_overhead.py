@@ -1,7 +1,7 @@
 """The Prefect flow's own overhead: a flow run's wall time minus the same stages' under
 `dvc repro`, against a running Prefect server (target: <= 10 s).
 
-    .venv/bin/python bench/flow_overhead.py                  # starts a throw-away local stack
+    .venv/bin/python bench/flow_overhead.py [--write]        # starts a throw-away local stack
     .venv/bin/python bench/flow_overhead.py --api-url http://127.0.0.1:4200/api
 
 Two fresh clones of this working tree, the same tiny synthetic data and params (1 epoch, 1
@@ -29,6 +29,10 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 sys.path.insert(0, str(REPO_ROOT))
 
 from flows.workspace import render_overrides  # noqa: E402
+
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+from common import machine  # noqa: E402
+from report import replace_section  # noqa: E402
 
 from conftest import make_clone, write_raw_dir  # noqa: E402  (the tests' tiny data)
 
@@ -94,6 +98,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--api-url", help="a running Prefect server's API (default: start one)")
     parser.add_argument("--repeats", type=int, default=3, help="warm runs of each (default 3)")
+    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dltrain-bench-") as tmp:
         root = Path(tmp)
@@ -115,7 +120,29 @@ def main() -> int:
     print(f"flow overhead, every stage skipped: {warm:+.1f} s (target <= 10 s)")
     print(json.dumps({"overhead_cold_s": round(cold, 2), "overhead_warm_s": round(warm, 2),
                       "runs": {k: [round(x, 2) for x in v] for k, v in times.items()}}))
+    if args.write:
+        replace_section(REPO_ROOT / "BENCHMARKS.md", "Prefect flow overhead",
+                        report(times, med, cold, warm, args.repeats))
     return 0
+
+
+def report(times: dict[str, list[float]], med: dict[str, float], cold: float, warm: float,
+           repeats: int) -> str:
+    rows = [("`dvc repro`, every stage runs", "dvc cold"), ("flow run, every stage runs",
+            "flow cold"), ("`dvc repro`, nothing changed", "dvc warm"),
+            ("flow run, nothing changed", "flow warm")]
+    lines = [f"Machine: {machine()}.", "",
+             f"Command: `.venv/bin/python bench/flow_overhead.py --repeats {repeats} --write` (a "
+             "throw-away local Prefect server and worker on loopback; two fresh clones, tiny "
+             "synthetic data, 1 epoch, 1 worker).", "",
+             "| run | median (s) | runs (s) |", "|---|---|---|"]
+    lines += [f"| {label} | {med[key]:.1f} | {', '.join(f'{v:.1f}' for v in times[key])} |"
+              for label, key in rows]
+    met = "met" if max(cold, warm) <= 10 else "not met"
+    lines += ["", f"Flow overhead (flow run minus `dvc repro`): **{cold:+.1f} s** when every "
+              f"stage runs, **{warm:+.1f} s** when every stage is skipped; target <= 10 s "
+              f"against a running server: {met}."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
