@@ -174,7 +174,7 @@ def test_dockerfile_runs_the_stages_through_the_dltrain_entrypoint() -> None:
     assert instructions["ENTRYPOINT"] == '["dltrain"]'
     # The console script the entrypoint names is the one pyproject installs.
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
-    assert 'dltrain = "dltrain.cli:main"' in pyproject
+    assert 'dltrain = "dltrain.cli:run"' in pyproject
 
 
 # ----------------------------------------------------------------------------- DVC on S3
