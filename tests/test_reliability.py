@@ -276,12 +276,17 @@ def test_download_onto_a_full_disk_stops_at_once_and_keeps_raw(
     assert leftovers(disk) == []
 
 
-def test_model_and_json_writes_onto_a_full_disk_keep_the_previous_files(
-        tmp_path: Path, small_disk) -> None:
+def _small_disk_with_a_model(small_disk) -> tuple[Path, Path, dict[str, bytes]]:
+    """A 256 KiB tmpfs holding a saved 784-8-10 model: (disk, model.pt, models/ as it is)."""
     disk = small_disk(256 * 1024)
     model_path = disk / "models" / "model.pt"
     save_model(MLP((8,)).state_dict(), {"architecture": {"hidden_sizes": [8]}}, model_path)
-    before = snapshot(disk / "models")
+    return disk, model_path, snapshot(disk / "models")
+
+
+def test_model_and_json_writes_onto_a_full_disk_keep_the_previous_files(
+        tmp_path: Path, small_disk) -> None:
+    disk, model_path, before = _small_disk_with_a_model(small_disk)
 
     with pytest.raises(DiskFullError) as info:  # 784-512-10: 1.6 MB of weights
         save_model(MLP((512,)).state_dict(), {"architecture": {"hidden_sizes": [512]}},
@@ -304,10 +309,7 @@ def test_model_and_json_writes_onto_a_full_disk_keep_the_previous_files(
 def test_a_full_disk_while_the_card_is_written_keeps_the_previous_pair(
         tmp_path: Path, small_disk) -> None:
     """The weights fit, their card does not: neither file is replaced."""
-    disk = small_disk(256 * 1024)
-    model_path = disk / "models" / "model.pt"
-    save_model(MLP((8,)).state_dict(), {"architecture": {"hidden_sizes": [8]}}, model_path)
-    before = snapshot(disk / "models")
+    disk, model_path, before = _small_disk_with_a_model(small_disk)
     _fill(disk, leave=96 * 1024)  # room for the 26 KB of weights, not for a 200 KB card
 
     with pytest.raises(DiskFullError) as info:
