@@ -3,6 +3,8 @@ models/model.json describes it (architecture, params, lineage).
 
 No pickles: loading uses torch.load(weights_only=True), which refuses any file that would run
 code on unpickling, and the state dict is checked against the architecture in model.json.
+The checks and their messages live in dltrain.weights, which reads the same files without
+torch for the stages that need only the values (evaluate, register).
 """
 
 from __future__ import annotations
@@ -19,22 +21,19 @@ from typing import Any
 
 import torch
 
-from dltrain.errors import ModelError
-from dltrain.io import atomic_path, read_json
+from dltrain.io import atomic_path
 from dltrain.model import MLP
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def card_path_for(model_path: Path) -> Path:
-    """models/model.pt -> models/model.json."""
-    return Path(model_path).with_suffix(".json")
+from dltrain.weights import (
+    card_path_for,
+    check_pair,
+    check_shapes,
+    corrupt_error,
+    not_a_state_dict_error,
+    not_found_error,
+    read_card,
+    refused_error,
+    sha256_file,
+)
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -80,21 +79,18 @@ def load_state_dict(model_path: Path) -> dict[str, torch.Tensor]:
     """Load a state dict of plain tensors; anything else is refused with ModelError."""
     model_path = Path(model_path)
     if not model_path.is_file():
-        raise ModelError(f"model file not found: {model_path} (run `dltrain train` first)")
+        raise not_found_error(model_path)
     try:
         state = torch.load(model_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's text is a page of advice on how to load it anyway; keep only what it found.
         found = re.search(r"Unsupported [^\n]*?(?=\. |\n|$)", str(exc))
-        raise ModelError(f"{model_path} is not plain weights: it holds objects that would run "
-                         "code when loaded, so it was refused"
-                         + (f" ({found.group(0)})" if found else "")) from exc
+        raise refused_error(model_path, found.group(0) if found else None) from exc
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise ModelError(
-            f"{model_path} is corrupt or not a PyTorch weights file: {exc}") from exc
+        raise corrupt_error(model_path, exc) from exc
     if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise ModelError(f"{model_path} is not a state dict of tensors")
+        raise not_a_state_dict_error(model_path)
     return state
 
 
@@ -102,27 +98,12 @@ def load_model(model_path: Path, card_path: Path | None = None) -> tuple[MLP, di
     """Rebuild the MLP described by model.json and load its weights, checking every shape."""
     model_path = Path(model_path)
     card_path = Path(card_path) if card_path else card_path_for(model_path)
-    try:
-        card = read_json(card_path)
-        hidden_sizes = card["architecture"]["hidden_sizes"]
-    except FileNotFoundError as exc:
-        raise ModelError(f"model description not found: {card_path}") from exc
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{card_path} is not a valid model description: {exc}") from exc
+    card, hidden_sizes = read_card(card_path)
     state = load_state_dict(model_path)
-    recorded = card.get("weights_sha256")  # absent from cards older than the pair check
-    if recorded is not None and sha256_file(model_path) != recorded:
-        raise ModelError(f"{model_path} is not the weights that {card_path} describes (their "
-                         "sha256 differs from the card's weights_sha256: a save was "
-                         "interrupted between the two files, or one was replaced); re-run "
-                         "`dltrain train` (or `dvc repro train`)")
+    check_pair(model_path, card_path, card, sha256_file(model_path))
+    check_shapes(model_path, card_path, hidden_sizes,
+                 {k: tuple(v.shape) for k, v in state.items()})
     model = MLP(hidden_sizes)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    actual = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != actual:
-        diff = sorted(set(expected.items()) ^ set(actual.items()))
-        raise ModelError(f"{model_path} does not match the architecture in {card_path} "
-                         f"(hidden_sizes {hidden_sizes}): differing tensors {diff[:4]}")
     model.load_state_dict(state)
     model.eval()
     return model, card
