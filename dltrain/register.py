@@ -25,7 +25,6 @@ from typing import Any
 from dltrain.config import Params
 from dltrain.errors import DataError, ModelError, RegistryError
 from dltrain.io import read_json, write_json
-from dltrain.modelio import load_model, sha256_file
 from dltrain.paths import Workspace
 from dltrain.registry import (
     EXPERIMENT,
@@ -37,6 +36,7 @@ from dltrain.registry import (
     redact,
     resolve_tracking_uri,
 )
+from dltrain.weights import load_weights, sha256_file
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -109,8 +109,11 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def read_candidate(ws: Workspace) -> Candidate:
-    """The model (checked to be plain weights of the right shapes), its card and reports."""
-    _model, card = load_model(ws.model_path, ws.model_card_path)
+    """The model (checked to be plain weights of the right shapes), its card and reports.
+
+    The weights are read without torch (dltrain.weights): importing torch only to check them
+    cost this stage 1.5-2 s of its start."""
+    _weights, card = load_weights(ws.model_path, ws.model_card_path)
     weights_sha256 = sha256_file(ws.model_path)
     if card.get("weights_sha256") not in (None, weights_sha256):
         raise ModelError(f"{ws.model_path} changed since {ws.model_card_path} was written "

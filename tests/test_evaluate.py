@@ -10,16 +10,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers_models import make_trained_workspace, write_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from torch.nn import functional as F
 
 from dltrain.classes import FASHION_MNIST, MNIST
 from dltrain.cli import main
 from dltrain.errors import DataError, ModelError
-from dltrain.evaluate import compute_confusion, compute_metrics, evaluate
+from dltrain.evaluate import (
+    compute_confusion,
+    compute_metrics,
+    cross_entropy,
+    evaluate,
+    top_probability,
+)
+from dltrain.model import normalize
+from dltrain.modelio import load_model
 from dltrain.paths import Workspace
 
 # A tiny fixed prediction set: 6 samples, classes 0..2 (7 classes absent), predictions
@@ -85,6 +95,22 @@ def test_metrics_are_scikit_learns(pairs: list[tuple[int, int]]) -> None:
             == confusion_matrix(labels, predicted, labels=classes)).all()
 
 
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1e3], ids=["small", "large", "huge"])
+def test_cross_entropy_and_confidence_are_torchs(scale: float) -> None:
+    """torch's F.cross_entropy and softmax, also where a naive exp would overflow."""
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((257, 10)) * scale).astype(np.float32)
+    labels = rng.integers(0, 10, 257)
+    as_double = torch.from_numpy(logits).double()
+    expected = F.cross_entropy(as_double, torch.from_numpy(labels)).item()
+    assert cross_entropy(logits, labels) == pytest.approx(expected, rel=1e-12)
+    assert cross_entropy(logits, labels) == pytest.approx(
+        F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item(), rel=1e-5)
+    np.testing.assert_allclose(top_probability(logits),
+                               torch.softmax(as_double, dim=1).max(dim=1).values.numpy(),
+                               rtol=1e-12)
+
+
 @pytest.fixture(scope="module")
 def trained_ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     return make_trained_workspace(tmp_path_factory.mktemp("evaluate"))
@@ -115,6 +141,18 @@ def test_evaluate_writes_metrics_plots_and_csv(trained_ws: Workspace) -> None:
     for name in ("confusion_matrix.png", "misclassified.png"):
         with Image.open(trained_ws.reports_dir / name) as image:
             assert image.format == "PNG" and image.width > 300 and image.height > 300
+
+
+def test_metrics_are_the_torch_models(trained_ws: Workspace) -> None:
+    """The numpy forward pass scores the model as torch does: same predictions, same loss."""
+    metrics = _evaluate(trained_ws)
+    images = np.load(trained_ws.processed_dir / "test_images.npy")
+    labels = torch.from_numpy(np.load(trained_ws.processed_dir / "test_labels.npy")).long()
+    model, _ = load_model(trained_ws.model_path)
+    with torch.no_grad():
+        logits = model(normalize(torch.from_numpy(images)))
+    assert metrics["accuracy"] == (logits.argmax(1) == labels).double().mean().item()
+    assert metrics["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
 
 
 def test_cli_evaluate_exits_zero(trained_ws: Workspace, capsys: pytest.CaptureFixture) -> None:
