@@ -1,6 +1,9 @@
 """The evaluate stage's pictures: the confusion matrix and a grid of misclassified images.
 
-matplotlib's object API with the Agg canvas: no pyplot global state, no display needed.
+matplotlib's object API with the Agg canvas: no pyplot global state, no display needed (and no
+pyplot import, 0.5 s). Both figures have a fixed layout: bbox_inches="tight" draws a figure
+twice. The misclassified grid is one composed image with its labels as text: one Axes per
+image cost 0.8-1 s of the stage, most of it in tick machinery of axes that show no ticks.
 """
 
 from __future__ import annotations
@@ -14,17 +17,23 @@ from matplotlib.figure import Figure
 from dltrain.io import atomic_path
 
 GRID = 5  # the misclassified grid shows at most GRID x GRID images
+# The grid's cells, in image pixels: a band for the cell's label above each 28 x 28 image,
+# a margin on each side.
+SIDE, BAND, MARGIN = 28, 12, 2
 
 
 def _save(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=100)
 
 
 def plot_confusion_matrix(matrix: np.ndarray, names: tuple[str, ...], path: Path) -> None:
     """A heat map of confusion counts, row = actual, column = predicted, counts printed."""
     fig = Figure(figsize=(8, 7))
+    # Room for the rotated class names below and the names on the left (the longest:
+    # "T-shirt/top", "Ankle boot").
+    fig.subplots_adjust(left=0.16, bottom=0.17, right=0.98, top=0.94)
     ax = fig.add_subplot()
     image = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax)
@@ -43,19 +52,29 @@ def plot_confusion_matrix(matrix: np.ndarray, names: tuple[str, ...], path: Path
 
 def plot_misclassified(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
                        confidence: np.ndarray, names: tuple[str, ...], path: Path) -> None:
-    """The most confidently misclassified test images, each titled with true and predicted class."""
+    """The most confidently misclassified test images, each labelled with its true and predicted
+    class and the prediction's probability."""
     wrong = np.flatnonzero(predictions != labels)
     # Most confident mistakes first: they say most about what the model gets wrong.
     shown = wrong[np.argsort(-confidence[wrong], kind="stable")][:GRID * GRID]
-    fig = Figure(figsize=(2 * GRID, 2.3 * GRID))
+    cell_w, cell_h = SIDE + 2 * MARGIN, BAND + SIDE + MARGIN
+    mosaic = np.full((GRID * cell_h, GRID * cell_w), 255, dtype=np.uint8)  # white between
+    title_in = 0.5  # inches above the grid for the title
+    width_in = 10.0
+    height_in = width_in * mosaic.shape[0] / mosaic.shape[1] + title_in
+    fig = Figure(figsize=(width_in, height_in))
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0 - title_in / height_in))
+    ax.set_axis_off()
+    for slot, i in enumerate(shown):
+        row, col = divmod(slot, GRID)
+        top, left = row * cell_h + BAND, col * cell_w + MARGIN
+        mosaic[top:top + SIDE, left:left + SIDE] = images[i]
+        ax.text(left + SIDE / 2, top - 0.5, f"true: {names[labels[i]]}\npred: "
+                f"{names[predictions[i]]} ({confidence[i]:.0%})",
+                ha="center", va="bottom", fontsize=9)
+    ax.imshow(mosaic, cmap="gray", vmin=0, vmax=255, interpolation="nearest", aspect="auto",
+              extent=(0, mosaic.shape[1], mosaic.shape[0], 0))
     fig.suptitle(f"{len(wrong)} of {len(labels)} test images misclassified"
-                 + (f" (the {len(shown)} most confident shown)" if len(wrong) else ""))
-    for slot in range(GRID * GRID):
-        ax = fig.add_subplot(GRID, GRID, slot + 1)
-        ax.axis("off")
-        if slot < len(shown):
-            i = shown[slot]
-            ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
-            ax.set_title(f"true: {names[labels[i]]}\npred: {names[predictions[i]]} "
-                         f"({confidence[i]:.0%})", fontsize=8)
+                 + (f" (the {len(shown)} most confident shown)" if len(wrong) else ""),
+                 y=1.0 - 0.1 / height_in, va="top")
     _save(fig, path)
