@@ -8,8 +8,10 @@ ray at the top: its settings must be in the environment before ray is imported.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import threading
 import warnings
 
 # Environment for every Ray process: no usage reporting, no metrics exporters, no print
@@ -52,6 +54,53 @@ NOISY_LOGGERS = {
 }
 
 
+
+
+# Set in the Train workers' runtime env only (dltrain.train): they, and no other process of the
+# run, import torch. A worker's first use of torch used to cost it ~1.5 s for `import torch` (in
+# the backend's process-group set-up) and ~1.2 s more for torch._dynamo, which torch.optim
+# imports the first time an optimizer is built; both ran one after the other on the path to the
+# first epoch. The setup hook starts them in a thread as the worker process starts, so they run
+# while Ray creates the actor and the controller sets up the group. Everything of dltrain that
+# runs in a worker and touches torch first calls wait_for_preload(): torch is never imported by
+# two threads of a worker at once.
+PRELOAD_ENV = "DLTRAIN_PRELOAD_TORCH"
+PRELOAD_MODULES = ("torch", "torch._dynamo", "torch.nn.parallel")
+_preload: threading.Thread | None = None
+# dltrain.train._prestart_worker runs a no-op task in the workers' runtime env, for the idle
+# process Ray starts beside the one that runs it; that one is never a worker, so its hook waits
+# this long for the task before it starts importing.
+_PRELOAD_DELAY_S = 0.3
+_ran_task = threading.Event()
+
+
+def mark_task_process() -> None:
+    """The no-op task of dltrain.train._prestart_worker: this process will not be a worker."""
+    _ran_task.set()
+
+
+def _start_preload() -> None:
+    global _preload
+
+    def load() -> None:
+        if _ran_task.wait(_PRELOAD_DELAY_S):
+            return
+        for module in PRELOAD_MODULES:
+            try:
+                importlib.import_module(module)
+            except Exception:  # noqa: BLE001  (raised again where the module is used)
+                return
+
+    _preload = threading.Thread(target=load, name="dltrain-preload-torch", daemon=True)
+    _preload.start()
+
+
+def wait_for_preload() -> None:
+    """Block until the worker's torch preload (if any) is done; call before touching torch."""
+    if _preload is not None:
+        _preload.join()
+
+
 class _AtLeast(logging.Filter):
     def __init__(self, level: int) -> None:
         super().__init__()
@@ -65,6 +114,8 @@ def quiet_worker() -> None:
     """worker_process_setup_hook: runs in every Ray process of this job (and the driver)."""
     import ray
 
+    if os.environ.get(PRELOAD_ENV) == "1":
+        _start_preload()
     for name, level in NOISY_LOGGERS.items():
         # A filter, not only a level: Ray Train's dictConfig resets the levels of existing
         # `ray.train.*` loggers when the controller starts, but leaves their filters.
@@ -72,10 +123,11 @@ def quiet_worker() -> None:
         logger.setLevel(level)
         logger.addFilter(_AtLeast(level))
     # ray.train's worker context logs each report() at INFO under a logger named by its file
-    # path, outside the `ray.train` hierarchy that LoggingConfig controls.
-    from ray.train.v2._internal.execution import context as train_context
-
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    # path, outside the `ray.train` hierarchy that LoggingConfig controls. The path, not the
+    # module: importing ray.train takes ~0.7 s, in the driver before ray.init.
+    context_file = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal",
+                                "execution", "context.py")
+    logging.getLogger(context_file).setLevel(logging.WARNING)
     # Helpers that Ray Train starts find "the" cluster through RAY_ADDRESS; without it they
     # fail when a second Ray runs on the same machine.
     if ray.is_initialized() and "RAY_ADDRESS" not in os.environ:

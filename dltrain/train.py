@@ -1,4 +1,5 @@
-"""The train stage: the MLP trained data-parallel with Ray Train V2 (TorchTrainer, DDP).
+"""The train stage: the MLP trained data-parallel with Ray Train V2 (DDP over a torch process
+group: TorchTrainer's backend, without torch outside the workers; dltrain/raybackend.py).
 
 Every Ray call of the project lives here (and in the cluster helpers); the loop itself is plain
 PyTorch in dltrain/loop.py. Known Ray Train traps and how they are handled:
@@ -14,6 +15,7 @@ PyTorch in dltrain/loop.py. Known Ray Train traps and how they are handled:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,6 +24,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from importlib import import_module
 from pathlib import Path
@@ -32,12 +35,14 @@ from dltrain.errors import TrainingError
 from dltrain.io import read_json, write_json
 from dltrain.paths import Workspace
 from dltrain.preprocess import split_paths
-from dltrain.rayenv import RAY_QUIET_ENV, quiet_worker, runtime_env
+from dltrain.rayenv import PRELOAD_ENV, RAY_QUIET_ENV, quiet_worker, runtime_env, wait_for_preload
 
 if TYPE_CHECKING:  # torch, imported where it is used (see train())
     from dltrain.loop import LoopConfig, LoopState
 
 COMPLETE_MARKER = "dltrain-complete.json"
+# Only the Train workers import torch; their setup hook starts on it at once (rayenv).
+WORKER_RUNTIME_ENV = {"env_vars": {PRELOAD_ENV: "1"}}
 log = logging.getLogger("dltrain.train")
 
 
@@ -188,14 +193,37 @@ def start_ray(address: str | None, cpus: int) -> bool:
     # of CPU, and nothing in the pipeline needs it (`make cluster-up` starts one with it).
     # No pre-started workers: Ray starts them for tasks without a runtime_env, and every
     # process of a Train run has one, so they would only compete for the CPUs at start-up.
-    ray.init(num_cpus=cpus, include_dashboard=False,
-             _system_config={"enable_worker_prestart": False,
-                             "prestart_worker_first_driver": False}, **common)
+    with _stage_services_only():
+        ray.init(num_cpus=cpus, include_dashboard=False,
+                 _system_config={"enable_worker_prestart": False,
+                                 "prestart_worker_first_driver": False,
+                                 "idle_worker_killing_time_threshold_ms": 60_000}, **common)
     return True
+
+
+@contextlib.contextmanager
+def _stage_services_only() -> Iterator[None]:
+    """ray.init of a local Ray also starts the autoscaler's monitor and the dashboard's API
+    server (a minimal one with include_dashboard=False, still an HTTP server): two Python
+    processes that import all of Ray (~1 s of CPU each, while the stage waits on two cores),
+    and the monitor holds ray.shutdown up for another second. Only a long-lived cluster has a
+    use for them (`ray status`, job submission, the state API); the stage's Ray lives for one
+    run, so it starts without them (Ray 2.60's Node methods, pinned in pyproject.toml; checked
+    by tests/test_train.py)."""
+    from ray._private.node import Node
+
+    saved = Node.start_monitor, Node.start_api_server
+    Node.start_monitor = lambda self: None
+    Node.start_api_server = lambda self, **kwargs: None
+    try:
+        yield
+    finally:
+        Node.start_monitor, Node.start_api_server = saved
 
 
 def _train_fn_per_worker(config: dict[str, Any]) -> None:
     """Runs in each Ray Train worker: the plain loop, with Ray's DDP, all-reduce and report."""
+    wait_for_preload()
     import ray.train
     import ray.train.torch
     import torch
@@ -265,8 +293,42 @@ def _cluster_resources() -> tuple[float, float]:
     return resources.get("CPU", 0.0), resources.get("GPU", 0.0)
 
 
+def _prestart_worker() -> None:
+    """Have Ray start a Train worker's process now, while the controller starts.
+
+    Ray Train starts its worker processes only once its controller is up, and a worker's first
+    use of torch costs it ~3 s (torch, then torch._dynamo, which torch.optim imports): on two
+    cores, seconds with one core idle. Ray 2.60 places an actor in an idle process of the same
+    runtime env when it has one (never in a process that has run a task), and for the first
+    task in a runtime env starts, next to the process that runs it, one more that waits idle.
+    So a no-op task in exactly the runtime env Ray Train gives its workers (the controller's
+    env vars plus worker_runtime_env's) leaves an idle process that the first worker actor is
+    placed in, its setup hook having been importing torch meanwhile (rayenv.PRELOAD_ENV); the
+    process that ran the task does not import it (rayenv.mark_task_process). Further workers,
+    or the workers of a later Ray that places them elsewhere, start as before.
+    tests/test_train.py checks that a worker ran in a process that had waited idle."""
+    import ray
+    from ray.train.v2._internal.constants import (
+        DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+        RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
+        get_env_vars_to_propagate,
+    )
+
+    from dltrain.rayenv import mark_task_process
+
+    # DataParallelTrainer._initialize_and_run_controller's env, then WorkerGroup's.
+    env = get_env_vars_to_propagate()
+    env.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
+                   DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+    env.update(WORKER_RUNTIME_ENV["env_vars"])
+    task = ray.remote(num_cpus=0, max_retries=0, runtime_env={"env_vars": env})
+    task(mark_task_process).remote()  # nothing waits for it: the idle process is the point
+
+
 def _trainer_class(local: bool) -> type:
-    """TorchTrainer, less the helper actors this run has no use for.
+    """Ray Train V2's data-parallel trainer with a torch backend (what TorchTrainer is), less
+    the torch import in the controller (dltrain.raybackend) and less the helper actors this run
+    has no use for.
 
     Ray 2.60 gives each helper actor a process of its own (~2 s of CPU on two cores): on a
     local Ray an autoscaling coordinator (see raypolicy.StaticScalingPolicy) and a placement-
@@ -275,17 +337,17 @@ def _trainer_class(local: bool) -> type:
     start; and everywhere a DatasetManager for Ray Data shards, started while the first epoch
     runs (this loop reads memory-mapped arrays, no Ray Data). BENCHMARKS.md has the figures;
     tests/test_train.py checks which actors a run starts."""
-    from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import (
         PlacementGroupCleanerCallback,
     )
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from dltrain.raypolicy import StaticScalingPolicy
 
     unused = (DatasetsCallback, PlacementGroupCleanerCallback) if local else (DatasetsCallback,)
 
-    class LeanTorchTrainer(TorchTrainer):
+    class LeanTorchTrainer(DataParallelTrainer):
         def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
             kwargs["callbacks"] = [cb for cb in kwargs["callbacks"]
                                    if not isinstance(cb, unused)]
@@ -300,16 +362,20 @@ def _fit(params: Params, loop_cfg: LoopConfig, cpus_per_worker: int, storage: st
          name: str, local: bool) -> Any:
     import ray.train
 
+    from dltrain.raybackend import TorchBackendConfig
+
     t = params.train
     trainer = _trainer_class(local)(
         _train_fn_per_worker,
         train_loop_config={"loop": asdict(loop_cfg), "use_gpu": t.use_gpu},
+        backend_config=TorchBackendConfig(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu,
             resources_per_worker={"CPU": cpus_per_worker},
             placement_strategy=t.placement_strategy),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
+            worker_runtime_env=WORKER_RUNTIME_ENV,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
@@ -392,10 +458,14 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto") -> dict[str, A
 
     import ray
 
-    # torch (~1.5 s to import) is needed only once training is done; imported while ray.init
-    # waits for the processes it starts, it costs the stage next to nothing.
-    torch_import = _import_in_background("dltrain.loop", "dltrain.modelio")
+    # Ray Train (~0.7 s to import) and torch (~1.5 s; needed only once training is done),
+    # imported while ray.init waits for the processes it starts, cost the stage next to nothing.
+    torch_import = _import_in_background("ray.train.v2.api.data_parallel_trainer",
+                                         "dltrain.raybackend", "dltrain.raypolicy",
+                                         "dltrain.loop", "dltrain.modelio")
     started_local = start_ray(address, local_cpus())
+    if started_local:
+        _prestart_worker()
     torch_import.join()
     from dltrain.loop import LoopConfig, load_state
 
