@@ -28,24 +28,16 @@ import torch
 from torch import nn
 
 from dltrain.errors import ModelError
+from dltrain.loopspec import (
+    CHECKPOINT_HISTORY,
+    CHECKPOINT_MODEL,
+    CHECKPOINT_STATE,
+    LoopConfig,
+    best_epoch,
+)
 from dltrain.model import MLP, normalize
+from dltrain.modelio import weights_bytes
 from dltrain.preprocess import split_paths
-
-CHECKPOINT_STATE = "state.pt"
-CHECKPOINT_HISTORY = "history.json"
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    processed_dir: str  # absolute: Ray workers change directory
-    hidden_sizes: tuple[int, ...]
-    epochs: int
-    batch_size: int  # global
-    learning_rate: float
-    optimizer: str
-    seed: int
-    threads: int | None = None
-    ema_decay: float = 0.0  # 0 = off; else the per-step decay of the averaged weights
 
 
 @dataclass
@@ -80,9 +72,7 @@ class LoopState:
 
     @property
     def best_epoch(self) -> int | None:
-        if not self.history:
-            return None
-        return max(self.history, key=lambda e: (e["val_accuracy"], -e["epoch"]))["epoch"]
+        return best_epoch(self.history)
 
 
 def save_state(state: LoopState, directory: Path) -> None:
@@ -90,6 +80,8 @@ def save_state(state: LoopState, directory: Path) -> None:
                 "best_model": state.best_model, "ema": state.ema, "ema_steps": state.ema_steps},
                directory / CHECKPOINT_STATE)
     (directory / CHECKPOINT_HISTORY).write_text(json.dumps(state.history))
+    # The model the stage ships, serialised here: the driver installs the bytes without torch.
+    (directory / CHECKPOINT_MODEL).write_bytes(weights_bytes(state.best_model or state.model))
 
 
 def load_state(directory: Path) -> LoopState:

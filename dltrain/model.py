@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-INPUT_SIZE = 28 * 28
-NUM_CLASSES = 10
+# The card's architecture and the layer sizes live with the torch-free reader of the weights.
+from dltrain.weights import INPUT_SIZE, NUM_CLASSES, architecture  # noqa: F401  (re-exported)
 
 
 class MLP(nn.Module):
@@ -30,12 +30,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1))
-
-
-def architecture(hidden_sizes: Sequence[int]) -> dict:
-    """What models/model.json records so that a loader can rebuild the module."""
-    return {"type": "mlp", "input_size": INPUT_SIZE, "hidden_sizes": list(hidden_sizes),
-            "num_classes": NUM_CLASSES, "activation": "relu", "output": "logits"}
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

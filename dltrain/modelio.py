@@ -9,10 +9,7 @@ torch for the stages that need only the values (evaluate, register).
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import os
 import pickle
 import re
 import zipfile
@@ -21,7 +18,6 @@ from typing import Any
 
 import torch
 
-from dltrain.io import atomic_path
 from dltrain.model import MLP
 from dltrain.weights import (
     card_path_for,
@@ -33,46 +29,28 @@ from dltrain.weights import (
     read_card,
     refused_error,
     sha256_file,
+    write_model_pair,
 )
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+def weights_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
+    """The bytes of models/model.pt for these weights (torch.save of plain CPU tensors).
+
+    Serialised in memory, then written with a plain file write (weights.write_model_pair):
+    torch.save's own file writer turns a full disk into a RuntimeError without errno, which
+    atomic_path could not tell from a bug. The model is small (1.6 MB for the 784-512-10 MLP).
+    """
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    return buffer.getvalue()
 
 
 def save_model(state_dict: dict[str, torch.Tensor], card: dict[str, Any], model_path: Path,
                card_path: Path | None = None) -> str:
-    """Write the weights and their card as a pair; return the weights' sha256 (in the card too).
-
-    DVC tracks model.pt and model.json as two outputs, so the pair cannot be one rename. Both
-    are written in full and synced beside their final names first, then renamed: a failure
-    while writing (a full disk) leaves the previous pair untouched. The only window left, a
-    crash between the two renames, leaves a card whose weights_sha256 is not the weights',
-    which load_model refuses.
-    """
-    model_path = Path(model_path)
-    card_path = Path(card_path) if card_path else card_path_for(model_path)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    # Serialised in memory, then written with a plain file write: torch.save's own file writer
-    # turns a full disk into a RuntimeError without errno, which atomic_path could not tell
-    # from a bug. The model is small (1.6 MB for the 784-512-10 MLP).
-    buffer = io.BytesIO()
-    torch.save(tensors, buffer)
-    weights = buffer.getvalue()
-    weights_sha256 = hashlib.sha256(weights).hexdigest()
-    # write_json's format: indented, sorted keys, stable bytes for DVC.
-    card_bytes = (json.dumps({**card, "weights_sha256": weights_sha256}, indent=2,
-                             sort_keys=True) + "\n").encode()
-    # Nested: both files are complete before the first rename (the card's, as the inner block
-    # exits; the weights' last). A full disk names model_path (the outer block).
-    with atomic_path(model_path) as weights_tmp:
-        _write_synced(weights_tmp, weights)
-        with atomic_path(card_path) as card_tmp:
-            _write_synced(card_tmp, card_bytes)
-    return weights_sha256
+    """Write the weights and their card as a pair (weights.write_model_pair); return the
+    weights' sha256 (in the card too)."""
+    return write_model_pair(weights_bytes(state_dict), card, model_path, card_path)
 
 
 def load_state_dict(model_path: Path) -> dict[str, torch.Tensor]:

@@ -28,17 +28,15 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from importlib import import_module
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dltrain.config import Params
 from dltrain.errors import TrainingError
 from dltrain.io import read_json, write_json
+from dltrain.loopspec import CHECKPOINT_HISTORY, CHECKPOINT_MODEL, LoopConfig, best_epoch
 from dltrain.paths import Workspace
 from dltrain.preprocess import split_paths
 from dltrain.rayenv import PRELOAD_ENV, RAY_QUIET_ENV, quiet_worker, runtime_env, wait_for_preload
-
-if TYPE_CHECKING:  # torch, imported where it is used (see train())
-    from dltrain.loop import LoopConfig, LoopState
 
 COMPLETE_MARKER = "dltrain-complete.json"
 # Only the Train workers import torch; their setup hook starts on it at once (rayenv).
@@ -397,14 +395,32 @@ def _root_cause(exc: BaseException) -> str:
 
 # --------------------------------------------------------------------------- outputs
 
-def write_outputs(state: LoopState, params: Params, ws: Workspace, summary: dict[str, Any],
-                  *, world_size: int, device: str, nodes: list[str], wall_s: float,
-                  name: str, storage: str) -> dict[str, Any]:
-    from dltrain.model import architecture
-    from dltrain.modelio import save_model
+def read_final_checkpoint(directory: Path, hidden_sizes: tuple[int, ...]
+                          ) -> tuple[list[dict[str, Any]], bytes]:
+    """The epochs so far and the model.pt bytes (the best epoch's weights, serialised by rank
+    0) of the run's last checkpoint, checked to be plain weights of the configured shapes."""
+    from dltrain.weights import expected_shapes, parse_state_dict
 
-    epochs = state.history
-    best = next(e for e in epochs if e["epoch"] == state.best_epoch)
+    model_file = directory / CHECKPOINT_MODEL
+    if not model_file.is_file():
+        raise TrainingError(f"the run's last checkpoint ({directory}) has no {CHECKPOINT_MODEL}: "
+                            "it was written by an older dltrain; re-run with `--resume never`")
+    weights = model_file.read_bytes()
+    shapes = {k: v.shape for k, v in parse_state_dict(weights, model_file).items()}
+    if shapes != expected_shapes(hidden_sizes):
+        raise TrainingError(f"{model_file} holds tensors {shapes}, not the MLP of "
+                            f"model.hidden_sizes {list(hidden_sizes)}")
+    return json.loads((directory / CHECKPOINT_HISTORY).read_text()), weights
+
+
+def write_outputs(epochs: list[dict[str, Any]], weights: bytes, params: Params, ws: Workspace,
+                  summary: dict[str, Any], *, world_size: int, device: str, nodes: list[str],
+                  wall_s: float, name: str, storage: str) -> dict[str, Any]:
+    """models/model.pt (`weights`) with its card, and reports/training.json."""
+    from dltrain.weights import architecture, write_model_pair
+
+    best_epoch_number = best_epoch(epochs)
+    best = next(e for e in epochs if e["epoch"] == best_epoch_number)
     times = sorted(e["epoch_time_s"] for e in epochs)
     median = times[len(times) // 2]
     report = {
@@ -417,7 +433,7 @@ def write_outputs(state: LoopState, params: Params, ws: Workspace, summary: dict
         "ray_overhead_s": wall_s - sum(e["epoch_time_s"] for e in epochs),
         "resumed": any(e.get("attempt", 0) for e in epochs),
         # models/model.pt holds the weights of this epoch (best validation accuracy).
-        "best_epoch": state.best_epoch,
+        "best_epoch": best_epoch_number,
         "run_name": name,
         "storage_path": storage,
     }
@@ -431,11 +447,11 @@ def write_outputs(state: LoopState, params: Params, ws: Workspace, summary: dict
         "device": device,
         "nodes": nodes,
         "timings": {"wall_time_s": wall_s, "epoch_times_s": [e["epoch_time_s"] for e in epochs]},
-        "best_epoch": state.best_epoch,
+        "best_epoch": best_epoch_number,
         "final": {k: best[k] for k in ("train_loss", "train_accuracy", "val_loss",
                                         "val_accuracy")},
     }
-    save_model(state.best_model or state.model, card, ws.model_path, ws.model_card_path)
+    write_model_pair(weights, card, ws.model_path, ws.model_card_path)
     write_json(ws.training_report_path, report)
     return report
 
@@ -458,16 +474,14 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto") -> dict[str, A
 
     import ray
 
-    # Ray Train (~0.7 s to import) and torch (~1.5 s; needed only once training is done),
-    # imported while ray.init waits for the processes it starts, cost the stage next to nothing.
-    torch_import = _import_in_background("ray.train.v2.api.data_parallel_trainer",
-                                         "dltrain.raybackend", "dltrain.raypolicy",
-                                         "dltrain.loop", "dltrain.modelio")
+    # Ray Train (~0.7 s to import), imported while ray.init waits for the processes it starts,
+    # costs the stage next to nothing. No torch in this process (dltrain.loopspec).
+    train_import = _import_in_background("ray.train.v2.api.data_parallel_trainer",
+                                         "dltrain.raybackend", "dltrain.raypolicy")
     started_local = start_ray(address, local_cpus())
     if started_local:
         _prestart_worker()
-    torch_import.join()
-    from dltrain.loop import LoopConfig, load_state
+    train_import.join()
 
     try:
         if address is not None:
@@ -493,9 +507,9 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto") -> dict[str, A
         if result.checkpoint is None:
             raise TrainingError("training finished without a checkpoint")
         with result.checkpoint.as_directory() as directory:
-            state = load_state(Path(directory))
+            epochs, weights = read_final_checkpoint(Path(directory), loop_cfg.hidden_sizes)
         metrics = result.metrics or {}
-        report = write_outputs(state, params, ws, summary, world_size=t.num_workers,
+        report = write_outputs(epochs, weights, params, ws, summary, world_size=t.num_workers,
                                device="cuda" if t.use_gpu else "cpu",
                                nodes=list(metrics.get("nodes", [])),
                                wall_s=time.perf_counter() - started, name=name, storage=storage)

@@ -1,5 +1,7 @@
-"""models/model.pt without torch: read the weights, check them against models/model.json, and
-run the MLP's forward pass, with numpy only.
+"""models/model.pt without torch: read the weights, check them against models/model.json, run
+the MLP's forward pass with numpy only, and write a model.pt/model.json pair from the bytes
+that dltrain.modelio.weights_bytes made (the train stage's driver installs what its rank-0
+worker serialised).
 
 Why: `import torch` takes 1.4-2 s on a 2-core machine, half of the evaluate stage and most of
 the register stage's start, which need nothing of torch but the weights' values.
@@ -24,7 +26,9 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import json
 import math
+import os
 import pickle
 import struct
 import zipfile
@@ -37,10 +41,9 @@ from typing import Any
 import numpy as np
 
 from dltrain.errors import ModelError
-from dltrain.io import read_json
+from dltrain.io import atomic_path, read_json
 
-# dltrain.model's values, repeated here so that this module never imports torch
-# (tests/test_weights.py checks that they agree).
+# The MLP's input and output sizes (dltrain.model imports them from here: no torch here).
 INPUT_SIZE = 28 * 28
 NUM_CLASSES = 10
 
@@ -275,6 +278,40 @@ def card_path_for(model_path: Path) -> Path:
     return Path(model_path).with_suffix(".json")
 
 
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_model_pair(weights: bytes, card: dict[str, Any], model_path: Path,
+                     card_path: Path | None = None) -> str:
+    """Write model.pt (`weights`, torch.save's bytes: dltrain.modelio.weights_bytes) and its
+    card as a pair; return the weights' sha256 (in the card too). No torch: the train stage's
+    driver installs the bytes its rank-0 worker wrote.
+
+    DVC tracks model.pt and model.json as two outputs, so the pair cannot be one rename. Both
+    are written in full and synced beside their final names first, then renamed: a failure
+    while writing (a full disk) leaves the previous pair untouched. The only window left, a
+    crash between the two renames, leaves a card whose weights_sha256 is not the weights',
+    which load_model and load_weights refuse.
+    """
+    model_path = Path(model_path)
+    card_path = Path(card_path) if card_path else card_path_for(model_path)
+    weights_sha256 = hashlib.sha256(weights).hexdigest()
+    # write_json's format: indented, sorted keys, stable bytes for DVC.
+    card_bytes = (json.dumps({**card, "weights_sha256": weights_sha256}, indent=2,
+                             sort_keys=True) + "\n").encode()
+    # Nested: both files are complete before the first rename (the card's, as the inner block
+    # exits; the weights' last). A full disk names model_path (the outer block).
+    with atomic_path(model_path) as weights_tmp:
+        _write_synced(weights_tmp, weights)
+        with atomic_path(card_path) as card_tmp:
+            _write_synced(card_tmp, card_bytes)
+    return weights_sha256
+
+
 def read_card(card_path: Path) -> tuple[dict[str, Any], list[int]]:
     """models/model.json and the hidden layer widths its architecture records."""
     try:
@@ -301,6 +338,12 @@ def check_pair(model_path: Path, card_path: Path, card: dict[str, Any],
                          "sha256 differs from the card's weights_sha256: a save was "
                          "interrupted between the two files, or one was replaced); re-run "
                          "`dltrain train` (or `dvc repro train`)")
+
+
+def architecture(hidden_sizes: Sequence[int]) -> dict:
+    """What models/model.json records so that a loader can rebuild the module."""
+    return {"type": "mlp", "input_size": INPUT_SIZE, "hidden_sizes": list(hidden_sizes),
+            "num_classes": NUM_CLASSES, "activation": "relu", "output": "logits"}
 
 
 def expected_shapes(hidden_sizes: Sequence[int], input_size: int = INPUT_SIZE,

@@ -137,6 +137,22 @@ print("torch" in sys.modules)
 
 
 @pytest.mark.integration
+def test_the_driver_never_imports_torch(processed_ws: Path, tmp_path: Path) -> None:
+    """Only the workers import torch: the driver (the `dltrain train` process) installs the
+    model bytes rank 0 serialised, so ray.init never competes with a torch import."""
+    shutil.copytree(processed_ws / "data", tmp_path / "data")
+    (tmp_path / "params.yaml").write_text(json.dumps({"model": {"hidden_sizes": [64]}}))
+    code = ("import sys; from dltrain.cli import main; "
+            f"rc = main(['train', '--workspace', {str(tmp_path)!r}, '-S', 'train.epochs=1']); "
+            "print('exit', rc, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600, env=venv_env())
+    assert out.stdout.strip().splitlines()[-1] == "exit 0 False", out.stdout + out.stderr
+    model, card = load_model(tmp_path / "models" / "model.pt")
+    assert card["best_epoch"] == 1 and model(torch.zeros(1, 784)).shape == (1, 10)
+
+
+@pytest.mark.integration
 def test_two_cpu_workers_train_checkpoint_and_report(processed_ws: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     ws = Workspace.at(tmp_path)

@@ -1,0 +1,36 @@
+"""What the train stage's driver and its workers share, without torch: the loop's config, the
+files of a checkpoint, and which epoch's model the stage ships.
+
+The driver (dltrain.train) imports no torch: importing it took ~1.5 s of CPU while ray.init was
+starting Ray's processes on two cores. It hands LoopConfig to the workers, and installs the
+model.pt bytes that rank 0 wrote into the final checkpoint (dltrain.weights.write_model_pair).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+CHECKPOINT_STATE = "state.pt"  # weights, optimizer and averaged weights, to continue exactly
+CHECKPOINT_HISTORY = "history.json"  # one record per epoch so far
+CHECKPOINT_MODEL = "model.pt"  # the weights the stage ships, as models/model.pt holds them
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    processed_dir: str  # absolute: Ray workers change directory
+    hidden_sizes: tuple[int, ...]
+    epochs: int
+    batch_size: int  # global
+    learning_rate: float
+    optimizer: str
+    seed: int
+    threads: int | None = None
+    ema_decay: float = 0.0  # 0 = off; else the per-step decay of the averaged weights
+
+
+def best_epoch(history: list[dict[str, Any]]) -> int | None:
+    """The epoch with the best validation accuracy (the earliest of a tie), or None."""
+    if not history:
+        return None
+    return max(history, key=lambda e: (e["val_accuracy"], -e["epoch"]))["epoch"]
