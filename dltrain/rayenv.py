@@ -53,9 +53,6 @@ NOISY_LOGGERS = {
     "ray.util.state": logging.ERROR,
 }
 
-
-
-
 # Set in the Train workers' runtime env only (dltrain.train): they, and no other process of the
 # run, import torch. A worker's first use of torch used to cost it ~1.5 s for `import torch` (in
 # the backend's process-group set-up) and ~1.2 s more for torch._dynamo, which torch.optim
@@ -68,8 +65,8 @@ PRELOAD_ENV = "DLTRAIN_PRELOAD_TORCH"
 PRELOAD_MODULES = ("torch", "torch._dynamo", "torch.nn.parallel")
 _preload: threading.Thread | None = None
 # dltrain.train._prestart_worker runs a no-op task in the workers' runtime env, for the idle
-# process Ray starts beside the one that runs it; that one is never a worker, so its hook waits
-# this long for the task before it starts importing.
+# process Ray starts beside the one that runs it. The process that runs the task is never a
+# worker: the preload first waits this long for a task, and a process that got one stops there.
 _PRELOAD_DELAY_S = 0.3
 _ran_task = threading.Event()
 
