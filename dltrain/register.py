@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dltrain.config import Params
-from dltrain.errors import DataError, ModelError, RegistryError
+from dltrain.errors import DataError, RegistryError
 from dltrain.io import read_json, write_json
 from dltrain.paths import Workspace
 from dltrain.registry import (
@@ -36,7 +36,7 @@ from dltrain.registry import (
     redact,
     resolve_tracking_uri,
 )
-from dltrain.weights import load_weights, sha256_file
+from dltrain.weights import load_weights_and_digest
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -113,11 +113,7 @@ def read_candidate(ws: Workspace) -> Candidate:
 
     The weights are read without torch (dltrain.weights): importing torch only to check them
     cost this stage 1.5-2 s of its start."""
-    _weights, card = load_weights(ws.model_path, ws.model_card_path)
-    weights_sha256 = sha256_file(ws.model_path)
-    if card.get("weights_sha256") not in (None, weights_sha256):
-        raise ModelError(f"{ws.model_path} changed since {ws.model_card_path} was written "
-                         "(weights sha256 differs): re-run `dltrain train`")
+    _weights, card, weights_sha256 = load_weights_and_digest(ws.model_path, ws.model_card_path)
     if not ws.metrics_path.is_file():
         raise DataError(f"{ws.metrics_path} not found (run `dltrain evaluate` first)")
     metrics = read_json(ws.metrics_path)

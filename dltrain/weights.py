@@ -372,6 +372,13 @@ def load_weights(model_path: Path, card_path: Path | None = None
                  ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The torch-free twin of dltrain.modelio.load_model: the weights as numpy arrays and the
     card, with the same checks (plain weights only, the card's pair, every shape)."""
+    state, card, _weights_sha256 = load_weights_and_digest(model_path, card_path)
+    return state, card
+
+
+def load_weights_and_digest(model_path: Path, card_path: Path | None = None
+                            ) -> tuple[dict[str, np.ndarray], dict[str, Any], str]:
+    """load_weights, plus the sha256 of the very bytes that were read and checked."""
     model_path = Path(model_path)
     card_path = Path(card_path) if card_path else card_path_for(model_path)
     card, hidden_sizes = read_card(card_path)
@@ -379,7 +386,7 @@ def load_weights(model_path: Path, card_path: Path | None = None
     check_pair(model_path, card_path, card, weights_sha256)
     check_shapes(model_path, card_path, hidden_sizes,
                  {k: tuple(v.shape) for k, v in state.items()})
-    return state, card
+    return state, card, weights_sha256
 
 
 # ---------------------------------------------------------------------------- forward pass
