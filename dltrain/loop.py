@@ -204,7 +204,10 @@ class WeightAverage:
     def update(self) -> None:
         self.steps += 1
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        torch._foreach_lerp_(self._target, self._source, 1.0 - decay)
+        # Not torch.optim.swa_utils.AveragedModel: its EMA has no warm-up, and it wraps the
+        # model, which would rename the averaged weights' keys in every checkpoint.
+        for target, source in zip(self._target, self._source, strict=True):
+            target.lerp_(source, 1.0 - decay)
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, split: Split,
