@@ -137,15 +137,34 @@ def run() -> None:
     """The `dltrain` command: main(), then a quick exit.
 
     Once a stage has imported torch, the interpreter's own teardown (freeing every module and
-    native library) costs 0.7-1 s, paid by each stage of every pipeline run for nothing. The
-    atexit handlers (logging's flush, Ray's and MLflow's shutdown) still run first; only that
-    teardown is skipped. Outputs are never left to it: every file is written, synced and
-    renamed by dltrain.io before a stage returns."""
-    code = main()
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    native library) costs 0.7-1 s, paid by each stage of every pipeline run for nothing. So the
+    first atexit handler registered is one that ends the process: atexit runs handlers last
+    registered first, so every handler that a library registers during the command (Ray's and
+    MLflow's shutdown, logging's flush) still runs before it; only the teardown is skipped.
+    Outputs are never left to it: every file is written, synced and renamed by dltrain.io
+    before a stage returns."""
+    code: int | str | None = 1  # what an uncaught exception (a bug) exits with
+
+    def exit_without_teardown() -> None:
+        # logging's own atexit handler is skipped if logging was imported before this one was
+        # registered: not by `dltrain` or `python -m dltrain`, but maybe by an embedder.
+        logging = sys.modules.get("logging")
+        if logging is not None:
+            logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: `dltrain predict ... | head`
+                pass
+        # sys.exit's own rule: None is 0, a message is 1.
+        os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+
+    atexit.register(exit_without_teardown)
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse's: 2 for a usage error, 0 for --help
+        code = exc.code
+    sys.exit(code)
 
 
 if __name__ == "__main__":
