@@ -12,14 +12,16 @@ PYTEST_ARGS ?=
 export PATH := $(BIN):$(PATH)
 
 .PHONY: help setup data-package run test lint clean-outputs stack-up stack-down deploy \
-	cluster-up cluster-down mlflow-ui
+	cluster-up cluster-down ray-up ray-down mlflow-ui
 
 help:
 	@echo "make run    set up, then run the pipeline (dvc repro)"
 	@echo "make test   set up, then run the whole test suite"
 	@echo "make lint   ruff check"
-	@echo "make stack-up    start a local Prefect server + worker (PREFECT_HOME, PREFECT_SERVER_API_PORT)"
-	@echo "make stack-down  stop them"
+	@echo "make stack-up    start a local Prefect server + worker (PREFECT_HOME, PREFECT_SERVER_API_PORT), and ray-up"
+	@echo "make stack-down  stop them, and ray-down"
+	@echo "make ray-up      a warm Ray head with all CPUs that dltrain train reuses (.ray/, DLTRAIN_RAY_DIR)"
+	@echo "make ray-down    stop exactly that head"
 	@echo "make deploy      create the work pools and deploy prefect.yaml's deployments"
 	@echo "make cluster-up WORKERS=N   a local multi-node Ray cluster (head + N worker nodes)"
 	@echo "make cluster-down           stop exactly that cluster"
@@ -53,11 +55,12 @@ test: setup
 lint: setup
 	@ruff check .
 
-# The local Prefect stack (infra/prefect/): server + process worker in the background.
-stack-up: setup
+# The local Prefect stack (infra/prefect/): server + process worker in the background, and the
+# warm Ray head that the worker's train runs reuse.
+stack-up: setup ray-up
 	@python infra/prefect/stack.py up
 
-stack-down:
+stack-down: ray-down
 	@$(BIN)/python infra/prefect/stack.py down
 
 deploy: setup
@@ -84,3 +87,16 @@ cluster-up: setup
 
 cluster-down:
 	@$(BIN)/python infra/local-cluster/cluster.py down
+
+# The workspace's warm Ray: one head on loopback with all of this machine's CPUs (and the GPUs
+# Ray finds), no dashboard, token auth; `dltrain train` (train.ray_address: auto) reuses it
+# instead of starting a Ray per run. State: .ray/ (or env DLTRAIN_RAY_DIR), with env holding
+# the export lines for a client. It needs the venv only, not the data set.
+RAY_DIR := $(abspath $(or $(DLTRAIN_RAY_DIR),.ray))
+ray-up: $(STAMP)
+	@line=$$(python infra/local-cluster/cluster.py --state-dir $(RAY_DIR) up --workers 0 \
+	  --head-cpus $$(nproc) --head-gpus auto --no-dashboard --brief) && \
+	  echo "$$line; dltrain train reuses it (train.ray_address: auto); stop it with make ray-down"
+
+ray-down:
+	@$(BIN)/python infra/local-cluster/cluster.py --state-dir $(RAY_DIR) down

@@ -1,10 +1,11 @@
-"""The train stage on a real multi-node Ray cluster, started with the same script as
-`make cluster-up` (infra/local-cluster/cluster.py): a head and one worker node, 1 CPU each.
+"""Real Ray clusters started by infra/local-cluster/cluster.py: the workspace's warm head of
+`make ray-up` / `make ray-down`, and the train stage on a multi-node cluster as `make cluster-up`
+starts it (a head and one worker node, 1 CPU each).
 
-One cluster serves the module (each start costs ~25 s on a busy 2-core machine); each test
-first makes sure both nodes are up (`up` is idempotent and replaces a missing worker node).
-The cluster is stopped in the fixture's teardown, pass or fail, and the teardown asserts that
-none of its processes is left.
+One multi-node cluster serves the module (each start costs ~25 s on a busy 2-core machine);
+each test first makes sure both nodes are up (`up` is idempotent and replaces a missing worker
+node). Every cluster is stopped in its fixture's teardown, pass or fail, and the teardown
+asserts that none of its processes is left.
 """
 
 from __future__ import annotations
@@ -22,6 +23,19 @@ import pytest
 from conftest import REPO_ROOT, make_processed, venv_env
 
 CLUSTER_SCRIPT = REPO_ROOT / "infra" / "local-cluster" / "cluster.py"
+CLIENT_KEYS = ["RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"]
+# A driver that connects to RAY_ADDRESS and prints the cluster's CPUs; exit 3 if it is refused.
+CLIENT = """
+import logging, os, sys
+import ray
+try:
+    ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.ERROR,
+             log_to_driver=False)
+except ConnectionError as exc:
+    print(f"{type(exc).__name__}: {exc}")
+    sys.exit(3)
+print(int(ray.cluster_resources()["CPU"]))
+"""
 pytestmark = pytest.mark.integration
 
 
@@ -77,6 +91,17 @@ class LocalCluster:
         return found
 
 
+def assert_stopped(local: LocalCluster) -> None:
+    """None of the cluster's processes is left (they may take a moment to exit), nor its
+    token."""
+    deadline = time.monotonic() + 15
+    while local.leftover_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = local.leftover_processes()
+    assert not left, f"cluster processes left after `down`: {[p.pid for p in left]}"
+    assert not (local.state_dir / "auth_token").exists()
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     local = LocalCluster(tmp_path_factory.mktemp("cluster") / "state")
@@ -85,12 +110,89 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         yield local
     finally:
         local.run("down")
-        deadline = time.monotonic() + 15
-        while local.leftover_processes() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = local.leftover_processes()
-        assert not left, f"cluster processes left after `down`: {[p.pid for p in left]}"
-        assert not (local.state_dir / "auth_token").exists()
+        assert_stopped(local)
+
+
+@pytest.fixture
+def warm_head_dir(tmp_path: Path):
+    """DLTRAIN_RAY_DIR for `make ray-up`; whatever the test left running is stopped after it."""
+    local = LocalCluster(tmp_path / ".ray")
+    try:
+        yield local
+    finally:
+        local.run("down")  # nothing left to stop once the test's own ray-down has run
+        assert_stopped(local)
+
+
+def _make(target: str, ray_dir: Path) -> subprocess.CompletedProcess:
+    """`make TARGET` with this venv; -o: the venv is set up, a stale stamp reinstalls nothing."""
+    venv = Path(sys.prefix)
+    return subprocess.run(["make", "-s", "-C", str(REPO_ROOT), f"VENV={venv}",
+                           "-o", f"{venv}/.dltrain-installed", target],
+                          capture_output=True, text=True, timeout=240,
+                          env=venv_env(DLTRAIN_RAY_DIR=str(ray_dir)))
+
+
+def _client(env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CLIENT], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    lines = path.read_text().splitlines()
+    assert all(line.startswith("export ") and " " not in line[7:] for line in lines), lines
+    return dict(line.removeprefix("export ").split("=", 1) for line in lines)
+
+
+def test_ray_up_starts_one_warm_head_with_all_cpus_and_ray_down_stops_it(
+        warm_head_dir: LocalCluster) -> None:
+    ray_dir = warm_head_dir.state_dir
+    up = _make("ray-up", ray_dir)
+    assert up.returncode == 0, up.stdout + up.stderr
+    warm_head_dir.state()  # record the head's process group for the teardown
+
+    env = _read_env_file(ray_dir / "env")
+    assert sorted(env) == CLIENT_KEYS
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert Path(env["RAY_AUTH_TOKEN_PATH"]) == ray_dir / "auth_token"
+    assert (ray_dir / "auth_token").stat().st_mode & 0o777 == 0o600
+    assert (ray_dir / "cluster.json").is_file() and (ray_dir / "logs").is_dir()
+    assert up.stdout.splitlines() == [up.stdout.strip()], up.stdout
+    assert env["RAY_ADDRESS"] in up.stdout and "make ray-down" in up.stdout, up.stdout
+
+    nproc = int(subprocess.run(["nproc"], capture_output=True, text=True,
+                               check=True).stdout)
+    client = _client(venv_env(**env))
+    assert client.returncode == 0, client.stdout + client.stderr
+    assert int(client.stdout) == nproc
+
+    pgids = set(warm_head_dir.pgids)
+    again = _make("ray-up", ray_dir)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert _read_env_file(ray_dir / "env") == env
+    assert env["RAY_ADDRESS"] in again.stdout
+    assert {n["pgid"] for n in warm_head_dir.state()["nodes"]} == pgids  # the same head
+
+    down = _make("ray-down", ray_dir)
+    assert down.returncode == 0, down.stdout + down.stderr
+    for name in ("env", "cluster.json", "auth_token"):
+        assert not (ray_dir / name).exists(), name
+    assert_stopped(warm_head_dir)
+    idle = _make("ray-down", ray_dir)
+    assert (idle.returncode, idle.stdout, idle.stderr) == (0, "", "")
+
+
+def test_client_without_the_token_is_refused(cluster: LocalCluster, tmp_path: Path) -> None:
+    cluster.ensure_two_nodes()
+    env = venv_env(RAY_ADDRESS=cluster.client_env()["RAY_ADDRESS"], HOME=str(tmp_path))
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"):
+        env.pop(key, None)
+    # Ray retries the refused connection for ~20 s before it raises.
+    refused = _client(env)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert refused.stdout.startswith("ConnectionError: "), refused.stdout
+    # The same address with the token works: it was the token that was missing.
+    assert _client(venv_env(**cluster.client_env())).returncode == 0
 
 
 def _workspace(root: Path, n_train: int, epochs: int, max_failures: int, storage: Path) -> Path:

@@ -11,6 +11,9 @@
 `make cluster-up WORKERS=N` / `make cluster-down` call this. State lives in
 $DLTRAIN_CLUSTER_DIR (default: <repo>/.cluster, git-ignored): cluster.json (address, nodes,
 their process groups), the cluster's auth token, env (the export lines) and the node logs.
+`make ray-up` / `make ray-down` use it for the workspace's warm single-node head, with the state
+in $DLTRAIN_RAY_DIR (default: <repo>/.ray):
+`up --workers 0 --head-cpus $(nproc) --head-gpus auto --no-dashboard --brief`.
 
 Why it is built this way:
 - Each node runs `ray start --block` as the leader of its own process group (setsid), and every
@@ -23,15 +26,22 @@ Why it is built this way:
 - ray 2.60 turns token authentication on for `ray start` clusters. The token is generated
   here, kept in the state dir (mode 0600) and handed to every node and client through
   RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH; ~/.ray/auth_token is left alone.
-- Ray replaces a loopback --node-ip-address by the machine's own IP
-  (ray._private.services.resolve_ip_for_localhost), so the printed address is that IP; the
-  GCS listens on all interfaces, which is what the token protects.
+- Every node is started with --node-ip-address 127.0.0.1, and the head's GCS is first reached
+  at 127.0.0.1:PORT. Ray registers a loopback node under the machine's own IP, and that is the
+  cluster's address: it is read back from Ray once the head has joined (the head's
+  NodeManagerAddress in ray.nodes()), not predicted. The GCS listens on all interfaces, which
+  is what the token protects.
+- Which nodes have joined is asked of Ray through its public API: this process connects as a
+  driver (ray.init with the cluster's address and token) once per command, reads ray.nodes()
+  and disconnects at the end. The CLI's node listing (`ray list nodes`) needs the dashboard,
+  which the warm head goes without.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -63,6 +73,7 @@ class NodeRecord:
     pgid: int  # `ray start --block` leads the node's process group
     cpus: int
     node_id: str | None = None
+    gpus: int = 0  # as Ray counted them when the node joined
 
 
 @dataclass
@@ -184,18 +195,22 @@ def _ray() -> str:
 
 
 def start_node(state: ClusterState, name: str, cpus: int, *, head: bool,
-               dashboard: bool = False) -> NodeRecord:
+               dashboard: bool = False, gpus: int | None = 0) -> NodeRecord:
+    """Start one node (`gpus` None: Ray detects them). The head's address is 127.0.0.1:PORT
+    until it has joined (see up()), and that is the RAY_ADDRESS its processes get: a client on
+    this machine reaches the same GCS through it."""
     cmd = [_ray(), "start", "--block", "--node-ip-address", HOST, "--node-name", name,
-           "--num-cpus", str(cpus), "--num-gpus", "0",
-           "--object-store-memory", str(OBJECT_STORE_BYTES),
+           "--num-cpus", str(cpus), "--object-store-memory", str(OBJECT_STORE_BYTES),
            # Every port that has a fixed default gets a free one: several nodes share this
            # machine. Worker ports 0/0: the OS picks them (as ray.cluster_utils does).
            "--dashboard-agent-listen-port", str(free_port()),
            "--min-worker-port", "0", "--max-worker-port", "0",
            "--disable-usage-stats", "--log-style", "record"]
+    if gpus is not None:
+        cmd += ["--num-gpus", str(gpus)]
     if head:
         gcs_port = free_port()
-        state.address = f"{_machine_ip()}:{gcs_port}"
+        state.address = f"{HOST}:{gcs_port}"
         cmd += ["--head", "--port", str(gcs_port), "--temp-dir", state.temp_dir,
                 "--ray-client-server-port", str(free_port()),
                 "--include-dashboard", "true" if dashboard else "false",
@@ -214,41 +229,72 @@ def start_node(state: ClusterState, name: str, cpus: int, *, head: bool,
     return record
 
 
-def _machine_ip() -> str:
-    """The IP Ray registers for a loopback node (see the module docstring)."""
-    from ray._private.services import resolve_ip_for_localhost
+# --------------------------------------------------------------------------- Ray's view
 
-    return resolve_ip_for_localhost(HOST)
-
-
-# --------------------------------------------------------------------------- GCS
-
-def alive_nodes(state: ClusterState) -> dict[str, str]:
-    """node name -> Ray node ID of the cluster's ALIVE nodes ({} if the GCS does not answer)."""
-    # main() has put the token in this process' environment before ray was first imported
-    # (Ray reads RAY_AUTH_* once, at import).
-    from ray._raylet import GcsClient
-    from ray.core.generated import gcs_pb2
-
+def gcs_answers(address: str) -> bool:
+    """True if something accepts TCP connections at HOST:PORT: checked before ray.init, which
+    would otherwise retry a head that is not up (or gone) for 20 s."""
+    host, _, port = address.rpartition(":")
     try:
-        infos = GcsClient(address=state.address).get_all_node_info(timeout=5)
-    except Exception:  # not up yet, or gone: the caller decides what that means
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def connect(state: ClusterState) -> bool:
+    """Connect this process to the cluster as a Ray driver, once per command; False if the
+    cluster does not answer (not up yet, or gone: the caller decides what that means)."""
+    # main() has put the token in this process' environment before ray is first imported
+    # here (Ray reads RAY_AUTH_* once, at import).
+    import ray
+
+    if ray.is_initialized():
+        return True
+    if not gcs_answers(state.address):
+        return False
+    try:
+        # No log lines of its own, and none forwarded from the cluster's workers.
+        ray.init(address=state.address, logging_level=logging.ERROR, log_to_driver=False)
+    except (ConnectionError, RuntimeError):  # RuntimeError: no raylet of it on this machine
+        return False
+    return True
+
+
+def disconnect() -> None:
+    """End the driver connection that connect() made, if any."""
+    ray = sys.modules.get("ray")  # only connect() imports it
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+def alive_nodes(state: ClusterState) -> dict[str, dict]:
+    """node name -> Ray's record (a ray.nodes() entry) of each of the cluster's alive nodes;
+    {} if the cluster does not answer."""
+    if not state.address or not connect(state):
         return {}
-    return {info.node_name: node_id.hex() for node_id, info in infos.items()
-            if info.state == gcs_pb2.GcsNodeInfo.ALIVE}
+    import ray
+
+    return {node["NodeName"]: node for node in ray.nodes() if node["Alive"]}
 
 
-def wait_for_nodes(state: ClusterState, names: list[str], timeout_s: float) -> None:
-    """Wait until every named node has joined; a node whose processes died fails at once."""
+def wait_for_nodes(state: ClusterState, names: list[str], timeout_s: float) -> dict[str, dict]:
+    """Wait until every named node has joined, record its node ID and GPUs, and return Ray's
+    records of the alive nodes; a node whose processes died fails at once."""
+    if not names:
+        return {}
     deadline = time.monotonic() + timeout_s
     while True:
         alive = alive_nodes(state)
         for name in names:
-            state.nodes[name].node_id = alive.get(name, state.nodes[name].node_id)
+            if name in alive:
+                record = state.nodes[name]
+                record.node_id = alive[name]["NodeID"]
+                record.gpus = int(alive[name]["Resources"].get("GPU", 0))
         missing = [n for n in names if n not in alive]
         if not missing:
             state.save()
-            return
+            return alive
         dead = [n for n in missing if not group_alive(state.nodes[n].pgid)]
         if dead:
             raise ClusterError(f"node(s) {', '.join(dead)} exited while starting; see "
@@ -261,26 +307,38 @@ def wait_for_nodes(state: ClusterState, names: list[str], timeout_s: float) -> N
 
 # --------------------------------------------------------------------------- commands
 
-def up(state: ClusterState, workers: int, head_cpus: int, worker_cpus: int,
-       dashboard: bool, timeout_s: float) -> ClusterState:
-    """Start the head and `workers` worker nodes; a running cluster is completed, not
-    restarted (idempotent)."""
+def head_running(state: ClusterState) -> bool:
     head = state.nodes.get("head")
-    if head is None or not group_alive(head.pgid):
+    return head is not None and group_alive(head.pgid)
+
+
+def up(state: ClusterState, workers: int, head_cpus: int, worker_cpus: int, dashboard: bool,
+       timeout_s: float, head_gpus: int | None = 0, quiet: bool = False) -> ClusterState:
+    """Start the head and `workers` worker nodes; a running cluster is completed, not
+    restarted (idempotent). Worker nodes get no GPUs: nodes on one machine would each claim
+    the same ones."""
+    if not head_running(state):
         down(state, quiet=True)  # leftovers of a crashed cluster
         state = ClusterState(state_dir=state.state_dir)
         state.state_dir.mkdir(parents=True, exist_ok=True)
         _write_token(state.token_path)
         state.temp_dir = tempfile.mkdtemp(prefix="dltrain-ray-")
-        start_node(state, "head", head_cpus, head=True, dashboard=dashboard)
-        wait_for_nodes(state, ["head"], timeout_s)
-        print(f"head node up at {state.address} ({head_cpus} CPU)", flush=True)
+        start_node(state, "head", head_cpus, head=True, dashboard=dashboard, gpus=head_gpus)
+        joined = wait_for_nodes(state, ["head"], timeout_s)
+        # The address Ray registered for the loopback head (see the module docstring): what
+        # the worker nodes join and clients use.
+        port = state.address.rpartition(":")[2]
+        state.address = f"{joined['head']['NodeManagerAddress']}:{port}"
+        state.save()
+        if not quiet:
+            print(f"head node up at {state.address} ({head_cpus} CPU)", flush=True)
     running = [n for n, r in state.nodes.items() if n != "head" and group_alive(r.pgid)]
     started = [add_node(state, worker_cpus, wait=False).name
                for _ in range(max(0, workers - len(running)))]
     wait_for_nodes(state, started, timeout_s)
-    for name in started:
-        print(f"worker node {name} joined ({worker_cpus} CPU)", flush=True)
+    if not quiet:
+        for name in started:
+            print(f"worker node {name} joined ({worker_cpus} CPU)", flush=True)
     _write_env(state)
     return state
 
@@ -330,13 +388,26 @@ def _write_env(state: ClusterState) -> None:
 
 
 def describe(state: ClusterState) -> str:
-    alive = alive_nodes(state) if state.address else {}
+    alive = alive_nodes(state) if head_running(state) else {}
     lines = [f"cluster {state.address or '(none)'}  state {state.state_dir}"]
     for record in state.nodes.values():
         status = "alive" if record.name in alive else "DOWN"
         lines.append(f"  {record.name:<10} {record.cpus} CPU  {status:<5}  "
                      f"node {record.node_id or '?'}  pgid {record.pgid}")
     return "\n".join(lines)
+
+
+def head_summary(state: ClusterState, already: bool) -> str:
+    """One line: where the head is and what it has (`up --brief`, for `make ray-up`)."""
+    head = state.nodes["head"]
+    gpus = f", {head.gpus} GPU{'s' if head.gpus != 1 else ''}" if head.gpus else ""
+    return (f"Ray head {'already ' if already else ''}up at {state.address} "
+            f"({head.cpus} CPU{'s' if head.cpus != 1 else ''}{gpus})")
+
+
+def gpu_count(text: str) -> int | None:
+    """--head-gpus: a number, or `auto` (None: Ray detects the machine's GPUs)."""
+    return None if text == "auto" else int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,9 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     p_up = sub.add_parser("up", help="start the cluster (or complete it), print its address")
     p_up.add_argument("--workers", type=int, default=1)
     p_up.add_argument("--head-cpus", type=int, default=1)
+    p_up.add_argument("--head-gpus", type=gpu_count, default=0,
+                      help="GPUs of the head node, or `auto`: the ones Ray finds (default 0)")
     p_up.add_argument("--worker-cpus", type=int, default=1)
     p_up.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True)
     p_up.add_argument("--timeout", type=float, default=JOIN_TIMEOUT_S)
+    p_up.add_argument("--brief", action="store_true",
+                      help="print one line: the head's address and resources")
     p_add = sub.add_parser("add-node", help="start one more worker node, print its name")
     p_add.add_argument("--cpus", type=int, default=1)
     p_kill = sub.add_parser("kill-node", help="SIGKILL one node (by name or Ray node ID)")
@@ -364,11 +439,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(state.token_path))
     try:
         if args.command == "up":
+            already = head_running(state)
             state = up(state, args.workers, args.head_cpus, args.worker_cpus, args.dashboard,
-                       args.timeout)
-            print(describe(state))
-            print(f"cluster address: {state.address}\nfor clients:\n{state.export_lines()}"
-                  f"(or: source {state.state_dir / 'env'})")
+                       args.timeout, head_gpus=args.head_gpus, quiet=args.brief)
+            if args.brief:
+                print(head_summary(state, already))
+            else:
+                print(describe(state))
+                print(f"cluster address: {state.address}\nfor clients:\n"
+                      f"{state.export_lines()}(or: source {state.state_dir / 'env'})")
         elif args.command == "add-node":
             record = add_node(state, args.cpus)
             print(f"{record.name} {record.node_id}")
@@ -384,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     except ClusterError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        disconnect()
     return 0
 
 
