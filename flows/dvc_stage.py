@@ -2,39 +2,51 @@
 
 The flow's tasks call this, so a flow run and `dvc repro` share one cache and one dvc.lock:
 DVC itself decides whether a stage runs, is skipped (nothing changed) or is restored from its
-run cache, and we only read its verdict from its output.
+run cache. The verdict is read from DVC's documented, machine-readable outputs only, never
+from its console wording (which changes between releases):
+
+- skipped: `dvc status --json <stage>` reports nothing for the stage (`{}`), so `dvc repro`
+  would do nothing either; it is not started.
+- ran or restored: `dvc repro --single-item <stage>` exits 0 either way. The stage's command
+  (`dltrain <stage>`) appends its name to the file named by DLTRAIN_STAGE_RAN_FILE when it
+  starts (dltrain/cli.py), so a non-empty file means it ran, an empty one that DVC checked
+  its outputs out of the run cache instead. A diff of the stage's dvc.lock entry cannot tell
+  the two apart: a stage whose outputs were deleted is restored (or, with an output that is
+  not cached, run again) with its dvc.lock entry unchanged.
+- failed: a non-zero exit; the message quotes the last line DVC wrote to stderr (DVC logs
+  warnings and errors there, and its verdict on the failure last). A repo locked by another
+  DVC process gets this message too: its exit status does not tell that case apart, and a
+  second flow run is stopped earlier by the flow's own workspace lock (flows/workspace.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import queue
-import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
 import psutil
 
+from dltrain.cli import STAGE_RAN_FILE_ENV
 from dltrain.errors import DltrainError
 
 Outcome = Literal["ran", "skipped", "restored"]
 
-# DVC 3.67's own messages (dvc/stage/__init__.py, dvc/stage/cache.py, dvc/stage/run.py,
-# dvc/lock.py): the verdict is read from them because `dvc repro` has no machine-readable one.
-_SKIPPED = re.compile(r"Stage '(?P<stage>[^']+)' didn't change, skipping")
-_RESTORED = re.compile(r"Stage '(?P<stage>[^']+)' is cached - skipping run")
-_RAN = re.compile(r"Running stage '(?P<stage>[^']+)'")
-_DVC_LOCKED = "Unable to acquire lock"
-# DVC's advice after a stage (git add, autostage, dvc push): noise in a flow's log.
+# DVC's advice after a stage (git add, autostage, dvc push): noise in a flow's log. It only
+# filters what is logged; no outcome is decided from DVC's wording.
 _HINTS = ("To track the changes with git", "git add ", "To enable auto staging",
           "dvc config core.autostage", "Use `dvc push`")
 
@@ -45,7 +57,7 @@ GUARD = Path(__file__).with_name("stage_guard.py")
 
 
 class StageFailedError(DltrainError):
-    """`dvc repro` of one stage exited non-zero, timed out, or found the repo locked."""
+    """`dvc status` or `dvc repro` of one stage exited non-zero or timed out."""
 
 
 @dataclass(frozen=True)
@@ -75,17 +87,10 @@ def stage_env() -> dict[str, str]:
     return env
 
 
-def parse_outcome(stage: str, lines: list[str]) -> Outcome | None:
-    """What DVC did with `stage`, from its output; None if it said nothing we know."""
-    for pattern, outcome in ((_RAN, "ran"), (_RESTORED, "restored"), (_SKIPPED, "skipped")):
-        if any((m := pattern.search(line)) and m["stage"] == stage for line in lines):
-            return outcome  # type: ignore[return-value]
-    return None
-
-
-def _pump(stream: IO[bytes], lines: queue.Queue[str | None]) -> None:
-    """Read the child's output into `lines`, one entry per line. A progress bar rewrites its
-    line with carriage returns; only its final state is kept, so the log is not flooded."""
+def _pump(stream: IO[bytes], name: str, lines: queue.Queue[tuple[str, str | None]]) -> None:
+    """Read the child's `name` stream into `lines`, one (name, line) entry per line, then
+    (name, None) at its end. A progress bar rewrites its line with carriage returns; only its
+    final state is kept, so the log is not flooded."""
     buffer = b""
     while chunk := stream.read1(65536):  # type: ignore[attr-defined]
         buffer += chunk
@@ -93,17 +98,17 @@ def _pump(stream: IO[bytes], lines: queue.Queue[str | None]) -> None:
         for raw in complete:
             text = raw.decode(errors="replace").rstrip("\r").rsplit("\r", 1)[-1].rstrip()
             if text:
-                lines.put(text)
+                lines.put((name, text))
     tail = buffer.decode(errors="replace").rsplit("\r", 1)[-1].rstrip()
     if tail:
-        lines.put(tail)
-    lines.put(None)
+        lines.put((name, tail))
+    lines.put((name, None))
 
 
 def _stop(guard: subprocess.Popen[bytes]) -> None:
     """Stop the stage and everything it started: the guard does it on SIGINT (SIGINT to the
-    stage's group, SIGKILL after the grace period, then Ray's workers). Should the guard
-    itself hang, it and every process under it are killed."""
+    stage's group, SIGKILL after the grace period, then Ray's workers); an unguarded dvc stops
+    on SIGINT itself. Should either hang, it and every process under it are killed."""
     if guard.poll() is not None:
         return
     try:
@@ -128,76 +133,116 @@ def guarded(cmd: list[str]) -> list[str]:
             str(_GRACE_S), "--", *cmd]
 
 
-def unchanged(stage: str, workspace: Path) -> bool:
-    """True if DVC's own check (Stage.changed, what `dvc repro` skips a stage by) finds nothing
-    changed, run in-process under DVC's repo lock: a skipped stage then costs no dvc start-up
-    (1-2 s each). Any doubt answers False, and `dvc repro` decides and reports."""
-    try:
-        from dvc.repo import Repo
 
-        with Repo(str(workspace)) as repo, repo.lock:
-            # An absolute target: DVC resolves relative ones against the cwd, not the repo.
-            (found,) = repo.stage.collect(f"{workspace / 'dvc.yaml'}:{stage}")
-            return not found.changed()
-    except Exception:  # noqa: BLE001  (locked, missing stage, ...: the subprocess will say)
-        return False
+
+class _DeadlinePassed(Exception):
+    """A dvc command was stopped at the stage's deadline."""
+
+
+def _dvc(args: list[str], workspace: Path, deadline: float | None,
+         on_line: Callable[[str, str], None], env: dict[str, str],
+         guard: bool = True) -> tuple[int, str | None]:
+    """`dvc <args>` in `workspace`, each line of its output passed to `on_line(stream, line)`
+    ("out" or "err") as it comes; stopped at `deadline`. Returns its exit status and the last
+    line it wrote to stderr."""
+    # Under the guard, in a session of its own: a timeout, a cancelled flow run, or the death
+    # of this process stops the whole stage (dvc, the `dltrain` it runs, Ray's workers), not
+    # only dvc; and no group signal meant for the flow run reaches the stage unguarded.
+    # `guard=False` is for a short command that starts nothing: the guard's own start-up
+    # (about 0.4 s) would double the cost of a skipped stage.
+    cmd = [dvc_executable(), *args]
+    proc = subprocess.Popen(guarded(cmd) if guard else cmd, cwd=workspace, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
+    for name, stream in (("out", proc.stdout), ("err", proc.stderr)):
+        threading.Thread(target=_pump, args=(stream, name, lines), daemon=True).start()
+    last_error = None
+    open_streams = 2
+    try:
+        while open_streams:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                name, line = lines.get(timeout=wait)
+            except queue.Empty:
+                raise _DeadlinePassed from None
+            if line is None:
+                open_streams -= 1
+                continue
+            if name == "err":
+                last_error = line
+            on_line(name, line)
+        returncode = proc.wait()
+    finally:
+        _stop(proc)
+    return returncode, last_error
+
+
+def _failure(stage: str, command: str, returncode: int, last_error: str | None) -> str:
+    return (f"stage {stage!r} failed (dvc {command} exited {returncode}): "
+            f"{last_error or 'no error output'}")
+
+
+def unchanged(stage: str, workspace: Path, deadline: float | None = None) -> bool:
+    """True if `dvc status --json <stage>` reports nothing for `stage` (without --with-deps it
+    checks that stage alone): `dvc repro` would skip it. Raises StageFailedError if dvc status
+    fails (an unknown stage, a locked repo: the message quotes DVC's error)."""
+    out: list[str] = []
+
+    def keep_json(name: str, line: str) -> None:
+        if name == "out":
+            out.append(line)
+
+    returncode, last_error = _dvc(["status", "--json", stage], workspace, deadline, keep_json,
+                                  stage_env(), guard=False)
+    if returncode != 0:
+        raise StageFailedError(_failure(stage, "status", returncode, last_error))
+    try:
+        status = json.loads("\n".join(out))
+    except json.JSONDecodeError:
+        raise StageFailedError(f"stage {stage!r}: `dvc status --json` printed no JSON "
+                               f"(it printed {' '.join(out)[:200]!r})") from None
+    return not status
 
 
 def run_stage(stage: str, workspace: Path, logger: logging.Logger | logging.LoggerAdapter,
               timeout_s: float | None = None) -> StageResult:
-    """`dvc repro --single-item <stage>` in `workspace`, its output streamed line by line to
-    `logger`. Raises StageFailedError naming the stage and the cause."""
+    """`dvc repro --single-item <stage>` in `workspace` unless DVC finds the stage unchanged,
+    its output streamed line by line to `logger`. Raises StageFailedError naming the stage and
+    the cause."""
     start = time.monotonic()
-    if unchanged(stage, workspace):
-        logger.info("Stage '%s' didn't change, skipping", stage)
-        return StageResult(stage=stage, outcome="skipped",
-                           duration_s=round(time.monotonic() - start, 3))
-    cmd = [dvc_executable(), "repro", "--single-item", stage]
-    logger.info("$ %s  (in %s)", " ".join(["dvc", *cmd[1:]]), workspace)
     deadline = None if timeout_s is None else start + timeout_s
-    seen: list[str] = []
-    # Under the guard, in a session of its own: a timeout, a cancelled flow run, or the death
-    # of this process stops the whole stage (dvc, the `dltrain` it runs, Ray's workers), not
-    # only dvc; and no group signal meant for the flow run reaches the stage unguarded.
-    proc = subprocess.Popen(guarded(cmd), cwd=workspace, env=stage_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    lines: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
     try:
-        while True:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                line = lines.get(timeout=wait)
-            except queue.Empty:
-                raise StageFailedError(
-                    f"stage {stage!r} did not finish within its timeout of {timeout_s:.0f} s; "
-                    "it was stopped (dvc.lock keeps its last completed state)") from None
-            if line is None:
-                break
-            seen.append(line)
-            if not line.lstrip().startswith(_HINTS):
-                logger.info("%s", line)
-        returncode = proc.wait()
-    finally:
-        _stop(proc)
-    duration = time.monotonic() - start
-    if returncode != 0:
-        raise StageFailedError(_failure_message(stage, returncode, seen, workspace))
-    outcome = parse_outcome(stage, seen)
-    if outcome is None:
+        outcome = _reproduce(stage, workspace, logger, deadline)
+    except _DeadlinePassed:
         raise StageFailedError(
-            f"dvc repro {stage!r} exited 0 but did not say whether it ran the stage; is "
-            f"{stage!r} a stage of {workspace / 'dvc.yaml'}?")
+            f"stage {stage!r} did not finish within its timeout of {timeout_s:.0f} s; "
+            "it was stopped (dvc.lock keeps its last completed state)") from None
+    duration = time.monotonic() - start
     logger.info("stage %s: %s in %.1f s", stage, outcome, duration)
     return StageResult(stage=stage, outcome=outcome, duration_s=round(duration, 3))
 
 
-def _failure_message(stage: str, returncode: int, seen: list[str], workspace: Path) -> str:
-    if any(_DVC_LOCKED in line for line in seen):
-        return (f"stage {stage!r}: another DVC process (a `dvc repro`, `dvc exp` or a second "
-                f"flow run) holds the lock of the DVC repo {workspace}; wait for it to finish "
-                "and run again")
-    errors = [line for line in seen if "ERROR" in line or "error:" in line]
-    last = errors[-1] if errors else (seen[-1] if seen else "no output")
-    return f"stage {stage!r} failed (dvc repro exited {returncode}): {last}"
+def _reproduce(stage: str, workspace: Path, logger: logging.Logger | logging.LoggerAdapter,
+               deadline: float | None) -> Outcome:
+    if unchanged(stage, workspace, deadline):
+        return "skipped"
+
+    def log(_: str, line: str) -> None:
+        if not line.lstrip().startswith(_HINTS):
+            logger.info("%s", line)
+
+    fd, ran_file = tempfile.mkstemp(prefix=f"dltrain-{stage}-", suffix=".ran")
+    os.close(fd)
+    try:
+        cmd = ["repro", "--single-item", stage]
+        logger.info("$ dvc %s  (in %s)", " ".join(cmd), workspace)
+        returncode, last_error = _dvc(cmd, workspace, deadline, log,
+                                      {**stage_env(), STAGE_RAN_FILE_ENV: ran_file})
+        if returncode != 0:
+            raise StageFailedError(_failure(stage, "repro", returncode, last_error))
+        # Written by `dltrain <stage>` as it starts; DVC restoring from its run cache does not
+        # start it.
+        return "ran" if Path(ran_file).stat().st_size else "restored"
+    finally:
+        Path(ran_file).unlink(missing_ok=True)

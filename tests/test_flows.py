@@ -19,13 +19,13 @@ import pytest
 import yaml
 
 from dltrain.errors import ConfigError
+from flows import dvc_stage
 from flows import mnist_training as mt
 from flows.dvc_stage import (
     GUARD,
     StageFailedError,
     StageResult,
     _pump,
-    parse_outcome,
     run_stage,
     unchanged,
 )
@@ -55,7 +55,7 @@ def dvc_lock_text(clone: Path) -> str | None:
     return path.read_text() if path.exists() else None
 
 
-# --- the stage list and DVC's verdicts ---------------------------------------------------
+# --- the stage list and the stage's output ----------------------------------------------
 
 def test_stages_are_dvc_yaml_stages_in_order():
     stages = list(yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"])
@@ -73,25 +73,14 @@ def test_only_download_retries_and_every_task_has_a_timeout():
     assert train_timeout > mt.preprocess.timeout_seconds  # training is the long stage
 
 
-@pytest.mark.parametrize("lines, outcome", [
-    (["Running stage 'train':", "> dltrain train"], "ran"),
-    (["Stage 'train' didn't change, skipping", "Data and pipelines are up to date."], "skipped"),
-    (["Stage 'train' is cached - skipping run, checking out outputs"], "restored"),
-    (["Stage 'download' didn't change, skipping"], None),  # another stage's verdict
-    (["Data and pipelines are up to date."], None),
-])
-def test_parse_outcome(lines, outcome):
-    assert parse_outcome("train", lines) == outcome
-
-
 def test_pump_keeps_one_line_per_progress_bar():
     out = b"start\nepoch 1:  10%\repoch 1:  50%\repoch 1: 100%\ndone\r\npartial"
-    q: queue.Queue[str | None] = queue.Queue()
-    _pump(io.BufferedReader(io.BytesIO(out)), q)
+    q: queue.Queue[tuple[str, str | None]] = queue.Queue()
+    _pump(io.BufferedReader(io.BytesIO(out)), "err", q)
     items = []
-    while (item := q.get()) is not None:
+    while (item := q.get()) != ("err", None):
         items.append(item)
-    assert items == ["start", "epoch 1: 100%", "done", "partial"]
+    assert items == [("err", line) for line in ["start", "epoch 1: 100%", "done", "partial"]]
 
 
 # --- the stage guard: a stage never outlives the flow run that started it ------------------
@@ -415,6 +404,24 @@ def test_preprocess_task(tiny_workspace):
 
 
 @pytest.mark.integration
+def test_a_stage_restored_from_dvc_run_cache_reports_restored(tiny_workspace):
+    """Back to params DVC has run the stage with before: DVC checks the outputs out of its run
+    cache instead of starting the command, and the stage reports "restored"."""
+    for stage in ("download", "preprocess"):
+        run_stage(stage, tiny_workspace, LOG)
+    entry = dvc_lock(tiny_workspace)["stages"]["preprocess"]
+    summary_path = tiny_workspace / "data/processed/summary.json"
+    summary = summary_path.read_text()
+    with params_overridden(tiny_workspace / "params.yaml", {"data.val_fraction": 0.2}):
+        assert run_stage("preprocess", tiny_workspace, LOG).outcome == "ran"
+        assert summary_path.read_text() != summary
+    assert run_stage("preprocess", tiny_workspace, LOG).outcome == "restored"
+    assert dvc_lock(tiny_workspace)["stages"]["preprocess"] == entry
+    assert summary_path.read_text() == summary
+    assert run_stage("preprocess", tiny_workspace, LOG).outcome == "skipped"
+
+
+@pytest.mark.integration
 def test_train_task(tiny_workspace):
     assert mt.train.fn(str(tiny_workspace)).outcome == "ran"
     assert dvc_lock(tiny_workspace)["stages"]["train"]["params"]["params.yaml"][
@@ -442,19 +449,24 @@ def test_a_failing_stage_names_itself_and_leaves_dvc_lock(fresh_clone, tmp_path)
         (fresh_clone / "params.yaml").read_text(),
         {"data.source": (tmp_path / "nowhere").as_uri()}))
     lock = dvc_lock_text(fresh_clone)
-    with pytest.raises(StageFailedError, match="stage 'download' failed"):
+    # The stage, DVC's exit status and the last line DVC wrote to stderr, as it wrote it.
+    with pytest.raises(StageFailedError,
+                       match=r"stage 'download' failed \(dvc repro exited [1-9]\d*\): \S"):
         mt.download.fn(str(fresh_clone))
     assert dvc_lock_text(fresh_clone) == lock
     assert not (fresh_clone / "data" / "raw").exists()
 
 
 @pytest.mark.integration
-def test_a_stage_past_its_timeout_is_stopped(fresh_clone, tiny_source):
+def test_a_stage_past_its_timeout_is_stopped(fresh_clone, tiny_source, monkeypatch):
     (fresh_clone / "params.yaml").write_text(render_overrides(
         (fresh_clone / "params.yaml").read_text(), {"data.source": tiny_source.as_uri()}))
     lock = dvc_lock_text(fresh_clone)
-    with pytest.raises(StageFailedError, match="did not finish within its timeout of 0 s"):
-        run_stage("download", fresh_clone, LOG, timeout_s=0.3)
+    with monkeypatch.context() as patch:
+        # Straight to `dvc repro`, so that the timeout stops the stage, not `dvc status`.
+        patch.setattr(dvc_stage, "unchanged", lambda *_, **__: False)
+        with pytest.raises(StageFailedError, match="did not finish within its timeout of 0 s"):
+            run_stage("download", fresh_clone, LOG, timeout_s=0.3)
     # Nothing half-recorded: dvc.lock is as it was, or (when the stop landed while DVC was
     # already committing) it records the complete stage, which DVC then finds up to date.
     after = dvc_lock_text(fresh_clone)
@@ -467,12 +479,12 @@ def test_a_stage_past_its_timeout_is_stopped(fresh_clone, tiny_source):
 
 
 @pytest.mark.integration
-def test_a_locked_dvc_repo_gets_a_clear_message(fresh_clone):
-    from dvc.repo import Repo
-
-    with Repo(str(fresh_clone)) as repo, repo.lock, pytest.raises(
-            StageFailedError, match="another DVC process .* holds the lock"):
-        run_stage("download", fresh_clone, LOG)
+def test_an_unknown_stage_fails_quoting_dvc(fresh_clone):
+    lock = dvc_lock_text(fresh_clone)
+    with pytest.raises(StageFailedError, match=r"stage 'no-such-stage' failed "
+                                               r"\(dvc status exited [1-9]\d*\): .*no-such-stage"):
+        run_stage("no-such-stage", fresh_clone, LOG)
+    assert dvc_lock_text(fresh_clone) == lock
 
 
 # --- the whole flow under Prefect's test harness -------------------------------------------
@@ -556,14 +568,13 @@ def test_a_second_run_on_a_busy_workspace_fails_fast(prefect_harness, fresh_clon
 
 
 @pytest.mark.integration
-def test_in_process_check_agrees_with_dvc(tiny_workspace, tmp_path, monkeypatch):
-    """The skip shortcut is DVC's own Stage.changed(): unchanged after a run, changed after a
-    param edit, from any working directory."""
+def test_unchanged_follows_dvc_status(tiny_workspace, tmp_path, monkeypatch):
+    """Unchanged after a run, changed after an edit of a param the stage reads, from any
+    working directory."""
     monkeypatch.chdir(tmp_path)
-    if not (tiny_workspace / "data" / "processed").exists():
-        run_stage("preprocess", tiny_workspace, LOG)
+    for stage in ("download", "preprocess"):
+        run_stage(stage, tiny_workspace, LOG)
     assert unchanged("download", tiny_workspace) and unchanged("preprocess", tiny_workspace)
     with params_overridden(tiny_workspace / "params.yaml", {"data.val_fraction": 0.2}):
         assert not unchanged("preprocess", tiny_workspace)
         assert unchanged("download", tiny_workspace)  # download does not read val_fraction
-    assert not unchanged("no-such-stage", tiny_workspace)
