@@ -8,6 +8,7 @@ before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import yaml
 from dltrain.errors import ConfigError
 
 DATASETS = ("fashion-mnist", "mnist")
+RAY_ADDRESS = re.compile(r"local|auto|(ray://)?[\w.\-\[\]:]+:\d{1,5}")
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,9 @@ class TrainConfig:
     optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
     num_workers: int = 1
     use_gpu: bool = False
-    ray_address: str | None = None  # None = RAY_ADDRESS if set, else a local embedded Ray
+    # local: a private one-shot Ray; auto (None too): RAY_ADDRESS, else the workspace's warm
+    # Ray (`make ray-up`), else a private one; or HOST:PORT / ray://HOST:PORT of a cluster.
+    ray_address: str | None = "auto"
     storage_path: str | None = None  # None = <repo>/.ray_results; shared storage on a cluster
     max_failures: int = 2
     seed: int = 42
@@ -77,6 +81,10 @@ class TrainConfig:
                "a number in [0, 1): 0 turns weight averaging off")
         _check(self.threads_per_worker is None or self.threads_per_worker >= 1,
                "train.threads_per_worker", self.threads_per_worker, "null or an integer >= 1")
+        _check(self.ray_address is None or bool(RAY_ADDRESS.fullmatch(self.ray_address)),
+               "train.ray_address", self.ray_address,
+               "local (a private Ray), auto (a running one, else local), or a cluster's "
+               "HOST:PORT or ray://HOST:PORT")
 
 
 @dataclass(frozen=True)

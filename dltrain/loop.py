@@ -2,7 +2,7 @@
 
 No Ray here: the loop takes its rank, world size and three small hooks (wrap the model for
 data parallelism, sum tensors across workers, report an epoch), so a unit test runs it
-in-process and dltrain/train.py plugs in Ray Train's versions.
+in-process and dltrain/train/worker.py plugs in Ray Train's versions.
 
 Data path: the processed arrays are memory-mapped uint8; each worker reads only its shard of
 each epoch's global permutation, cuts batches by fancy-indexing the map (no per-sample Python

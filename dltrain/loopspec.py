@@ -1,9 +1,9 @@
 """What the train stage's driver and its workers share, without torch: the loop's config, the
 files of a checkpoint, and which epoch's model the stage ships.
 
-The driver (dltrain.train) imports no torch: importing it took ~1.5 s of CPU while ray.init was
-starting Ray's processes on two cores. It hands LoopConfig to the workers, and installs the
-model.pt bytes that rank 0 wrote into the final checkpoint (dltrain.weights.write_model_pair).
+The train stage's driver (dltrain.train) reads checkpoints without torch: it hands LoopConfig to
+the workers, and installs the model.pt bytes that rank 0 wrote into the final checkpoint
+(dltrain.weights.write_model_pair).
 """
 
 from __future__ import annotations

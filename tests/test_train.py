@@ -1,15 +1,20 @@
-"""The train stage: pre-flight checks, and real Ray Train runs on a local Ray."""
+"""The train stage: pre-flight checks, which Ray it runs on, and real Ray Train runs on a
+private local Ray, beside a user's own Ray, and on a running one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -20,7 +25,10 @@ from dltrain.config import params_from_dict
 from dltrain.errors import TrainingError
 from dltrain.modelio import load_model
 from dltrain.paths import Workspace
-from dltrain.train import check_processed, check_storage, plan_resources, run_key, train
+from dltrain.train import train
+from dltrain.train.connect import RayTarget, read_env_file, resolve
+from dltrain.train.preflight import check_processed, plan_resources, run_key
+from dltrain.train.storage import check_storage
 
 from conftest import make_processed, venv_env
 
@@ -84,73 +92,76 @@ def test_too_many_workers_fail_before_ray_starts(processed_ws: Path, tmp_path: P
     assert not ray.is_initialized()
 
 
+# ----------------------------------------------------------------------------- which Ray
+
+def _listening() -> tuple[socket.socket, str]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock, f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def _warm_env(ws: Path, address: str) -> Path:
+    (ws / ".ray").mkdir(parents=True, exist_ok=True)
+    env_file = ws / ".ray" / "env"
+    env_file.write_text(f"export RAY_ADDRESS={address}\nexport RAY_AUTH_MODE=token\n"
+                        f"export RAY_AUTH_TOKEN_PATH={ws / '.ray' / 'auth_token'}\n")
+    return env_file
+
+
+def test_local_is_always_a_private_ray(tmp_path: Path) -> None:
+    sock, address = _listening()
+    with sock:
+        _warm_env(tmp_path, address)
+        target, note = resolve("local", Workspace.at(tmp_path), {"RAY_ADDRESS": address})
+    assert target == RayTarget(None, "a private local Ray") and note is None
+
+
+def test_auto_without_a_running_ray_is_a_private_one(tmp_path: Path) -> None:
+    for mode in ("auto", None):
+        target, note = resolve(mode, Workspace.at(tmp_path), {})
+        assert target.local and note is None
+
+
+def test_auto_takes_ray_address_first(tmp_path: Path) -> None:
+    target, _ = resolve("auto", Workspace.at(tmp_path), {"RAY_ADDRESS": "10.0.0.9:6379"})
+    assert target.address == "10.0.0.9:6379" and "(RAY_ADDRESS)" in target.where
+    assert not target.on_this_machine
+
+
+def test_auto_takes_the_workspace_warm_ray_with_its_token(tmp_path: Path) -> None:
+    sock, address = _listening()
+    with sock:
+        _warm_env(tmp_path, address)
+        target, note = resolve("auto", Workspace.at(tmp_path), {})
+    assert note is None
+    assert target.address == address and target.on_this_machine
+    assert target.env == {"RAY_AUTH_MODE": "token",
+                          "RAY_AUTH_TOKEN_PATH": str(tmp_path / ".ray" / "auth_token")}
+    assert "make ray-up" in target.where
+
+
+def test_a_warm_ray_that_does_not_answer_falls_back_to_a_private_one(tmp_path: Path) -> None:
+    sock, address = _listening()
+    sock.close()  # recorded, but gone
+    _warm_env(tmp_path, address)
+    target, note = resolve("auto", Workspace.at(tmp_path), {})
+    assert target.local
+    assert f"does not answer at {address}" in note and "make ray-up" in note
+
+
+def test_an_address_is_that_cluster(tmp_path: Path) -> None:
+    target, _ = resolve("ray://head:10001", Workspace.at(tmp_path), {"RAY_ADDRESS": "x:1"})
+    assert target.address == "ray://head:10001" and "train.ray_address" in target.where
+
+
+def test_the_env_file_format_of_make_ray_up(tmp_path: Path) -> None:
+    path = tmp_path / "env"
+    path.write_text("export RAY_ADDRESS=10.1.2.3:40001\nexport RAY_AUTH_MODE=token\n\n")
+    assert read_env_file(path) == {"RAY_ADDRESS": "10.1.2.3:40001", "RAY_AUTH_MODE": "token"}
+
+
 # ----------------------------------------------------------------------------- real Ray
-
-def _actor_processes(ray_tmpdir: Path) -> list[tuple[str, float]]:
-    """(class, seconds its process waited idle before becoming the actor) of every actor the
-    local Ray ran, from its session's logs: each worker process writes `:actor_name:<class>`
-    into its worker-<id>-*.out file when it becomes an actor, and its
-    python-core-worker-<id>_*.log has timestamped lines from its start to "Creating actor"."""
-    def stamp(line: str) -> float:  # "[2026-11-29 14:32:25,815 I ..."
-        return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
-    actors = []
-    for out in ray_tmpdir.glob("ray/session_2*/logs/worker-*.out"):
-        names = [line.split(":actor_name:", 1)[1].strip()
-                 for line in out.read_text(errors="replace").splitlines()
-                 if line.startswith(":actor_name:")]
-        if not names:  # a process that ran tasks only, or none
-            continue
-        worker_id = out.name.split("-")[1]
-        (core_log,) = out.parent.glob(f"python-core-worker-{worker_id}_*.log")
-        lines = core_log.read_text(errors="replace").splitlines()
-        created = next(line for line in lines if "Creating actor" in line)
-        actors += [(name, stamp(created) - stamp(lines[0])) for name in names]
-    return sorted(actors)
-
-
-def test_the_controller_side_of_the_run_needs_no_torch() -> None:
-    """What the Train controller unpickles and runs (the backend config, the callbacks that use
-    it, the scaling policy) and what the driver builds the trainer from import no torch: the
-    controller, which every worker waits for, no longer pays ~1.5 s for it (raybackend)."""
-    code = """
-import pickle, sys
-import ray.cloudpickle as cloudpickle
-from ray.train.v2._internal.callbacks.accelerators import AcceleratorSetupCallback
-from ray.train.v2._internal.callbacks.backend_setup import BackendSetupCallback
-from ray.train.v2._internal.execution.controller.controller import TrainController
-from ray.train.v2.api.config import ScalingConfig
-from dltrain.raybackend import TorchBackendConfig
-from dltrain.raypolicy import StaticScalingPolicy
-import dltrain.train
-config = TorchBackendConfig()
-blob = cloudpickle.dumps([BackendSetupCallback(config), AcceleratorSetupCallback(config,
-    ScalingConfig(num_workers=2)), StaticScalingPolicy(scaling_config=ScalingConfig())])
-pickle.loads(blob)
-assert config.backend_cls.__name__ == "TorchProcessGroupBackend"
-print("torch" in sys.modules)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, env=venv_env())
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
-
-
-@pytest.mark.integration
-def test_the_driver_never_imports_torch(processed_ws: Path, tmp_path: Path) -> None:
-    """Only the workers import torch: the driver (the `dltrain train` process) installs the
-    model bytes rank 0 serialised, so ray.init never competes with a torch import."""
-    shutil.copytree(processed_ws / "data", tmp_path / "data")
-    (tmp_path / "params.yaml").write_text(json.dumps({"model": {"hidden_sizes": [64]}}))
-    code = ("import sys; from dltrain.cli import main; "
-            f"rc = main(['train', '--workspace', {str(tmp_path)!r}, '-S', 'train.epochs=1']); "
-            "print('exit', rc, 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=600, env=venv_env())
-    assert out.stdout.strip().splitlines()[-1] == "exit 0 False", out.stdout + out.stderr
-    model, card = load_model(tmp_path / "models" / "model.pt")
-    assert card["best_epoch"] == 1 and model(torch.zeros(1, 784)).shape == (1, 10)
-
 
 @pytest.mark.integration
 def test_two_cpu_workers_train_checkpoint_and_report(processed_ws: Path, tmp_path: Path,
@@ -161,25 +172,13 @@ def test_two_cpu_workers_train_checkpoint_and_report(processed_ws: Path, tmp_pat
     ray_tmpdir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmpdir))
     try:
-        report = train(params(num_workers=2, epochs=3), ws)
-        actors = _actor_processes(ray_tmpdir)
-        logs = {path.name for path in ray_tmpdir.glob("ray/session_2*/logs/*")}
+        report = train(params(num_workers=2, epochs=3, ray_address="local"), ws)
     finally:
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
-    # Only the controller, its barrier and the workers: none of the helper actors Ray Train
-    # would start one after the other for Ray Data, an autoscaler or placement-group cleanup.
-    assert [name for name, _ in actors] == ["RayTrainWorker", "RayTrainWorker",
-                                            "SynchronizationActor", "TrainController"]
-    # A worker ran in a process that Ray had started before the controller asked for it
-    # (train._prestart_workers; Ray 2.60 leaves one such process idle, whatever the count): it
-    # waited idle while the controller started. A process started on demand becomes its actor
-    # within milliseconds, as the controller's does.
-    waited = [idle for name, idle in actors if name == "RayTrainWorker"]
-    assert max(waited) > 0.5 > dict(actors)["TrainController"], actors
-    # Nor the cluster services a one-run Ray has no use for (train._stage_services_only).
-    assert "raylet.out" in logs and "log_monitor.log" in logs
-    assert not {"monitor.log", "dashboard.log"} & logs, sorted(logs)
+    import ray
 
+    assert not ray.is_initialized()  # the private Ray is stopped with the run
+    assert report["ray"]["where"] == "a private local Ray"
     assert report["world_size"] == 2
     assert len(report["nodes"]) == 2
     epochs = report["epochs"]
@@ -258,3 +257,151 @@ def test_worker_failure_without_retries_fails_clearly(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "training failed after 0 allowed worker failure(s) (train.max_failures)" in done.stdout
     assert not (ws / "models" / "model.pt").exists()
+
+
+# ----------------------------------------------------------------------------- beside a user's Ray
+
+@dataclass
+class UsersRay:
+    """A `ray start --head` as a user runs one: on loopback, with token authentication, its
+    temp root under RAY_TMPDIR (so a plain ray.init() there finds it, as it finds a user's Ray
+    in /tmp/ray)."""
+    address: str
+    node_id: str
+    tmpdir: Path
+    token_path: Path
+    pgid: int
+
+    def client_env(self, **extra: str) -> dict[str, str]:
+        return venv_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path),
+                        **extra)
+
+    def pids(self) -> set[int]:
+        return {p.pid for p in psutil.process_iter() if _pgid(p.pid) == self.pgid}
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+NODE_ID = """
+import os, ray
+ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR", log_to_driver=False)
+print(ray.get_runtime_context().get_node_id(), len(ray.nodes()))
+"""
+
+
+@pytest.fixture(scope="module")
+def users_ray(tmp_path_factory: pytest.TempPathFactory):
+    tmpdir = Path(tempfile.mkdtemp(prefix="ur", dir="/tmp"))  # Ray's socket paths are short
+    token_path = tmpdir / "token"
+    token_path.write_text(secrets.token_hex(32))
+    token_path.chmod(0o600)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = venv_env(RAY_TMPDIR=str(tmpdir), RAY_AUTH_MODE="token",
+                   RAY_AUTH_TOKEN_PATH=str(token_path), RAY_USAGE_STATS_ENABLED="0")
+    start = subprocess.Popen(
+        ["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    pgid = start.pid
+    try:
+        out, _ = start.communicate(timeout=180)
+        assert start.returncode == 0, out
+        address = (tmpdir / "ray" / "ray_current_cluster").read_text().strip()
+        probe = subprocess.run([sys.executable, "-c", NODE_ID], capture_output=True, text=True,
+                               timeout=180, env={**env, "RAY_ADDRESS": address})
+        assert probe.returncode == 0, probe.stderr
+        node_id = probe.stdout.split()[-2]
+        yield UsersRay(address, node_id, tmpdir, token_path, pgid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while [p for p in psutil.process_iter() if _pgid(p.pid) == pgid]:
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGKILL)
+                break
+            time.sleep(0.5)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _train_cli(ws: Path, env: dict[str, str], *args: str, timeout: float = 600
+               ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dltrain", "train", "--workspace", str(ws),
+                           "-S", "train.epochs=1", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.integration
+def test_the_default_trains_on_a_private_ray_beside_a_users_ray(
+        users_ray: UsersRay, processed_ws: Path, tmp_path: Path) -> None:
+    """The collision that broke `dvc repro`: with a user's Ray found by a plain ray.init(),
+    the default run starts a Ray of its own and leaves the user's one as it was."""
+    shutil.copytree(processed_ws / "data", tmp_path / "data")
+    (tmp_path / "params.yaml").write_text(json.dumps({"model": {"hidden_sizes": [64]}}))
+    before = users_ray.pids()
+    env = venv_env(RAY_TMPDIR=str(users_ray.tmpdir))
+    env.pop("RAY_ADDRESS", None)
+    done = _train_cli(tmp_path, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "reports" / "training.json").read_text())
+    assert report["ray"]["where"] == "a private local Ray"
+    assert report["nodes"] and users_ray.node_id not in report["nodes"]
+    # The user's Ray: the same processes, still one node, still answering.
+    assert users_ray.pids() >= before
+    probe = subprocess.run([sys.executable, "-c", NODE_ID], capture_output=True, text=True,
+                           timeout=180, env=users_ray.client_env(RAY_ADDRESS=users_ray.address))
+    assert probe.stdout.split() == [users_ray.node_id, "1"], probe.stderr
+
+
+@pytest.mark.integration
+def test_auto_trains_on_the_running_warm_ray(users_ray: UsersRay, processed_ws: Path,
+                                             tmp_path: Path) -> None:
+    """`auto` with the workspace's warm Ray recorded in .ray/env (what `make ray-up` writes):
+    the run's worker is on that head's node, and the head keeps running after it."""
+    shutil.copytree(processed_ws / "data", tmp_path / "data")
+    (tmp_path / "params.yaml").write_text(json.dumps({"model": {"hidden_sizes": [64]}}))
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "env").write_text(
+        f"export RAY_ADDRESS={users_ray.address}\nexport RAY_AUTH_MODE=token\n"
+        f"export RAY_AUTH_TOKEN_PATH={users_ray.token_path}\n")
+    env = venv_env()
+    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"):
+        env.pop(key, None)
+    done = _train_cli(tmp_path, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "reports" / "training.json").read_text())
+    assert report["nodes"] == [users_ray.node_id]
+    assert "warm Ray" in report["ray"]["where"]
+    assert f"connecting to the workspace's warm Ray at {users_ray.address}" in done.stdout
+    assert users_ray.pids()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("token", ["missing", "wrong"])
+def test_a_cluster_that_refuses_the_token_is_one_line(users_ray: UsersRay, tmp_path: Path,
+                                                      processed_ws: Path, token: str) -> None:
+    shutil.copytree(processed_ws / "data", tmp_path / "data")
+    (tmp_path / "params.yaml").write_text(json.dumps({"model": {"hidden_sizes": [64]}}))
+    env = venv_env(RAY_ADDRESS=users_ray.address)
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"):
+        env.pop(key, None)
+    if token == "wrong":
+        wrong = tmp_path / "token"
+        wrong.write_text(secrets.token_hex(32))
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(wrong))
+    done = _train_cli(tmp_path, env)
+    assert done.returncode == 3, done.stdout + done.stderr
+    errors = done.stderr.strip().splitlines()
+    assert errors == [errors[0]] and errors[0].startswith(
+        f"dltrain train: error: cannot use the Ray cluster at {users_ray.address} (RAY_ADDRESS)")
+    assert "RAY_AUTH_TOKEN_PATH" in errors[0] and "Traceback" not in done.stdout
+    assert not (tmp_path / "models").exists()

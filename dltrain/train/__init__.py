@@ -1,0 +1,17 @@
+"""The train stage, on Ray Train's public API:
+
+    preflight.py  the data, the resources, which run this is (before any Ray process starts)
+    connect.py    which Ray: a private one, the workspace's warm one, or a cluster
+    rayenv.py     what every Ray process of the run is given (quiet settings, a setup hook)
+    worker.py     the function each Ray Train worker runs around dltrain.loop
+    storage.py    the checkpoints' storage path, checked, and finished-run markers
+    outputs.py    models/model.pt, its card and reports/training.json
+    stage.py      train(): the above in order
+
+Every Ray call of the project lives in this package (and the cluster helpers in infra/); the
+loop itself is plain PyTorch in dltrain/loop.py.
+"""
+
+from dltrain.train.stage import train
+
+__all__ = ["train"]

@@ -1,0 +1,88 @@
+"""What the train stage leaves behind: models/model.pt with its card (models/model.json) and
+reports/training.json, from the run's last checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from dltrain.config import Params
+from dltrain.errors import TrainingError
+from dltrain.io import write_json
+from dltrain.loopspec import CHECKPOINT_HISTORY, CHECKPOINT_MODEL, best_epoch
+from dltrain.paths import Workspace
+
+
+def git_commit(root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def read_final_checkpoint(directory: Path, hidden_sizes: tuple[int, ...]
+                          ) -> tuple[list[dict[str, Any]], bytes]:
+    """The epochs so far and the model.pt bytes (the best epoch's weights, serialised by rank
+    0) of the run's last checkpoint, checked to be plain weights of the configured shapes."""
+    from dltrain.weights import expected_shapes, parse_state_dict
+
+    model_file = directory / CHECKPOINT_MODEL
+    if not model_file.is_file():
+        raise TrainingError(f"the run's last checkpoint ({directory}) has no {CHECKPOINT_MODEL}: "
+                            "it was written by an older dltrain; re-run with `--resume never`")
+    weights = model_file.read_bytes()
+    shapes = {k: v.shape for k, v in parse_state_dict(weights, model_file).items()}
+    if shapes != expected_shapes(hidden_sizes):
+        raise TrainingError(f"{model_file} holds tensors {shapes}, not the MLP of "
+                            f"model.hidden_sizes {list(hidden_sizes)}")
+    return json.loads((directory / CHECKPOINT_HISTORY).read_text()), weights
+
+
+def write_outputs(epochs: list[dict[str, Any]], weights: bytes, params: Params, ws: Workspace,
+                  summary: dict[str, Any], *, world_size: int, device: str, nodes: list[str],
+                  wall_s: float, name: str, storage: str, ray: dict[str, Any]
+                  ) -> dict[str, Any]:
+    """models/model.pt (`weights`) with its card, and reports/training.json."""
+    from dltrain.weights import architecture, write_model_pair
+
+    best_epoch_number = best_epoch(epochs)
+    best = next(e for e in epochs if e["epoch"] == best_epoch_number)
+    times = sorted(e["epoch_time_s"] for e in epochs)
+    median = times[len(times) // 2]
+    report = {
+        "epochs": epochs,
+        "world_size": world_size,
+        "nodes": nodes,
+        "device": device,
+        "samples_per_s": epochs[-1]["samples"] / median if median else None,
+        "wall_time_s": wall_s,
+        "ray_overhead_s": wall_s - sum(e["epoch_time_s"] for e in epochs),
+        "resumed": any(e.get("attempt", 0) for e in epochs),
+        # models/model.pt holds the weights of this epoch (best validation accuracy).
+        "best_epoch": best_epoch_number,
+        "run_name": name,
+        "storage_path": storage,
+        # Which Ray ran it: {"where": ..., "version": ..., "connect_s": ...}.
+        "ray": ray,
+    }
+    card = {
+        "architecture": architecture(params.model.hidden_sizes),
+        "params": params.to_dict(),
+        "data": {"dataset": summary["dataset"], "data_checksum": summary.get("data_checksum"),
+                 "test_sha256": summary.get("test", {}).get("sha256")},
+        "git_commit": git_commit(ws.root),
+        "world_size": world_size,
+        "device": device,
+        "nodes": nodes,
+        "timings": {"wall_time_s": wall_s, "epoch_times_s": [e["epoch_time_s"] for e in epochs]},
+        "best_epoch": best_epoch_number,
+        "final": {k: best[k] for k in ("train_loss", "train_accuracy", "val_loss",
+                                        "val_accuracy")},
+    }
+    write_model_pair(weights, card, ws.model_path, ws.model_card_path)
+    write_json(ws.training_report_path, report)
+    return report

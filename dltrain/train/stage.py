@@ -1,0 +1,172 @@
+"""The train stage: pre-flight checks, then Ray Train's TorchTrainer runs dltrain.loop on the
+Ray that train.ray_address names (dltrain.train.connect), then the outputs.
+
+Ray Train traps, and how they are handled:
+- report() is a barrier: every rank reports once per epoch; only rank 0 attaches a checkpoint.
+- result.metrics is None unless a checkpoint was reported: every epoch reports one.
+- Asking for more CPUs/GPUs than the cluster has makes Ray wait forever: checked up front.
+- Workers change directory: every path handed to them is absolute.
+- FailureConfig(max_failures=0) is Ray's default: train.max_failures turns recovery on, and a
+  restarted worker group continues from the latest checkpoint (ray.train.get_checkpoint()).
+- A re-run of the stage with the same params and data continues an interrupted run (Ray Train
+  restores a run of the same name and storage path); a finished run is never continued, and
+  `--resume never` always starts clean: never a mix of the two.
+- fit() raises ray.train.TrainingFailedError: it becomes one line naming the failure.
+
+The driver imports torch only through Ray Train's TorchTrainer, and does so in a thread while
+ray.init waits for Ray's processes, so that on two cores the import costs the stage no wall time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+from dltrain.config import Params
+from dltrain.errors import TrainingError
+from dltrain.loopspec import LoopConfig
+from dltrain.paths import Workspace
+from dltrain.train import connect, rayenv
+from dltrain.train.outputs import read_final_checkpoint, write_outputs
+from dltrain.train.preflight import check_processed, local_cpus, plan_resources, run_key
+from dltrain.train.storage import check_storage, mark_complete, prepare_run_dir, resolve_storage
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def train(params: Params, ws: Workspace, *, resume: str = "auto") -> dict[str, Any]:
+    """Train with Ray Train and write models/model.pt, models/model.json and
+    reports/training.json; returns the training report."""
+    started = time.perf_counter()
+    t = params.train
+    summary = check_processed(ws.processed_dir, params.data.dataset)
+    target, note = connect.resolve(t.ray_address, ws)
+    if note:
+        say(note)
+    if target.local:  # before any Ray process starts (the GPUs are counted once Ray is up)
+        plan_resources(t.num_workers, False, local_cpus(), 0, "this machine")
+    storage = resolve_storage(t.storage_path, ws)
+    check_storage(storage)
+    name = f"dltrain-{run_key(params, str(summary.get('data_checksum')))}"
+    resuming = prepare_run_dir(storage, name, resume)
+
+    rayenv.set_driver_env()
+    trainer_import = _import_in_background("ray.train.torch")
+    say(f"starting {target.where} ({local_cpus()} CPUs)" if target.local
+        else f"connecting to {target.where}")
+    connect_s = connect.connect(target, local_cpus(), rayenv.runtime_env())
+    import ray
+
+    try:
+        cpus_per_worker = _plan(params, target)
+        threads = t.threads_per_worker or cpus_per_worker
+        loop_cfg = LoopConfig(processed_dir=str(ws.processed_dir.resolve()),
+                              hidden_sizes=tuple(params.model.hidden_sizes), epochs=t.epochs,
+                              batch_size=t.batch_size, learning_rate=t.learning_rate,
+                              optimizer=t.optimizer, seed=t.seed, threads=threads,
+                              ema_decay=t.ema_decay)
+        say(f"Ray ready in {connect_s:.1f}s (Ray {ray.__version__}); training "
+            f"{params.data.dataset}: {t.num_workers} worker(s) x {cpus_per_worker} CPU, "
+            f"{'GPU' if t.use_gpu else 'CPU'}, {t.epochs} epochs, global batch {t.batch_size}"
+            + (f"; resuming run {name} from its latest checkpoint" if resuming else ""))
+        trainer_import.join()
+        result = _fit(params, loop_cfg, cpus_per_worker, storage, name)
+        if result.checkpoint is None:
+            raise TrainingError("training finished without a checkpoint")
+        with result.checkpoint.as_directory() as directory:
+            epochs, weights = read_final_checkpoint(Path(directory), loop_cfg.hidden_sizes)
+        metrics = result.metrics or {}
+        report = write_outputs(
+            epochs, weights, params, ws, summary, world_size=t.num_workers,
+            device="cuda" if t.use_gpu else "cpu", nodes=list(metrics.get("nodes", [])),
+            wall_s=time.perf_counter() - started, name=name, storage=storage,
+            ray={"where": target.where, "version": ray.__version__,
+                 "connect_s": round(connect_s, 3)})
+        mark_complete(storage, name, report)
+    finally:
+        # A private Ray stops here; a warm Ray or a cluster is only disconnected from.
+        ray.shutdown()
+    best = next(e for e in report["epochs"] if e["epoch"] == report["best_epoch"])
+    say(f"trained {len(report['epochs'])} epochs in {report['wall_time_s']:.1f}s "
+        f"({report['samples_per_s']:.0f} samples/s, Ray overhead "
+        f"{report['ray_overhead_s']:.1f}s); best val_acc {best['val_accuracy']:.4f} at epoch "
+        f"{best['epoch']}; wrote {ws.model_path.relative_to(ws.root)}")
+    return report
+
+
+def _plan(params: Params, target: connect.RayTarget) -> int:
+    """CPUs per worker, checked against the Ray the run is on."""
+    import ray
+
+    t = params.train
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    where = "this machine" if target.local else target.where
+    if target.on_this_machine:
+        per_worker = plan_resources(t.num_workers, t.use_gpu, cpus, gpus, where)
+    else:
+        # On a cluster each worker takes threads_per_worker CPUs (default 1) wherever the
+        # placement strategy puts it; the check counts the whole cluster.
+        per_worker = t.threads_per_worker or 1
+        plan_resources(t.num_workers * per_worker, t.use_gpu, cpus, gpus, where)
+    free = ray.available_resources().get("CPU", 0.0)
+    if free < t.num_workers * per_worker:
+        say(f"note: {where} has {free:g} of its {cpus:g} CPUs free; the run waits until "
+            f"{t.num_workers * per_worker} are (another job is using them)")
+    return per_worker
+
+
+def _fit(params: Params, loop_cfg: LoopConfig, cpus_per_worker: int, storage: str,
+         name: str) -> Any:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from dltrain.train.worker import train_fn_per_worker
+
+    t = params.train
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"loop": asdict(loop_cfg), "use_gpu": t.use_gpu},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker},
+            placement_strategy=t.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level=rayenv.RAY_TRAIN_LOG_LEVEL)),
+    )
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingError(f"training failed after {t.max_failures} allowed worker "
+                            f"failure(s) (train.max_failures): {_root_cause(exc)}") from exc
+
+
+def _root_cause(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    cause = exc.__cause__ or exc.__context__
+    detail = _root_cause(cause) if cause is not None else ""
+    head = text[-1] if text else type(exc).__name__
+    return f"{head} ({detail})" if detail and detail not in head else head
+
+
+def _import_in_background(*modules: str) -> threading.Thread:
+    """Import `modules` in a thread; a failure shows again where they are imported for use."""
+    def load() -> None:
+        for module in modules:
+            try:
+                import_module(module)
+            except Exception:  # noqa: BLE001  (re-raised by the import that needs it)
+                return
+
+    thread = threading.Thread(target=load, name="dltrain-imports", daemon=True)
+    thread.start()
+    return thread
