@@ -106,11 +106,15 @@ def resolve(mode: str | None, ws: Workspace,
             "starting a private one (`make ray-up` starts it again)")
 
 
-def connect(target: RayTarget, cpus: int, runtime_env: dict) -> float:
-    """ray.init for `target`; returns the seconds it took. Connection failures become one
-    RayConnectError line that says why and what to do."""
-    # Ray reads its token settings when it is imported: a warm head's go in first.
+def export_env(target: RayTarget) -> None:
+    """Put the target's token settings into this process' environment. Ray reads them when
+    it is imported: call this before anything imports ray."""
     os.environ.update(target.env)
+
+
+def connect(target: RayTarget, cpus: int, runtime_env: dict) -> float:
+    """ray.init for `target` (export_env(target) done); returns the seconds it took.
+    Connection failures become one RayConnectError line that says why and what to do."""
     import ray
 
     started = time.perf_counter()

@@ -56,6 +56,7 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto") -> dict[str, A
     name = f"dltrain-{run_key(params, str(summary.get('data_checksum')))}"
     resuming = prepare_run_dir(storage, name, resume)
 
+    connect.export_env(target)
     rayenv.set_driver_env()
     trainer_import = _import_in_background("ray.train.torch")
     say(f"starting {target.where} ({local_cpus()} CPUs)" if target.local
