@@ -29,10 +29,10 @@ help:
 
 setup: $(STAMP) data-package
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || { echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
 	@echo "installing dltrain and its pinned dependencies into $(VENV) (first time: about 3 minutes)"
-	@$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	@touch $@
 
 # Debian's package is the offline mirror of Fashion-MNIST (machines without internet, CI).
@@ -91,11 +91,12 @@ cluster-down:
 # The workspace's warm Ray: one head on loopback with all of this machine's CPUs (and the GPUs
 # Ray finds), no dashboard, token auth; `dltrain train` (train.ray_address: auto) reuses it
 # instead of starting a Ray per run. State: .ray/ (or env DLTRAIN_RAY_DIR), with env holding
-# the export lines for a client. It needs the venv only, not the data set.
+# the export lines for a client. It needs the venv only, not the data set. (nproc would count
+# OMP_NUM_THREADS, not CPUs, when that is set.)
 RAY_DIR := $(abspath $(or $(DLTRAIN_RAY_DIR),.ray))
 ray-up: $(STAMP)
 	@line=$$(python infra/local-cluster/cluster.py --state-dir $(RAY_DIR) up --workers 0 \
-	  --head-cpus $$(nproc) --head-gpus auto --no-dashboard --brief) && \
+	  --head-cpus $$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) --head-gpus auto --no-dashboard --brief) && \
 	  echo "$$line; dltrain train reuses it (train.ray_address: auto); stop it with make ray-down"
 
 ray-down:
