@@ -144,9 +144,9 @@ def test_local_servers_are_started_on_loopback() -> None:
     assert "http://127.0.0.1:" in deploy
     cluster = (REPO_ROOT / "infra" / "local-cluster" / "cluster.py").read_text()
     assert 'HOST = "127.0.0.1"' in cluster and '"--node-ip-address", HOST' in cluster
-    # The embedded Ray of `dltrain train` starts no dashboard (an HTTP server) at all.
-    train = (REPO_ROOT / "dltrain" / "train.py").read_text()
-    assert "include_dashboard=False" in train
+    # The private Ray of `dltrain train` starts without the dashboard's web server.
+    connect = (REPO_ROOT / "dltrain" / "train" / "connect.py").read_text()
+    assert 'ray.init(address="local", num_cpus=cpus, include_dashboard=False' in connect
 
 
 def test_servers_in_the_tests_bind_loopback() -> None:
