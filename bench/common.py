@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -9,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,17 +39,32 @@ def workspace_with(processed_dir: Path, root: Path) -> Path:
     return root
 
 
-def run_stage(ws: Path, stage: str, *overrides: str) -> tuple[float, str]:
+def run_stage(ws: Path, stage: str, *overrides: str,
+              extra_env: dict[str, str] | None = None) -> tuple[float, str]:
     """Run `dltrain <stage>` in a fresh process; returns (wall seconds, output)."""
     args = [str(BIN / "dltrain"), stage, "--workspace", str(ws)]
     for o in overrides:
         args += ["-S", o]
     started = time.perf_counter()
-    out = subprocess.run(args, env=env(), capture_output=True, text=True)
+    out = subprocess.run(args, env={**env(), **(extra_env or {})}, capture_output=True,
+                         text=True)
     wall = time.perf_counter() - started
     if out.returncode:
         raise SystemExit(f"{' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
     return wall, out.stdout + out.stderr
+
+
+@contextlib.contextmanager
+def warm_ray(ray_dir: Path) -> Iterator[dict[str, str]]:
+    """`make ray-up` with its state in `ray_dir`; yields the environment that points the train
+    stage at it (DLTRAIN_RAY_DIR); `make ray-down` after, whatever happens."""
+    extra = {"DLTRAIN_RAY_DIR": str(ray_dir)}
+    make = ["make", "-s", "-C", str(REPO)]
+    subprocess.run([*make, "ray-up"], env={**env(), **extra}, check=True)
+    try:
+        yield extra
+    finally:
+        subprocess.run([*make, "ray-down"], env={**env(), **extra}, check=False)
 
 
 def training_report(ws: Path) -> dict:
