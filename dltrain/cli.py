@@ -86,11 +86,21 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="override one param for this run, e.g. -S train.epochs=3")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dltrain")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dltrain",
         description="MLP-on-MNIST as a training pipeline: "
                     "download -> preprocess -> train -> evaluate -> register.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     stages: list[tuple[str, Any, str]] = [
         ("download", cmd_download, "fetch the four IDX files into data/raw (verified)"),
@@ -144,6 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dltrain {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`dltrain predict ... | head -3`): stop quietly, as Unix tools
+        # do, with the status a shell gives a command that SIGPIPE ended (128 + 13). Output
+        # still buffered for the closed pipe goes to /dev/null, not into a second error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
     return 0
 
 

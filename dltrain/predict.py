@@ -54,6 +54,9 @@ def load_inputs(paths: list[Path]) -> tuple[list[str], np.ndarray]:
     names: list[str] = []
     arrays: list[np.ndarray] = []
     for path in paths:
+        if path.is_dir():
+            raise DataError(f"{path}: is a directory; give PNG images or an IDX file "
+                            f"(for every PNG in it: {path}/*.png)")
         if not path.is_file():
             raise DataError(f"{path}: input not found")
         if _looks_like_idx(path):

@@ -318,7 +318,9 @@ def read_card(card_path: Path) -> tuple[dict[str, Any], list[int]]:
         card = read_json(card_path)
         hidden_sizes = card["architecture"]["hidden_sizes"]
     except FileNotFoundError as exc:
-        raise ModelError(f"model description not found: {card_path}") from exc
+        raise ModelError(f"model description not found: {card_path}; restore the model from "
+                         "DVC's cache (`dvc checkout models`) or train it again "
+                         "(`dvc repro train`)") from exc
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{card_path} is not a valid model description: {exc}") from exc
     if not (isinstance(hidden_sizes, list)

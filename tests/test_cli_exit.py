@@ -78,3 +78,10 @@ def test_handlers_registered_during_the_command_run_and_the_status_is_kept(
     assert done.stdout == "stage output"
     if outcome == "bug":
         assert "RuntimeError: a bug" in done.stderr
+
+
+def test_version_prints_the_installed_version(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    done = dltrain("--version", cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == f"dltrain {version('dltrain')}"

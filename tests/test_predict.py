@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,8 @@ from dltrain.paths import Workspace
 from dltrain.predict import load_inputs, predict_command
 from dltrain.register import register
 from dltrain.registry import embedded_tracking_uri
+
+from conftest import venv_env
 
 N_PNG = 6
 
@@ -167,3 +171,28 @@ def test_missing_model_is_a_clear_error(pngs: list[Path], tmp_path: Path,
                                         capsys: pytest.CaptureFixture) -> None:
     assert main(["predict", "--model", str(tmp_path / "none.pt"), str(pngs[0])]) == 1
     assert "none.json" in capsys.readouterr().err
+
+
+def test_a_directory_input_says_so(ws: Workspace, pngs: list[Path],
+                                   capsys: pytest.CaptureFixture) -> None:
+    folder = pngs[0].parent
+    assert main(["predict", "--model", str(ws.model_path), str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert f"{folder}: is a directory" in err and "*.png" in err
+
+
+def test_a_reader_that_stops_early_ends_predict_quietly(ws: Workspace, test_set,
+                                                        tmp_path: Path) -> None:
+    """`dltrain predict ... | head -1`: no BrokenPipeError traceback, the SIGPIPE status."""
+    images, labels = test_set
+    idx = tmp_path / "many-idx3-ubyte"
+    write_idx(idx, np.repeat(images[:50], 40, axis=0))  # 2,000 lines: more than a pipe holds
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "dltrain"), "predict", "--model",
+                             str(ws.model_path), str(idx)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=venv_env())
+    first = proc.stdout.readline()
+    proc.stdout.close()  # what `head -1` does after its line
+    _, err = proc.communicate(timeout=120)
+    assert first.strip()
+    assert proc.returncode == 141, err
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err

@@ -186,7 +186,8 @@ def test_checks_and_messages_are_load_models(trained_ws: Workspace, tmp_path: Pa
 
 
 def test_a_missing_card_or_model_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="model description not found: .*model.json"):
+    with pytest.raises(ModelError, match=r"model description not found: .*model.json; .*"
+                                         r"`dvc checkout models`.*`dvc repro train`"):
         load_weights(tmp_path / "model.pt")
     (tmp_path / "model.json").write_text(json.dumps({"architecture": architecture((8,))}))
     with pytest.raises(ModelError, match="model file not found: .*run `dltrain train` first"):
