@@ -27,11 +27,27 @@ def _load(args: argparse.Namespace):
     return ws, load_params(params_path, overrides)
 
 
-def cmd_download(args: argparse.Namespace) -> None:
-    from dltrain.download import download
+def cmd_check(args: argparse.Namespace) -> None:
+    from dltrain.freshness import check
 
     ws, params = _load(args)
-    download(params.data.dataset, params.data.source, ws.raw_dir)
+    # The stat cache lives in DVC's .dvc/tmp: never create .dvc where there is none (that
+    # would make the directory look like a DVC repo); without it, a local source is hashed.
+    stat_cache = ws.source_stat_cache_path if (ws.root / ".dvc").is_dir() else None
+    check(params.data.dataset, params.data.source, ws.source_fingerprint_path,
+          stat_cache_path=stat_cache)
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from dltrain.download import download
+    from dltrain.io import read_json
+
+    ws, params = _load(args)
+    try:  # what the freshness check found at the source: lets unchanged files be kept
+        fingerprint = read_json(ws.source_fingerprint_path)
+    except (OSError, ValueError):
+        fingerprint = None
+    download(params.data.dataset, params.data.source, ws.raw_dir, fingerprint=fingerprint)
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
@@ -103,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     stages: list[tuple[str, Any, str]] = [
+        ("check", cmd_check, "fingerprint the data source into data/source.json (no download)"),
         ("download", cmd_download, "fetch the four IDX files into data/raw (verified)"),
         ("preprocess", cmd_preprocess, "parse IDX, split train/val, write data/processed"),
         ("train", cmd_train, "train the MLP with Ray Train (data-parallel) into models/"),

@@ -73,6 +73,13 @@ def check_dataset_name(name: str) -> None:
                           + ", ".join(_TORCHVISION_CLASS))
 
 
+def content_md5s(name: str) -> dict[str, str]:
+    """The md5 of each of data set `name`'s four files' decompressed content, by file name.
+    Needs no torchvision (no torch import), so the freshness check can use it."""
+    check_dataset_name(name)
+    return dict(_CONTENT_MD5[name])
+
+
 @functools.cache
 def get_spec(name: str) -> DatasetSpec:
     """The files, checksums and ordered mirrors of data set `name` ('fashion-mnist', 'mnist')."""

@@ -4,6 +4,11 @@ Each file streams into a staging directory beside data/raw, is checked against i
 and is kept only then; a mirror that fails is retried with backoff, then the next mirror is
 tried. The four files and manifest.json are swapped in together at the end, so data/raw never
 holds a partial or unverified file, and is left exactly as it was when anything fails.
+
+From a `data.source`, only what changed is fetched: each file's manifest entry records the
+version of the source file it came from (its `fingerprint`: size and sha256, or the HTTP
+validators), and a file whose version is still the one the freshness check found
+(data/source.json, dltrain/freshness.py) is kept from data/raw instead of fetched again.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import gzip
 import hashlib
 import http.client
 import os
+import shutil
 import sys
 import time
 import urllib.error
@@ -19,6 +25,7 @@ import urllib.parse
 import urllib.request
 import zlib
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path
 from typing import IO, Any
 
@@ -40,18 +47,22 @@ class _Fetched:
     md5: str
     sha256: str
     size: int
+    headers: Message | None = None  # the HTTP response's, for its validators
 
 
 def download(dataset: str, source: str | None, raw_dir: Path, *,
              mirrors: list[str] | None = None, retries: int = 3, backoff_s: float = 1.0,
-             timeout_s: float = 30.0, progress: bool = True) -> dict[str, Any]:
+             timeout_s: float = 30.0, progress: bool = True,
+             fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fetch `dataset`'s four IDX files into `raw_dir` and return the manifest written there.
 
     With `source` (a directory, file:// or http(s):// URL holding the four standard files) the
-    files come from there and their checksums are computed and recorded, not checked. Without
-    it they come from `mirrors` (default: the data set's known list), each verified by md5.
-    Raises DownloadError, naming every location tried and why it failed, when a file cannot
-    be had; `raw_dir` is then unchanged.
+    files come from there and their checksums are computed and recorded, not checked; with
+    `fingerprint` (what the freshness check found at the source, data/source.json) a file
+    whose source version is unchanged since it was fetched is kept from `raw_dir`. Without
+    `source` they come from `mirrors` (default: the data set's known list), each verified by
+    md5. Raises DownloadError, naming every location tried and why it failed, when a file
+    cannot be had; `raw_dir` is then unchanged.
     """
     check_dataset_name(dataset)
     raw_dir = Path(raw_dir)
@@ -68,6 +79,7 @@ def download(dataset: str, source: str | None, raw_dir: Path, *,
     else:
         files = list(RAW_FILES)
         locations = [source]
+    kept = _unchanged_at_source(raw_dir, dataset, source, fingerprint) if source else {}
     if not locations:
         raise DownloadError(f"no mirror to download {dataset} from; set data.source to a "
                             "directory or URL holding the four IDX files")
@@ -76,13 +88,21 @@ def download(dataset: str, source: str | None, raw_dir: Path, *,
     with atomic_dir(raw_dir) as staging:
         entries = {}
         for file in files:
-            entries[_name(file)] = _fetch_file(file, locations, staging, retries=retries,
-                                               backoff_s=backoff_s, timeout_s=timeout_s,
-                                               progress=progress)
+            name = _name(file)
+            if name in kept:
+                shutil.copyfile(raw_dir / name, staging / name)
+                entries[name] = kept[name]
+                print(f"download: {name}  unchanged at the source; kept from {raw_dir}")
+                continue
+            entries[name] = _fetch_file(file, locations, staging, retries=retries,
+                                        backoff_s=backoff_s, timeout_s=timeout_s,
+                                        progress=progress)
         manifest = {"dataset": dataset, "source": source, "files": entries,
                     "checksum": data_checksum({n: e["sha256"] for n, e in entries.items()})}
         write_json(staging / MANIFEST_NAME, manifest)
-    print(f"download: {dataset} ready in {raw_dir} (checksum {manifest['checksum'][:12]})")
+    fetched = f"; fetched {len(files) - len(kept)} of {len(files)} files" if kept else ""
+    print(f"download: {dataset} ready in {raw_dir} (checksum {manifest['checksum'][:12]})"
+          + fetched)
     return manifest
 
 
@@ -94,6 +114,19 @@ def data_checksum(sha256_by_name: dict[str, str]) -> str:
 
 def _name(file: RawFile | str) -> str:
     return file.name if isinstance(file, RawFile) else file
+
+
+def source_version(headers: Message | None, size: int, sha256: str | None) -> dict[str, Any]:
+    """What identifies one version of a source file, cheaply re-checkable: an HTTP response's
+    validators (`ETag`, `Last-Modified`, with `Content-Length`) when the server sends any, else
+    its size and content hash. The freshness check and the download record the same thing."""
+    if headers is not None:
+        validators = {key: headers.get(header) for key, header in
+                      (("etag", "ETag"), ("last_modified", "Last-Modified"))
+                      if headers.get(header)}
+        if validators:
+            return {"bytes": size, **validators}
+    return {"bytes": size, "sha256": sha256}
 
 
 # --- the quick path ---------------------------------------------------------------------------
@@ -117,6 +150,31 @@ def _verified_manifest(raw_dir: Path, dataset: str) -> dict[str, Any] | None:
     return manifest
 
 
+def _unchanged_at_source(raw_dir: Path, dataset: str, source: str,
+                         fingerprint: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The manifest entries of the files in `raw_dir` that came from `source` in the version
+    `fingerprint` still lists, and are intact (same size and sha256): these need no fetch."""
+    if not fingerprint or fingerprint.get("dataset") != dataset \
+            or fingerprint.get("source") != source:
+        return {}
+    try:
+        manifest = read_json(raw_dir / MANIFEST_NAME)
+        if manifest["dataset"] != dataset or manifest["source"] != source:
+            return {}
+        kept = {}
+        for name, entry in manifest["files"].items():
+            version = entry.get("fingerprint")
+            if name not in RAW_FILES or version is None \
+                    or version != fingerprint["files"].get(name):
+                continue
+            path = raw_dir / name
+            if path.stat().st_size == entry["bytes"] and _hash_file(path)[1] == entry["sha256"]:
+                kept[name] = entry
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+    return kept
+
+
 # --- one file, all mirrors --------------------------------------------------------------------
 
 def _fetch_file(file: RawFile | str, locations: list[str], staging: Path, *, retries: int,
@@ -127,7 +185,7 @@ def _fetch_file(file: RawFile | str, locations: list[str], staging: Path, *, ret
     part = staging / f".{name}.part"
     failures: list[str] = []
     for index, location in enumerate(locations):
-        where = _join(location, name)
+        where = join_location(location, name)
         for attempt in range(1, retries + 1):
             try:
                 fetched = _fetch(where, part, timeout_s=timeout_s, progress=progress)
@@ -141,12 +199,12 @@ def _fetch_file(file: RawFile | str, locations: list[str], staging: Path, *, ret
                     # Our disk, not the mirror: another mirror or a retry cannot help.
                     part.unlink(missing_ok=True)
                     raise disk_full_error(part, exc) from exc
-                if not _is_transient(exc) or attempt == retries:
-                    failures.append(f"{where}: {_reason(exc)}"
+                if not is_transient(exc) or attempt == retries:
+                    failures.append(f"{where}: {describe_error(exc)}"
                                     + (f" (after {attempt} attempts)" if attempt > 1 else ""))
                     break
                 delay = backoff_s * 2 ** (attempt - 1)
-                print(f"download: {where}: {_reason(exc)}; retrying in {delay:g}s",
+                print(f"download: {where}: {describe_error(exc)}; retrying in {delay:g}s",
                       file=sys.stderr)
                 time.sleep(delay)
                 continue
@@ -154,8 +212,12 @@ def _fetch_file(file: RawFile | str, locations: list[str], staging: Path, *, ret
             check = {"md5": "md5 ok", "content-md5": "md5 of the content ok",
                      None: "checksums recorded"}[verified]
             print(f"download: {name}  {_human(fetched.size)}  from {where}  ({check})")
-            return {"md5": fetched.md5, "sha256": fetched.sha256, "bytes": fetched.size,
-                    "source": where, "verified": verified}
+            entry = {"md5": fetched.md5, "sha256": fetched.sha256, "bytes": fetched.size,
+                     "source": where, "verified": verified}
+            if not isinstance(file, RawFile):  # from a data.source: which version it was
+                entry["fingerprint"] = source_version(fetched.headers, fetched.size,
+                                                      fetched.sha256)
+            return entry
         if index < len(locations) - 1:
             print(f"download: {failures[-1]}; trying the next mirror", file=sys.stderr)
     part.unlink(missing_ok=True)
@@ -165,7 +227,7 @@ def _fetch_file(file: RawFile | str, locations: list[str], staging: Path, *, ret
                           "holding the four IDX files.")
 
 
-def _join(location: str, name: str) -> str:
+def join_location(location: str, name: str) -> str:
     """Where `name` lives under a mirror: a URL for URLs, a plain path for directories."""
     scheme = urllib.parse.urlparse(location).scheme
     if scheme in ("http", "https", "file"):
@@ -173,22 +235,31 @@ def _join(location: str, name: str) -> str:
     return str(Path(location) / name)
 
 
-def _fetch(where: str, dest: Path, *, timeout_s: float, progress: bool) -> _Fetched:
-    """Stream `where` into `dest`, hashing on the way."""
+def local_path(where: str) -> Path | None:
+    """The file system path of a directory, file path or file:// URL; None for http(s)://.
+    Raises DataError for any other URL scheme."""
     parsed = urllib.parse.urlparse(where)
     if parsed.scheme in ("http", "https"):
+        return None
+    if parsed.scheme == "file":
+        return Path(urllib.request.url2pathname(parsed.path))
+    if parsed.scheme:
+        raise DataError(f"unsupported URL scheme {parsed.scheme!r}; use a directory, "
+                        "file://, http:// or https://")
+    return Path(where)
+
+
+def _fetch(where: str, dest: Path, *, timeout_s: float, progress: bool) -> _Fetched:
+    """Stream `where` into `dest`, hashing on the way."""
+    path = local_path(where)
+    if path is None:
         request = urllib.request.Request(where, headers={"User-Agent": USER_AGENT})
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             total = response.headers.get("Content-Length")
-            return _copy(response, dest, total=int(total) if total else None,
-                         desc=Path(parsed.path).name, progress=progress)
-    if parsed.scheme == "file":
-        path = Path(urllib.request.url2pathname(parsed.path))
-    elif parsed.scheme:
-        raise DataError(f"unsupported URL scheme {parsed.scheme!r}; use a directory, "
-                        "file://, http:// or https://")
-    else:
-        path = Path(where)
+            fetched = _copy(response, dest, total=int(total) if total else None,
+                            desc=Path(urllib.parse.urlparse(where).path).name,
+                            progress=progress)
+            return _Fetched(fetched.md5, fetched.sha256, fetched.size, response.headers)
     # A local copy is fast: no progress bar.
     with open(path, "rb") as fh:
         return _copy(fh, dest, total=None, desc=path.name, progress=False)
@@ -244,7 +315,7 @@ def _hash_file(path: Path) -> tuple[str, str]:
 
 # --- failures ---------------------------------------------------------------------------------
 
-def _is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
     """Worth retrying on the same mirror: time-outs, refused or dropped connections, 5xx."""
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code >= 500 or exc.code in (408, 429)
@@ -255,11 +326,12 @@ def _is_transient(exc: BaseException) -> bool:
                             ConnectionError, OSError))
 
 
-def _reason(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     if isinstance(exc, urllib.error.HTTPError):
         return f"HTTP {exc.code} {exc.reason}"
     if isinstance(exc, urllib.error.URLError):
-        return _reason(exc.reason) if isinstance(exc.reason, BaseException) else str(exc.reason)
+        return (describe_error(exc.reason) if isinstance(exc.reason, BaseException)
+                else str(exc.reason))
     if isinstance(exc, FileNotFoundError):
         return "file not found"
     if isinstance(exc, ConnectionRefusedError):

@@ -27,6 +27,17 @@ class Workspace:
         return self.root / "data" / "raw"
 
     @property
+    def source_fingerprint_path(self) -> Path:
+        """The freshness check's output: the data source's fingerprint (dltrain/freshness.py)."""
+        return self.root / "data" / "source.json"
+
+    @property
+    def source_stat_cache_path(self) -> Path:
+        """The check's stat cache (size, mtime -> sha256 of a local source's files): beside
+        DVC's own temporary state, git-ignored, never a DVC dependency."""
+        return self.root / ".dvc" / "tmp" / "dltrain-source-stat.json"
+
+    @property
     def processed_dir(self) -> Path:
         return self.root / "data" / "processed"
 

@@ -1,0 +1,274 @@
+"""The freshness check: has the data source changed since the last run? Found out cheaply,
+without downloading anything when it has not.
+
+`dltrain check` (the `check` stage of dvc.yaml, which always runs) writes data/source.json, the
+source's fingerprint. The file is deterministic (nothing of the run's time in it), so its bytes
+change exactly when the data at the source changed; the download stage depends on it, so DVC
+re-runs the download only then. Otherwise data/raw stays byte-identical and DVC skips
+preprocess and every stage after it.
+
+How each kind of source is fingerprinted:
+
+- the known mirrors (`data.source: null`): the data set's published content md5s. A published
+  data set does not change; a missing or edited data/raw is DVC's to notice (it is the download
+  stage's output), and the download verifies what it fetches against the same md5s.
+- a directory or file:// URL: each file's size and sha256. A file is hashed again only when its
+  size, mtime, ctime or inode changed since the last check (a stat cache, kept where DVC keeps
+  its own temporary state).
+- http(s)://: each file's `ETag` / `Last-Modified` / `Content-Length`, asked with a conditional
+  GET (`If-None-Match`, `If-Modified-Since`, from the last check): a 304 means unchanged and
+  no body is sent; a 200 with validators is closed before its body is read. Only a server
+  that sends no validators at all has its files streamed through a hash (not kept).
+
+This module is run on every `dvc repro` and every flow run, so it stays light: the standard
+library and dltrain's own small modules, never torch, ray or mlflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dltrain.datasets import RAW_FILES, check_dataset_name, content_md5s
+from dltrain.download import (
+    CHUNK,
+    USER_AGENT,
+    describe_error,
+    is_transient,
+    join_location,
+    local_path,
+    source_version,
+)
+from dltrain.errors import DataError, DownloadError
+from dltrain.io import read_json, write_json
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """What one check found."""
+
+    fingerprint: dict[str, Any]  # as written to data/source.json
+    changed: tuple[str, ...]  # files whose version differs from the last check's
+    first: bool  # no earlier fingerprint of this data set and source
+
+    @property
+    def unchanged(self) -> bool:
+        return not self.first and not self.changed
+
+
+def check(dataset: str, source: str | None, fingerprint_path: Path, *,
+          stat_cache_path: Path | None = None, retries: int = 3, backoff_s: float = 1.0,
+          timeout_s: float = 30.0, progress: bool = True) -> Freshness:
+    """Fingerprint `dataset`'s four files at `source` (None: the known mirrors) and write it
+    to `fingerprint_path` when it differs from the one there. Returns what changed.
+
+    Raises DataError (a local source without its files, an unsupported URL) or DownloadError
+    (an http(s) source that does not answer, after `retries` attempts with backoff); the
+    fingerprint file is then left as it was.
+    """
+    check_dataset_name(dataset)
+    if retries < 1:
+        raise ValueError("retries must be >= 1")
+    fingerprint_path = Path(fingerprint_path)
+    previous = _read_fingerprint(fingerprint_path)
+    same = previous if previous is not None and (previous["dataset"], previous["source"]) == (
+        dataset, source) else None
+    before: dict[str, Any] = same["files"] if same else {}
+    if source is None:
+        files = {name: {"content_md5": md5} for name, md5 in content_md5s(dataset).items()}
+    else:
+        path = local_path(source)
+        if path is None:
+            files = _http_versions(source, before, retries=retries, backoff_s=backoff_s,
+                                   timeout_s=timeout_s)
+        else:
+            files = _local_versions(source, path, stat_cache_path, progress=progress)
+    body = {"dataset": dataset, "source": source, "files": files}
+    fingerprint = {**body, "id": _digest(body)}
+    if fingerprint != previous:
+        write_json(fingerprint_path, fingerprint)
+    result = Freshness(fingerprint, tuple(n for n in RAW_FILES if files[n] != before.get(n)),
+                       first=same is None)
+    print(describe(result, previous))
+    return result
+
+
+def describe(result: Freshness, previous: dict[str, Any] | None = None) -> str:
+    """One line: what was checked, and what changed."""
+    fp = result.fingerprint
+    where = (f"{fp['dataset']} from its known mirrors (published checksums)"
+             if fp["source"] is None else f"data.source {fp['source']}")
+    if result.first:
+        return (f"check: {where}: fingerprint {fp['id'][:12]} recorded (the first for this "
+                "data set and source)")
+    if not result.changed:
+        return f"check: {where} unchanged (fingerprint {fp['id'][:12]}); nothing to download"
+    old = f"{previous['id'][:12]} -> " if previous else ""
+    return (f"check: {where} changed: {', '.join(result.changed)} (fingerprint "
+            f"{old}{fp['id'][:12]}); download fetches {len(result.changed)} of "
+            f"{len(RAW_FILES)} files")
+
+
+def changed_files(before: dict[str, Any] | None, after: dict[str, Any] | None) -> list[str]:
+    """The files whose version differs between two fingerprints (all of them when the data
+    set or the source differs, or one is missing)."""
+    if not before or not after or (before.get("dataset"), before.get("source")) != (
+            after.get("dataset"), after.get("source")):
+        return list(RAW_FILES)
+    return [n for n in RAW_FILES
+            if before.get("files", {}).get(n) != after.get("files", {}).get(n)]
+
+
+def _digest(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _read_fingerprint(path: Path) -> dict[str, Any] | None:
+    """The last check's fingerprint, or None when there is none (or it is unreadable: the
+    check then starts afresh)."""
+    try:
+        data = read_json(path)
+        if isinstance(data, dict) and isinstance(data.get("files"), dict) \
+                and {"dataset", "source", "id"} <= set(data):
+            return data
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+# --- a directory or file:// -----------------------------------------------------------------
+
+def _local_versions(source: str, directory: Path, stat_cache_path: Path | None, *,
+                    progress: bool) -> dict[str, dict[str, Any]]:
+    if not directory.is_dir():
+        raise DataError(f"data.source {source}: {directory} is not a directory; it must be "
+                        f"a directory (or file:// URL) holding the four IDX files "
+                        f"({', '.join(RAW_FILES)})")
+    cache = _read_stat_cache(stat_cache_path)
+    stats: dict[str, os.stat_result] = {}
+    for name in RAW_FILES:
+        try:
+            stats[name] = (directory / name).stat()
+        except FileNotFoundError:
+            raise DataError(f"data.source {source}: {name} is missing; the source must hold "
+                            f"the four IDX files ({', '.join(RAW_FILES)})") from None
+    keys = {n: _stat_key(stats[n]) for n in RAW_FILES}
+    known = {n: cache[str(directory / n)]["sha256"] for n in RAW_FILES
+             if cache.get(str(directory / n), {}).get("stat") == keys[n]}
+    to_hash = [n for n in RAW_FILES if n not in known]
+    if to_hash:
+        known.update(_hash_files(directory, to_hash, stats, progress=progress))
+        for name in to_hash:
+            cache[str(directory / name)] = {"stat": keys[name], "sha256": known[name]}
+        _write_stat_cache(stat_cache_path, cache)
+    return {n: {"bytes": stats[n].st_size, "sha256": known[n]} for n in RAW_FILES}
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    # ctime cannot be set back by a user (mtime can: `cp -p`, `touch -d`), and a replaced file
+    # has a new inode: either one changing means "hash again".
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _hash_files(directory: Path, names: list[str], stats: dict[str, os.stat_result], *,
+                progress: bool) -> dict[str, str]:
+    from tqdm import tqdm  # only when there is something to hash
+
+    digests = {}
+    total = sum(stats[n].st_size for n in names)
+    # disable=None: tqdm draws only on a terminal, so CI logs get no bar spam.
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+              desc="check: hashing the source", disable=None if progress else True) as bar:
+        for name in names:
+            sha256 = hashlib.sha256()
+            with open(directory / name, "rb") as fh:
+                while chunk := fh.read(CHUNK):
+                    sha256.update(chunk)
+                    bar.update(len(chunk))
+            digests[name] = sha256.hexdigest()
+    return digests
+
+
+def _read_stat_cache(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_stat_cache(path: Path | None, cache: dict[str, Any]) -> None:
+    # Only a speed-up: a cache that cannot be written means hashing again next time.
+    if path is None:
+        return
+    try:
+        write_json(path, cache)
+    except OSError as exc:
+        print(f"check: note: could not keep the stat cache {path} ({exc.strerror})",
+              file=sys.stderr)
+
+
+# --- http(s):// -----------------------------------------------------------------------------
+
+def _http_versions(source: str, before: dict[str, Any], *, retries: int, backoff_s: float,
+                   timeout_s: float) -> dict[str, dict[str, Any]]:
+    return {name: _http_version(join_location(source, name), before.get(name), retries=retries,
+                                backoff_s=backoff_s, timeout_s=timeout_s)
+            for name in RAW_FILES}
+
+
+def _http_version(url: str, before: dict[str, Any] | None, *, retries: int, backoff_s: float,
+                  timeout_s: float) -> dict[str, Any]:
+    """The version of the file at `url`: `before` if the server says it is unchanged."""
+    headers = {"User-Agent": USER_AGENT}
+    if before and before.get("etag"):
+        headers["If-None-Match"] = before["etag"]
+    if before and before.get("last_modified"):
+        headers["If-Modified-Since"] = before["last_modified"]
+    for attempt in range(1, retries + 1):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                        timeout=timeout_s) as response:
+                length = response.headers.get("Content-Length")
+                version = source_version(response.headers, int(length) if length else None,
+                                         None)
+                if "sha256" in version:
+                    # No validators: only the content itself tells a change.
+                    version = _hash_body(response)
+                # With validators, the body is never read: closing the response drops it.
+                return version
+        except urllib.error.HTTPError as exc:
+            if exc.code == 304 and before is not None:  # Not Modified: no body was sent
+                return before
+            error: Exception = exc
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            error = exc  # unreachable, timed out, dropped, a malformed answer
+        if not is_transient(error) or attempt == retries:
+            tries = f" (after {attempt} attempts)" if attempt > 1 else ""
+            raise DownloadError(f"data.source {url}: {describe_error(error)}{tries}; the "
+                                "freshness check could not ask the source whether it "
+                                "changed. Check the network or data.source") from error
+        delay = backoff_s * 2 ** (attempt - 1)
+        print(f"check: {url}: {describe_error(error)}; retrying in {delay:g}s",
+              file=sys.stderr)
+        time.sleep(delay)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _hash_body(response: Any) -> dict[str, Any]:
+    sha256, size = hashlib.sha256(), 0
+    while chunk := response.read(CHUNK):
+        sha256.update(chunk)
+        size += len(chunk)
+    return {"bytes": size, "sha256": sha256.hexdigest()}
