@@ -25,7 +25,7 @@ from dltrain.classes import class_names
 from dltrain.errors import DataError
 from dltrain.io import atomic_open, read_json, write_json
 from dltrain.plots import plot_confusion_matrix, plot_misclassified
-from dltrain.weights import NUM_CLASSES, load_weights, mlp_logits
+from dltrain.weights import NUM_CLASSES, load_weights_and_digest, mlp_logits
 
 METRICS_FILE = "metrics.json"
 CONFUSION_CSV = "confusion.csv"
@@ -135,19 +135,37 @@ def write_confusion_csv(path: Path, labels: np.ndarray, predictions: np.ndarray,
         writer.writerows((names[a], names[p]) for a, p in zip(labels, predictions, strict=True))
 
 
+def score_model(model_path: Path, processed_dir: Path, *, batch_size: int) -> dict[str, Any]:
+    """The test metrics of the model at `model_path` on the test split in `processed_dir`, with
+    the two checksums that say what was measured: `weights_sha256` (the bytes read) and
+    `test_sha256` (the split). The register stage re-scores a champion with this same function
+    when the test data changed, so both models are measured by one definition."""
+    metrics, _images, _labels, _logits = _measure(model_path, processed_dir, batch_size)
+    return metrics
+
+
+def _measure(model_path: Path, processed_dir: Path, batch_size: int
+             ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
+    weights, card, weights_sha256 = load_weights_and_digest(model_path)
+    images, labels, summary = load_test_split(processed_dir)
+    dataset = summary.get("dataset") or (card.get("data") or {}).get("dataset")
+    logits = mlp_logits(weights, images, batch_size)
+    metrics = {**compute_metrics(labels, logits, class_names(dataset)), "n": int(len(labels)),
+               "dataset": dataset, "test_sha256": split_checksum(processed_dir, summary),
+               "weights_sha256": weights_sha256}
+    return metrics, images, labels, logits
+
+
 def evaluate(model_path: Path, processed_dir: Path, reports_dir: Path, *,
              batch_size: int) -> dict[str, Any]:
     """Evaluate the model on the test split; write metrics.json, the confusion matrix (CSV for
-    `dvc plots`, PNG) and a grid of misclassified images into `reports_dir`; return the metrics."""
-    weights, card = load_weights(model_path)
-    images, labels, summary = load_test_split(processed_dir)
-    dataset = summary.get("dataset") or (card.get("data") or {}).get("dataset")
-    names = class_names(dataset)
+    `dvc plots`, PNG) and a grid of misclassified images into `reports_dir`; return the metrics.
 
-    logits = mlp_logits(weights, images, batch_size)
+    metrics.json carries the sha256 of the weights and of the test split it measured, so that
+    the register stage can refuse metrics of another model or data (a skipped evaluate)."""
+    metrics, images, labels, logits = _measure(model_path, processed_dir, batch_size)
+    names = class_names(metrics["dataset"])
     predictions = logits.argmax(axis=1)
-    metrics = {**compute_metrics(labels, logits, names), "n": int(len(labels)),
-               "dataset": dataset, "test_sha256": split_checksum(processed_dir, summary)}
 
     reports_dir = Path(reports_dir)
     write_confusion_csv(reports_dir / CONFUSION_CSV, labels, predictions, names)

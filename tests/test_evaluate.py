@@ -26,6 +26,7 @@ from dltrain.evaluate import (
     compute_metrics,
     cross_entropy,
     evaluate,
+    score_model,
     top_probability,
 )
 from dltrain.model import normalize
@@ -128,6 +129,9 @@ def test_evaluate_writes_metrics_plots_and_csv(trained_ws: Workspace) -> None:
     assert metrics["accuracy"] >= 0.9 and 0 < metrics["loss"] < 1.0
     assert metrics["n"] == summary["test"]["n"] == 200
     assert metrics["test_sha256"] == summary["test"]["sha256"]
+    # What was measured: register refuses metrics of other weights (a skipped evaluate).
+    card = json.loads(trained_ws.model_card_path.read_text())
+    assert metrics["weights_sha256"] == card["weights_sha256"]
     assert set(metrics["per_class"]) == set(FASHION_MNIST)  # names from summary's dataset
 
     with open(trained_ws.reports_dir / "confusion.csv") as fh:
@@ -153,6 +157,13 @@ def test_metrics_are_the_torch_models(trained_ws: Workspace) -> None:
         logits = model(normalize(torch.from_numpy(images)))
     assert metrics["accuracy"] == (logits.argmax(1) == labels).double().mean().item()
     assert metrics["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_score_model_is_evaluate_without_the_reports(trained_ws: Workspace,
+                                                    tmp_path: Path) -> None:
+    """The register stage re-scores a champion with score_model: the same figures as evaluate."""
+    metrics = _evaluate(trained_ws)
+    assert score_model(trained_ws.model_path, trained_ws.processed_dir, batch_size=64) == metrics
 
 
 def test_cli_evaluate_exits_zero(trained_ws: Workspace, capsys: pytest.CaptureFixture) -> None:
