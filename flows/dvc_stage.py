@@ -6,7 +6,8 @@ run cache. The verdict is read from DVC's documented, machine-readable outputs o
 from its console wording (which changes between releases):
 
 - skipped: `dvc status --json <stage>` reports nothing for the stage (`{}`), so `dvc repro`
-  would do nothing either; it is not started.
+  would do nothing either; it is not started. A stage that always runs (the freshness check,
+  `always_changed` in dvc.yaml) is started without asking.
 - ran or restored: `dvc repro --single-item <stage>` exits 0 either way. The stage's command
   (`dltrain <stage>`) appends its name to the file named by DLTRAIN_STAGE_RAN_FILE when it
   starts (dltrain/cli.py), so a non-empty file means it ran, an empty one that DVC checked
@@ -187,33 +188,43 @@ def unchanged(stage: str, workspace: Path, deadline: float | None = None) -> boo
     """True if `dvc status --json <stage>` reports nothing for `stage` (without --with-deps it
     checks that stage alone): `dvc repro` would skip it. Raises StageFailedError if dvc status
     fails (an unknown stage, a locked repo: the message quotes DVC's error)."""
+    return not changed_stages([stage], workspace, deadline)
+
+
+def changed_stages(stages: list[str], workspace: Path,
+                   deadline: float | None = None) -> list[str]:
+    """The stages among `stages` that `dvc status --json` reports (each checked alone, as by
+    `unchanged`), in the order given: one dvc process for all of them."""
     out: list[str] = []
+    label = ", ".join(stages)
 
     def keep_json(name: str, line: str) -> None:
         if name == "out":
             out.append(line)
 
-    returncode, last_error = _dvc(["status", "--json", stage], workspace, deadline, keep_json,
-                                  stage_env(), guard=False)
+    returncode, last_error = _dvc(["status", "--json", *stages], workspace, deadline,
+                                  keep_json, stage_env(), guard=False)
     if returncode != 0:
-        raise StageFailedError(_failure(stage, "status", returncode, last_error))
+        raise StageFailedError(_failure(label, "status", returncode, last_error))
     try:
         status = json.loads("\n".join(out))
     except json.JSONDecodeError:
-        raise StageFailedError(f"stage {stage!r}: `dvc status --json` printed no JSON "
+        raise StageFailedError(f"stage {label!r}: `dvc status --json` printed no JSON "
                                f"(it printed {' '.join(out)[:200]!r})") from None
-    return not status
+    # Keys are stage names; a stage of another dvc.yaml would be `path/dvc.yaml:name`.
+    reported = {str(key).rsplit(":", 1)[-1] for key in status}
+    return [stage for stage in stages if stage in reported]
 
 
 def run_stage(stage: str, workspace: Path, logger: logging.Logger | logging.LoggerAdapter,
-              timeout_s: float | None = None) -> StageResult:
-    """`dvc repro --single-item <stage>` in `workspace` unless DVC finds the stage unchanged,
-    its output streamed line by line to `logger`. Raises StageFailedError naming the stage and
-    the cause."""
+              timeout_s: float | None = None, always_runs: bool = False) -> StageResult:
+    """`dvc repro --single-item <stage>` in `workspace` unless DVC finds the stage unchanged
+    (not asked when the stage `always_runs`), its output streamed line by line to `logger`.
+    Raises StageFailedError naming the stage and the cause."""
     start = time.monotonic()
     deadline = None if timeout_s is None else start + timeout_s
     try:
-        outcome = _reproduce(stage, workspace, logger, deadline)
+        outcome = _reproduce(stage, workspace, logger, deadline, always_runs)
     except _DeadlinePassed:
         raise StageFailedError(
             f"stage {stage!r} did not finish within its timeout of {timeout_s:.0f} s; "
@@ -224,8 +235,8 @@ def run_stage(stage: str, workspace: Path, logger: logging.Logger | logging.Logg
 
 
 def _reproduce(stage: str, workspace: Path, logger: logging.Logger | logging.LoggerAdapter,
-               deadline: float | None) -> Outcome:
-    if unchanged(stage, workspace, deadline):
+               deadline: float | None, always_runs: bool) -> Outcome:
+    if not always_runs and unchanged(stage, workspace, deadline):
         return "skipped"
 
     def log(_: str, line: str) -> None:

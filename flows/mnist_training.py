@@ -1,9 +1,14 @@
-"""The `mnist-training` Prefect flow: the five DVC stages, one task each, in order.
+"""The `mnist-training` Prefect flow: the freshness check and the five DVC stages, one task
+each, in order.
 
 Thin on purpose: each task runs `dvc repro --single-item <stage>`, so the stage logic lives in
 dltrain/ and DVC decides, from one cache and one dvc.lock shared with `dvc repro`, whether a
 stage runs or is skipped. Prefect adds retries, timeouts, parameters, schedules, logs and
 artifacts.
+
+Right after the check, one `dvc status` over the other stages tells whether anything is to be
+done: with the data unchanged and every stage up to date, the run ends there ("skipped: data
+unchanged"), in seconds, without starting Ray or any other stage.
 
     python flows/mnist_training.py                      # one run, no server needed
     prefect deployment run 'mnist-training/local' -p epochs=1
@@ -27,8 +32,15 @@ from prefect.tasks import exponential_backoff
 
 from dltrain.errors import ConfigError
 from dltrain.paths import Workspace
-from flows.dvc_stage import StageResult, run_stage
-from flows.report import model_link, read_report, run_summary
+from flows.dvc_stage import StageResult, changed_stages, run_stage
+from flows.report import (
+    SKIPPED_UNCHANGED,
+    Verdict,
+    freshness_verdict,
+    model_link,
+    read_report,
+    run_summary,
+)
 from flows.workspace import params_overridden, validate_overrides, workspace_lock
 
 # The repo this file lives in: the default workspace, also for a deployment, whose pull step
@@ -52,17 +64,20 @@ MLFLOW_UI_DEFAULT = "http://127.0.0.1:5000"
 
 @dataclass(frozen=True)
 class StageSpec:
-    """How Prefect runs one stage: its timeout fits its work; only a download is worth
-    retrying (a mirror's hiccup), the other stages are deterministic or retry on their own
-    (Ray Train's FailureConfig)."""
+    """How Prefect runs one stage: its timeout fits its work; only the stages that talk to the
+    data source are worth retrying (a mirror's hiccup), the others are deterministic or retry
+    on their own (Ray Train's FailureConfig). `always_runs`: DVC runs it every time
+    (`always_changed`), so its status is not asked first."""
 
     name: str
     timeout_s: float
     retries: int = 0
+    always_runs: bool = False
 
 
 # The one list of stages, in order; it must match dvc.yaml (tests/test_flows.py checks).
 STAGES: tuple[StageSpec, ...] = (
+    StageSpec("check", timeout_s=10 * 60, retries=3, always_runs=True),
     StageSpec("download", timeout_s=30 * 60, retries=3),
     StageSpec("preprocess", timeout_s=10 * 60),
     StageSpec("train", timeout_s=4 * 60 * 60),
@@ -81,7 +96,8 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 
 def _make_task(spec: StageSpec):
     def run(workspace: str) -> StageResult:
-        return run_stage(spec.name, Path(workspace), _logger(), timeout_s=spec.timeout_s)
+        return run_stage(spec.name, Path(workspace), _logger(), timeout_s=spec.timeout_s,
+                         always_runs=spec.always_runs)
 
     run.__name__ = run.__qualname__ = f"{spec.name}_stage"
     run.__doc__ = f"`dvc repro --single-item {spec.name}` in `workspace`."
@@ -94,7 +110,7 @@ def _make_task(spec: StageSpec):
 
 
 TASKS = {spec.name: _make_task(spec) for spec in STAGES}
-download, preprocess, train, evaluate, register = (TASKS[s.name] for s in STAGES)
+check, download, preprocess, train, evaluate, register = (TASKS[s.name] for s in STAGES)
 
 
 def resolve_workspace(workspace: str | None) -> Workspace:
@@ -123,11 +139,35 @@ def run_overrides(named: dict[str, Any], overrides: dict[str, Any] | None) -> di
     return merged
 
 
+def run_pipeline(ws: Workspace, logger: logging.Logger | logging.LoggerAdapter
+                 ) -> tuple[dict[str, StageResult], Verdict]:
+    """The check, then the other stages unless the data are unchanged and DVC finds every
+    one of them up to date. Returns each stage's outcome and what the check decided."""
+    first, *rest = STAGES
+    before = read_report(ws.source_fingerprint_path)
+    outcomes = {first.name: TASKS[first.name](str(ws.root))}
+    # One dvc process for all the stages: the verdict costs about a second.
+    stale = changed_stages([s.name for s in rest], ws.root)
+    verdict = freshness_verdict(before, read_report(ws.source_fingerprint_path), stale)
+    if verdict.skipped:
+        logger.info("%s: %s", SKIPPED_UNCHANGED, verdict.reason)
+        outcomes.update({s.name: StageResult(s.name, "skipped", 0.0) for s in rest})
+        return outcomes, verdict
+    logger.info("%s: %s", "data changed" if verdict.data_changed else "data unchanged",
+                verdict.reason)
+    for spec in rest:
+        outcomes[spec.name] = TASKS[spec.name](str(ws.root))
+    return outcomes, verdict
+
+
 def publish_artifacts(ws: Workspace, outcomes: dict[str, StageResult],
-                      overrides: dict[str, Any], tracking_uri: str | None) -> None:
+                      overrides: dict[str, Any], tracking_uri: str | None,
+                      verdict: Verdict | None = None) -> None:
     """The run's summary and the registered model's MLflow page, in the Prefect UI."""
-    create_markdown_artifact(run_summary(ws, outcomes, overrides), key="mnist-training-summary",
-                             description="Data, training, test metrics and registry outcome")
+    create_markdown_artifact(run_summary(ws, outcomes, overrides, verdict),
+                             key="mnist-training-summary",
+                             description="What the run did and why: data, training, test "
+                                         "metrics and registry outcome")
     registration = read_report(ws.registration_path)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     link = model_link(registration, uri)
@@ -148,7 +188,8 @@ def mnist_training(dataset: str | None = None, epochs: int | None = None,
                    num_workers: int | None = None, use_gpu: bool | None = None,
                    ray_address: str | None = None, overrides: dict[str, Any] | None = None,
                    workspace: str | None = None) -> dict[str, str]:
-    """Download, preprocess, train, evaluate and register, each through DVC.
+    """Check the source, then download, preprocess, train, evaluate and register, each
+    through DVC; with the data unchanged and every stage up to date, skip them all.
 
     Parameters left None are as in params.yaml. `overrides` sets any other key for this run
     (`{"data.source": "file:///data/mnist"}`); `ray_address="env"` reads RAY_ADDRESS at run
@@ -162,13 +203,11 @@ def mnist_training(dataset: str | None = None, epochs: int | None = None,
     # Validated before any work: a bad value fails the run here, naming the key.
     params = validate_overrides(ws.params_path, changes)
     holder = f"flow run {flow_run.id or 'outside Prefect'} ({flow_run.name or '-'})"
-    outcomes: dict[str, StageResult] = {}
     with workspace_lock(ws.root, holder), params_overridden(ws.params_path, changes, logger):
         if changes:
             logger.info("params for this run: %s", changes)
-        for spec in STAGES:
-            outcomes[spec.name] = TASKS[spec.name](str(ws.root))
-    publish_artifacts(ws, outcomes, changes, params.register.tracking_uri)
+        outcomes, verdict = run_pipeline(ws, logger)
+    publish_artifacts(ws, outcomes, changes, params.register.tracking_uri, verdict)
     return {name: result.outcome for name, result in outcomes.items()}
 
 

@@ -7,11 +7,15 @@ never an error: the summary describes what exists.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from dltrain.freshness import changed_files
 from dltrain.paths import Workspace
+
+SKIPPED_UNCHANGED = "skipped: data unchanged"
 
 _MISSING = "_not available: {path} is missing_"
 
@@ -87,9 +91,75 @@ def metrics_section(ws: Workspace) -> list[str]:
                     if isinstance(value, (int, float))]
 
 
-def registry_section(ws: Workspace) -> list[str]:
+@dataclass(frozen=True)
+class Verdict:
+    """What the freshness check and DVC found before the stages after the check ran."""
+
+    stale: tuple[str, ...]  # the stages DVC found out of date right after the check
+    data_changed: bool  # the download was among them
+    reason: str  # one sentence: why the run skips, or what changed
+
+    @property
+    def skipped(self) -> bool:
+        return not self.stale
+
+
+def _where(fingerprint: dict[str, Any]) -> str:
+    if fingerprint.get("source") is None:
+        return f"{fingerprint.get('dataset')} from its known mirrors (published checksums)"
+    return f"`{fingerprint['source']}`"
+
+
+def freshness_verdict(before: dict[str, Any] | None, after: dict[str, Any] | None,
+                      stale: list[str]) -> Verdict:
+    """Why a run skips or goes on: `before` and `after` are data/source.json around the check,
+    `stale` the stages DVC reports out of date after it."""
+    after = after or {}
+    short = str(after.get("id", ""))[:12]
+    data_changed = "download" in stale
+    if not stale:
+        reason = (f"the freshness check found {_where(after)} unchanged since the last run "
+                  f"(fingerprint `{short}`), and DVC finds every stage up to date (code, params "
+                  "and outputs as dvc.lock records them): nothing was trained, evaluated or "
+                  "registered")
+    elif not data_changed:
+        reason = (f"the data are unchanged ({_where(after)}, fingerprint `{short}`), but DVC "
+                  f"found these stages out of date (their code or params changed): "
+                  f"{', '.join(stale)}")
+    elif before is None or (before.get("dataset"), before.get("source")) != (
+            after.get("dataset"), after.get("source")):
+        reason = (f"no earlier fingerprint of {_where(after)} (a first run, or another data "
+                  f"set or source): the data were fetched from it (fingerprint `{short}`)")
+    elif files := changed_files(before, after):
+        reason = (f"the freshness check found new data at {_where(after)}: "
+                  f"{', '.join(files)} changed (fingerprint `{str(before.get('id'))[:12]}` -> "
+                  f"`{short}`); only those were fetched, and the stages after the download "
+                  "ran on the new data")
+    else:
+        reason = (f"the source is unchanged ({_where(after)}, fingerprint `{short}`), but DVC "
+                  "found the download out of date (data/raw missing or modified, or the "
+                  "download's code or params changed)")
+    return Verdict(stale=tuple(stale), data_changed=data_changed, reason=reason)
+
+
+def headline(verdict: Verdict, outcomes: dict[str, Any]) -> str:
+    """One line: which happened (skipped, retrained, ran) and why."""
+    if verdict.skipped:
+        return f"**{SKIPPED_UNCHANGED}**: {verdict.reason}."
+    trained = getattr(outcomes.get("train"), "outcome", None) == "ran"
+    what = "retrained" if trained else "ran"
+    data = "data changed" if verdict.data_changed else "data unchanged"
+    return f"**{what}: {data}**: {verdict.reason}."
+
+
+def registry_section(ws: Workspace, this_run: bool = True) -> list[str]:
     reg = read_report(ws.registration_path)
     lines = ["## Registry", ""]
+    if not this_run:
+        lines.append("- nothing registered in this run")
+        if reg is None:
+            return lines
+        lines.append("- the last registration, by an earlier run:")
     if reg is None:
         return lines + [_MISSING.format(path=_rel(ws, ws.registration_path))]
     aliases = ", ".join(reg.get("aliases") or []) or "none"
@@ -106,12 +176,22 @@ def registry_section(ws: Workspace) -> list[str]:
     return lines
 
 
-def run_summary(ws: Workspace, outcomes: dict[str, Any], run_params: dict[str, Any]) -> str:
-    """The markdown summary of one flow run."""
+def run_summary(ws: Workspace, outcomes: dict[str, Any], run_params: dict[str, Any],
+                verdict: Verdict | None = None) -> str:
+    """The markdown summary of one flow run; with `verdict`, it opens with what the run did
+    (skipped, retrained, ran) and why."""
     params = ", ".join(f"`{k}={v}`" for k, v in sorted(run_params.items())) or "as in params.yaml"
-    parts = [["# mnist-training", "", f"Overrides for this run: {params}", ""],
+    head = ["# mnist-training", ""]
+    if verdict is not None:
+        head += [headline(verdict, outcomes), ""]
+        if verdict.skipped:
+            head += ["The sections below describe the workspace's outputs, made by an earlier "
+                     "run.", ""]
+    # "restored" (from DVC's run cache) registered nothing either.
+    registered = getattr(outcomes.get("register"), "outcome", "ran") == "ran"
+    parts = [head + [f"Overrides for this run: {params}", ""],
              stages_section(outcomes), data_section(ws), training_section(ws),
-             metrics_section(ws), registry_section(ws)]
+             metrics_section(ws), registry_section(ws, this_run=registered)]
     return "\n".join("\n".join(p) + "\n" for p in parts)
 
 

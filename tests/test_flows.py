@@ -26,10 +26,11 @@ from flows.dvc_stage import (
     StageFailedError,
     StageResult,
     _pump,
+    changed_stages,
     run_stage,
     unchanged,
 )
-from flows.report import model_link, run_summary
+from flows.report import freshness_verdict, headline, model_link, run_summary
 from flows.workspace import (
     WorkspaceBusyError,
     params_journal_path,
@@ -60,14 +61,18 @@ def dvc_lock_text(clone: Path) -> str | None:
 def test_stages_are_dvc_yaml_stages_in_order():
     stages = list(yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"])
     assert [s.name for s in mt.STAGES] == stages
-    assert [s.name for s in mt.STAGES] == ["download", "preprocess", "train", "evaluate",
-                                          "register"]
+    assert [s.name for s in mt.STAGES] == ["check", "download", "preprocess", "train",
+                                          "evaluate", "register"]
     assert {name: t.name for name, t in mt.TASKS.items()} == {s: s for s in stages}
+    # The check runs on every repro: dvc.yaml says so, and the flow does not ask DVC first.
+    dvc_yaml = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    assert [s.name for s in mt.STAGES if s.always_runs] == [
+        name for name, stage in dvc_yaml.items() if stage.get("always_changed")] == ["check"]
 
 
-def test_only_download_retries_and_every_task_has_a_timeout():
-    assert mt.download.retries == 3
-    assert [mt.TASKS[s.name].retries for s in mt.STAGES[1:]] == [0, 0, 0, 0]
+def test_only_the_stages_that_reach_the_source_retry_and_every_task_has_a_timeout():
+    assert mt.check.retries == mt.download.retries == 3
+    assert [mt.TASKS[s.name].retries for s in mt.STAGES[2:]] == [0, 0, 0, 0]
     assert all(mt.TASKS[s.name].timeout_seconds == s.timeout_s > 0 for s in mt.STAGES)
     train_timeout = mt.train.timeout_seconds
     assert train_timeout > mt.preprocess.timeout_seconds  # training is the long stage
@@ -326,6 +331,60 @@ def test_lock_is_exclusive_within_one_process_too(tmp_path):
 
 # --- the run summary ---------------------------------------------------------------------
 
+FINGERPRINT = {"dataset": "mnist", "source": "/data/mnist", "id": "a" * 64,
+               "files": {n: {"bytes": 1, "sha256": "0"} for n in (
+                   "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                   "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}}
+
+
+def _new_version(fingerprint: dict, *names: str) -> dict:
+    files = {n: {"bytes": 2, "sha256": "1"} if n in names else e
+             for n, e in fingerprint["files"].items()}
+    return {**fingerprint, "files": files, "id": "b" * 64}
+
+
+@pytest.mark.parametrize("before, after, stale, words", [
+    (FINGERPRINT, FINGERPRINT, [],
+     ["**skipped: data unchanged**", "`/data/mnist` unchanged since the last run",
+      "fingerprint `aaaaaaaaaaaa`", "every stage up to date", "nothing was trained"]),
+    (FINGERPRINT, _new_version(FINGERPRINT, "t10k-images-idx3-ubyte.gz"),
+     ["download", "preprocess"],
+     ["**retrained: data changed**", "new data at `/data/mnist`",
+      "t10k-images-idx3-ubyte.gz changed", "`aaaaaaaaaaaa` -> `bbbbbbbbbbbb`"]),
+    (None, FINGERPRINT, ["download"], ["**retrained: data changed**", "no earlier fingerprint"]),
+    (FINGERPRINT, FINGERPRINT, ["train", "evaluate", "register"],
+     ["**retrained: data unchanged**", "out of date (their code or params changed): train, "
+      "evaluate, register"]),
+    (FINGERPRINT, FINGERPRINT, ["download"],
+     ["data changed**", "data/raw missing or modified"]),
+])
+def test_the_verdict_says_what_the_run_did_and_why(before, after, stale, words):
+    verdict = freshness_verdict(before, after, stale)
+    assert verdict.skipped == (not stale)
+    trained = {"train": StageResult("train", "ran", 1.0)}
+    line = headline(verdict, trained)
+    for word in words:
+        assert word in line, (word, line)
+
+
+def test_summary_of_a_skipped_run_registers_nothing_and_says_why(tmp_path):
+    from dltrain.io import write_json
+    from dltrain.paths import Workspace
+
+    ws = Workspace.at(tmp_path)
+    write_json(ws.registration_path, {"model_name": "mnist-mlp", "version": 3,
+                                      "aliases": ["champion"], "registered": True,
+                                      "new_version": True})
+    outcomes = {"check": StageResult("check", "ran", 1.2),
+                **{s.name: StageResult(s.name, "skipped", 0.0) for s in mt.STAGES[1:]}}
+    md = run_summary(ws, outcomes, {}, freshness_verdict(FINGERPRINT, FINGERPRINT, []))
+    assert md.index("**skipped: data unchanged**") < md.index("## Stages")
+    assert "| check | ran | 1.2 |" in md and "| register | skipped | 0.0 |" in md
+    assert "- nothing registered in this run" in md
+    assert "the last registration, by an earlier run" in md and "version **3**" in md
+    assert "registered a new version" in md.split("earlier run:")[1]  # about that run only
+
+
 def test_summary_tolerates_missing_reports(tmp_path):
     from dltrain.paths import Workspace
 
@@ -385,11 +444,15 @@ def tiny_workspace(tmp_path_factory) -> Path:
 
 
 @pytest.mark.integration
-def test_download_task_runs_then_skips(tiny_workspace):
+def test_check_and_download_tasks_run_then_only_the_check_runs(tiny_workspace):
+    assert mt.check.fn(str(tiny_workspace)).outcome == "ran"
+    fingerprint = (tiny_workspace / "data" / "source.json").read_text()
     first = mt.download.fn(str(tiny_workspace))
     assert first.outcome == "ran"
     assert (tiny_workspace / "data" / "raw" / "manifest.json").is_file()
     lock = (tiny_workspace / "dvc.lock").read_text()
+    assert mt.check.fn(str(tiny_workspace)).outcome == "ran"  # always
+    assert (tiny_workspace / "data" / "source.json").read_text() == fingerprint
     second = mt.download.fn(str(tiny_workspace))
     assert second.outcome == "skipped"
     assert (tiny_workspace / "dvc.lock").read_text() == lock
@@ -407,7 +470,7 @@ def test_preprocess_task(tiny_workspace):
 def test_a_stage_restored_from_dvc_run_cache_reports_restored(tiny_workspace):
     """Back to params DVC has run the stage with before: DVC checks the outputs out of its run
     cache instead of starting the command, and the stage reports "restored"."""
-    for stage in ("download", "preprocess"):
+    for stage in ("check", "download", "preprocess"):
         run_stage(stage, tiny_workspace, LOG)
     entry = dvc_lock(tiny_workspace)["stages"]["preprocess"]
     summary_path = tiny_workspace / "data/processed/summary.json"
@@ -450,17 +513,20 @@ def test_a_failing_stage_names_itself_and_leaves_dvc_lock(fresh_clone, tmp_path)
         {"data.source": (tmp_path / "nowhere").as_uri()}))
     lock = dvc_lock_text(fresh_clone)
     # The stage, DVC's exit status and the last line DVC wrote to stderr, as it wrote it.
+    # A source that is not there fails at the freshness check, before any download.
     with pytest.raises(StageFailedError,
-                       match=r"stage 'download' failed \(dvc repro exited [1-9]\d*\): \S"):
-        mt.download.fn(str(fresh_clone))
+                       match=r"stage 'check' failed \(dvc repro exited [1-9]\d*\): \S"):
+        mt.check.fn(str(fresh_clone))
     assert dvc_lock_text(fresh_clone) == lock
     assert not (fresh_clone / "data" / "raw").exists()
+    assert not (fresh_clone / "data" / "source.json").exists()
 
 
 @pytest.mark.integration
 def test_a_stage_past_its_timeout_is_stopped(fresh_clone, tiny_source, monkeypatch):
     (fresh_clone / "params.yaml").write_text(render_overrides(
         (fresh_clone / "params.yaml").read_text(), {"data.source": tiny_source.as_uri()}))
+    run_stage("check", fresh_clone, LOG)
     lock = dvc_lock_text(fresh_clone)
     with monkeypatch.context() as patch:
         # Straight to `dvc repro`, so that the timeout stops the stage, not `dvc status`.
@@ -546,11 +612,18 @@ def test_flow_runs_the_stages_in_order_then_skips_them(prefect_harness, fresh_cl
     summary = _summary_artifact()
     assert "| train | ran |" in summary and "| 1 | " in summary and "accuracy" in summary
 
-    # Nothing changed: DVC skips every stage, no new version is registered.
+    # Nothing changed: the check runs, finds the data unchanged and DVC every stage up to
+    # date; no other task starts, no new version is registered, and the summary says why.
     registration = (fresh_clone / "reports/registration.json").read_text()
-    again = mt.mnist_training(**run)
-    assert again == {s.name: "skipped" for s in mt.STAGES}
+    lock = dvc_lock_text(fresh_clone)
+    again = mt.mnist_training(**run, return_state=True)
+    assert again.result() == {"check": "ran", **{s.name: "skipped" for s in mt.STAGES[1:]}}
+    assert _task_runs_in_order(again.state_details.flow_run_id) == ["check"]
     assert (fresh_clone / "reports/registration.json").read_text() == registration
+    assert dvc_lock_text(fresh_clone) == lock
+    summary = _summary_artifact()
+    assert "**skipped: data unchanged**" in summary and "`" + tiny_source.as_uri() + "`" in summary
+    assert "| train | skipped |" in summary and "nothing registered in this run" in summary
 
 
 @pytest.mark.integration
@@ -572,9 +645,12 @@ def test_unchanged_follows_dvc_status(tiny_workspace, tmp_path, monkeypatch):
     """Unchanged after a run, changed after an edit of a param the stage reads, from any
     working directory."""
     monkeypatch.chdir(tmp_path)
-    for stage in ("download", "preprocess"):
+    for stage in ("check", "download", "preprocess"):
         run_stage(stage, tiny_workspace, LOG)
     assert unchanged("download", tiny_workspace) and unchanged("preprocess", tiny_workspace)
+    assert changed_stages(["download", "preprocess"], tiny_workspace) == []
+    assert changed_stages(["check", "download"], tiny_workspace) == ["check"]  # always
     with params_overridden(tiny_workspace / "params.yaml", {"data.val_fraction": 0.2}):
         assert not unchanged("preprocess", tiny_workspace)
         assert unchanged("download", tiny_workspace)  # download does not read val_fraction
+        assert changed_stages(["download", "preprocess"], tiny_workspace) == ["preprocess"]
