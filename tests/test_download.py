@@ -13,6 +13,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,8 @@ def test_source_directory_or_file_url_records_checksums(tmp_path: Path, tiny_sou
     for name, entry in manifest["files"].items():
         assert entry["verified"] is None  # recorded, not checked
         assert entry["source"].startswith(source) and entry["source"].endswith(name)
+        # The version of the source file, as the freshness check records it: size and hash.
+        assert entry["fingerprint"] == {"bytes": entry["bytes"], "sha256": entry["sha256"]}
 
 
 def test_source_http_url(tmp_path: Path, tiny_source: Path, http_mirror: Server):
@@ -175,6 +178,10 @@ def test_source_http_url(tmp_path: Path, tiny_source: Path, http_mirror: Server)
     manifest = download("fashion-mnist", http_mirror.url + "/", raw_dir, **FAST)
     _assert_manifest_describes(raw_dir, manifest, tiny_source)
     assert sorted(http_mirror.requests) == sorted(f"/{n}" for n in NAMES)
+    for name, entry in manifest["files"].items():  # http.server sends Last-Modified
+        mtime = (tiny_source / name).stat().st_mtime
+        assert entry["fingerprint"] == {"bytes": entry["bytes"],
+                                        "last_modified": formatdate(mtime, usegmt=True)}
 
 
 def test_a_source_is_fetched_again_even_when_raw_is_complete(tmp_path: Path, tiny_source: Path):
