@@ -83,7 +83,21 @@ def cmd_register(args: argparse.Namespace) -> None:
     from dltrain.register import register
 
     ws, params = _load(args)
-    register(ws, params)
+    register(ws, params, if_champion_unloadable=args.if_champion_unloadable)
+
+
+def cmd_registry_history(args: argparse.Namespace) -> None:
+    from dltrain.registry_commands import show_history
+
+    ws, params = _load(args)
+    show_history(ws, params, as_json=args.json)
+
+
+def cmd_registry_rollback(args: argparse.Namespace) -> None:
+    from dltrain.registry_commands import rollback
+
+    ws, params = _load(args)
+    rollback(ws, params, to=args.to, reason=args.reason)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -111,6 +125,26 @@ def _version() -> str:
         return "(not installed)"
 
 
+def _add_registry(sub: Any) -> None:
+    """`dltrain registry history|rollback`: the alias history kept in the registry."""
+    p = sub.add_parser("registry", help="the model registry: alias history and rollback",
+                       description="The model registry's alias history, and rollback.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    h = actions.add_parser("history", help="every move of champion and challenger",
+                           description="Every move of champion and challenger, oldest first.")
+    _common(h)
+    h.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    h.set_defaults(func=cmd_registry_history)
+    r = actions.add_parser("rollback", help="move champion back to an earlier version",
+                           description="Move champion back (default: to the champion before "
+                                       "the current one was promoted) and record the move.")
+    _common(r)
+    r.add_argument("--to", type=int, default=None, metavar="VERSION",
+                   help="the version to make champion")
+    r.add_argument("--reason", default=None, help="why, recorded in the history")
+    r.set_defaults(func=cmd_registry_rollback)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dltrain",
@@ -134,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", choices=["auto", "never"], default="auto",
                            help="auto: continue an interrupted run of the same params from "
                                 "its latest checkpoint; never: always start clean")
+        if name == "register":
+            p.add_argument("--if-champion-unloadable", choices=["fail", "promote"],
+                           default="fail",
+                           help="when the champion cannot be re-scored on the current test "
+                                "set: fail (default, nothing registered) or promote the new "
+                                "model over it, recorded in the alias history")
+    _add_registry(sub)
     p = sub.add_parser("predict", help="classify PNG images or an IDX file with a model",
                        description="Classify PNG images or an IDX file with a model.")
     p.add_argument("--model", default="models/model.pt",

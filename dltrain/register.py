@@ -1,52 +1,45 @@
-"""The register stage: log the run to MLflow and register the model, promoting it with aliases.
+"""The register stage: log the run to MLflow, register the model and move its aliases.
 
-The model goes in as plain weights (model.pt, a tensor state dict, and model.json) plus a
-markdown model card: no pickled MLflow flavour, so loading a registered model never runs code.
+What it registers must be what evaluate measured: reports/metrics.json carries the sha256 of the
+weights and of the test split it scored, and the stage refuses metrics of another model (a
+skipped evaluate) or of other test data.
 
-Promotion (aliases, not the deprecated stages):
+The gate (aliases, not the deprecated stages; dltrain.gate has the rule):
 - below register.min_accuracy: not registered (the run is still logged, for the record);
-- the same weights already registered (weights_sha256 tag): no new version;
-- else a new version; it becomes `champion` when there is no champion, when it beats the
-  champion by >= register.min_improvement on the same test data (test_sha256 tag), or when the
-  champion was evaluated on different test data: accuracies on different test sets do not
-  compare, and the new model is the one evaluated on the data the pipeline now uses. Otherwise
-  it becomes `challenger`.
+- the same weights already registered (weights_sha256 tag): no new version, but a promotion
+  that an earlier run left unfinished is finished;
+- else a new version, compared with the champion on the same test data: when the champion was
+  evaluated on another test set, its weights are fetched from the registry and scored on the
+  current one with evaluate's own code. Both scores and the test checksum are recorded on the
+  version (tags) and in reports/registration.json. A champion that cannot be scored stops the
+  stage before anything is registered, unless `--if-champion-unloadable promote` asks for an
+  explicit, recorded promotion.
+Aliases move under dltrain.promotion's lock (SQLite) or reconciliation (a server), and every
+move is recorded in the registry's alias history (`dltrain registry history`).
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
-import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dltrain import promotion
 from dltrain.config import Params
-from dltrain.errors import DataError, RegistryError
+from dltrain.errors import DataError, ModelError, RegistryError
+from dltrain.evaluate import score_model, split_checksum
+from dltrain.gate import CHAMPION, EPS, Member, Score
 from dltrain.io import read_json, write_json
 from dltrain.paths import Workspace
-from dltrain.registry import (
-    EXPERIMENT,
-    MODEL_ARTIFACT_DIR,
-    connect,
-    display_uri,
-    embedded_artifact_uri,
-    embedded_tracking_uri,
-    redact,
-    resolve_tracking_uri,
-)
+from dltrain.registry import MODEL_ARTIFACT_DIR, connect, display_uri, redact, resolve_tracking_uri
+from dltrain.tracking import log_run
 from dltrain.weights import load_weights_and_digest
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-MODEL_CARD_FILE = "model_card.md"
-EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_time_s")
 # Every input of the decision, as version tags, so that a later run can compare against them.
 LINEAGE_TAGS = ("dataset", "data_checksum", "test_sha256", "git_commit", "ray_world_size",
                 "device", "weights_sha256", "test_accuracy")
-# Accuracies are fractions of whole samples; a tolerance keeps `>=` exact in intent.
-_EPS = 1e-12
+UNLOADABLE_CHOICES = ("fail", "promote")
 
 
 @dataclass(frozen=True)
@@ -64,7 +57,7 @@ class Candidate:
 
     @property
     def test_sha256(self) -> str:
-        return str(self.metrics.get("test_sha256") or self.card.get("data", {}).get("test_sha256"))
+        return str(self.metrics["test_sha256"])
 
     def tags(self) -> dict[str, str]:
         data = self.card.get("data", {})
@@ -76,40 +69,9 @@ class Candidate:
         return {k: str(v) for k, v in values.items() if v is not None}
 
 
-def decide_promotion(accuracy: float, test_sha256: str, champion: dict[str, str] | None,
-                     min_improvement: float) -> tuple[bool, str]:
-    """(promote to champion?, why). `champion` holds the current champion's version tags plus
-    its `version`, or is None when there is none."""
-    if champion is None:
-        return True, "no champion yet: the first model that passes min_accuracy becomes champion"
-    version = champion.get("version")
-    if champion.get("test_sha256") != test_sha256:
-        return True, (f"champion (version {version}) was evaluated on different test data "
-                      f"(test_sha256 {str(champion.get('test_sha256'))[:12]} vs "
-                      f"{test_sha256[:12]}); accuracies do not compare, so the model evaluated "
-                      "on the current test data becomes champion")
-    best = float(champion.get("test_accuracy", "nan"))
-    if accuracy - best + _EPS >= min_improvement:
-        return True, (f"test accuracy {accuracy:.4f} beats champion version {version} "
-                      f"({best:.4f}) by >= min_improvement {min_improvement}")
-    return False, (f"test accuracy {accuracy:.4f} does not beat champion version {version} "
-                   f"({best:.4f}) by min_improvement {min_improvement}: challenger")
-
-
-def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"train": {"epochs": 5}} -> {"train.epochs": "5"}; lists as JSON."""
-    flat: dict[str, str] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-    return flat
-
-
 def read_candidate(ws: Workspace) -> Candidate:
-    """The model (checked to be plain weights of the right shapes), its card and reports.
+    """The model (checked to be plain weights of the right shapes), its card and reports; the
+    metrics must be evaluate's measurement of these weights on the current test split.
 
     The weights are read without torch (dltrain.weights): importing torch only to check them
     cost this stage 1.5-2 s of its start."""
@@ -117,204 +79,190 @@ def read_candidate(ws: Workspace) -> Candidate:
     if not ws.metrics_path.is_file():
         raise DataError(f"{ws.metrics_path} not found (run `dltrain evaluate` first)")
     metrics = read_json(ws.metrics_path)
-    if "accuracy" not in metrics:
-        raise DataError(f"{ws.metrics_path} has no `accuracy` (re-run `dltrain evaluate`)")
+    missing = [k for k in ("accuracy", "weights_sha256", "test_sha256") if k not in metrics]
+    if missing:
+        raise DataError(f"{ws.metrics_path} has no {', '.join(missing)} (written by an older "
+                        "evaluate): re-run `dltrain evaluate`")
+    if metrics["weights_sha256"] != weights_sha256:
+        raise DataError(f"{ws.metrics_path} is stale: it measured weights "
+                        f"{str(metrics['weights_sha256'])[:12]}, but {ws.model_path} holds "
+                        f"{weights_sha256[:12]}; re-run `dltrain evaluate` (or `dvc repro`)")
+    summary_path = ws.processed_dir / "summary.json"
+    if not summary_path.is_file():
+        raise DataError(f"{summary_path} not found (run `dltrain preprocess` first)")
+    current = split_checksum(ws.processed_dir, read_json(summary_path))
+    if metrics["test_sha256"] != current:
+        raise DataError(f"{ws.metrics_path} is stale: it measured test split "
+                        f"{str(metrics['test_sha256'])[:12]}, but {ws.processed_dir} holds "
+                        f"{current[:12]}; re-run `dltrain evaluate` (or `dvc repro`)")
     training = read_json(ws.training_report_path) if ws.training_report_path.is_file() else {}
     return Candidate(card, metrics, training, weights_sha256)
 
 
-def model_card_markdown(name: str, cand: Candidate, run_id: str) -> str:
-    """The model card logged beside the weights: data, lineage, metrics, how to load it."""
-    arch = cand.card.get("architecture", {})
-    layers = "-".join(str(n) for n in [arch.get("input_size", 784), *arch.get(
-        "hidden_sizes", []), arch.get("num_classes", 10)])
-    data = cand.card.get("data", {})
-    epochs = cand.training.get("epochs") or []
-    last = epochs[-1] if epochs else {}
-    rows = "\n".join(f"| {cls} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | "
-                     f"{m['support']} |" for cls, m in cand.metrics.get("per_class", {}).items())
-    params = json.dumps(cand.card.get("params", {}), indent=2, sort_keys=True)
-    return f"""# {name}
+class ChampionScorer:
+    """Scores of registered versions on the candidate's test set: the recorded one when the
+    version was evaluated on it, else measured now on its weights from the registry with
+    evaluate's code (cached: a version is downloaded at most once)."""
 
-A multi-layer perceptron ({layers}, ReLU, logits) classifying 28x28 grey images.
+    def __init__(self, client: Any, name: str, tracking_uri: str, ws: Workspace,
+                 batch_size: int, test_sha256: str) -> None:
+        self.client, self.name, self.tracking_uri = client, name, tracking_uri
+        self.ws, self.batch_size, self.test_sha256 = ws, batch_size, test_sha256
+        self._cache: dict[int, Score] = {}
 
-## Data
-- data set: {data.get('dataset')}
-- data checksum (processed train/val/test): `{data.get('data_checksum')}`
-- test set sha256: `{cand.test_sha256}` ({cand.metrics.get('n')} images)
+    def __call__(self, champion: int, member: Member) -> Score:
+        """The gate's callback: `champion`'s score on `member`'s test set."""
+        if member.test_sha256 != self.test_sha256:
+            return Score(champion, None, error=f"its score on version {member.version}'s test "
+                                               "set is not recorded, and this workspace holds "
+                                               "other test data")
+        return self.version(champion)
 
-## Lineage
-- git commit: `{cand.card.get('git_commit')}`
-- Ray Train world size: {cand.card.get('world_size')}, device: {cand.card.get('device')},
-  nodes: {cand.card.get('nodes')}
-- weights sha256: `{cand.weights_sha256}`
-- MLflow run: `{run_id}`
+    def version(self, number: int) -> Score:
+        if number not in self._cache:
+            self._cache[number] = self._score(number)
+        return self._cache[number]
 
-## Metrics
-- test accuracy: {cand.accuracy:.4f}, test loss: {float(cand.metrics.get('loss', 'nan')):.4f}
-- last epoch ({last.get('epoch')}): train accuracy {last.get('train_accuracy')},
-  validation accuracy {last.get('val_accuracy')}
+    def _score(self, number: int) -> Score:
+        from mlflow.artifacts import download_artifacts
+        from mlflow.exceptions import MlflowException
 
-| class | precision | recall | F1 | support |
-| --- | --- | --- | --- | --- |
-{rows}
-
-## Parameters
-```json
-{params}
-```
-
-## How to load it
-The weights are a plain tensor state dict (no pickle). With dltrain installed:
-
-```bash
-dltrain predict --model models:/{name}@champion image.png
-```
-
-```python
-import mlflow
-from dltrain.modelio import load_model
-
-folder = mlflow.artifacts.download_artifacts("runs:/{run_id}/{MODEL_ARTIFACT_DIR}")
-model, card = load_model(f"{{folder}}/model.pt")  # torch.load(weights_only=True), shapes checked
-```
-"""
+        try:
+            version = self.client.get_model_version(self.name, str(number))
+        except MlflowException as exc:
+            if promotion.error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            return Score(number, None, error=f"version {number} no longer exists")
+        own = version.tags.get("test_accuracy")
+        own_accuracy = None if own is None else float(own)
+        if version.tags.get("test_sha256") == self.test_sha256:
+            return Score(number, own_accuracy, own_accuracy=own_accuracy)
+        try:
+            with tempfile.TemporaryDirectory(prefix="dltrain-champion-") as tmp:
+                folder = download_artifacts(artifact_uri=version.source, dst_path=tmp,
+                                            tracking_uri=self.tracking_uri)
+                metrics = score_model(Path(folder) / self.ws.model_path.name, self.ws.processed_dir,
+                                batch_size=self.batch_size)
+        except (ModelError, OSError) as exc:
+            return Score(number, None, True, own_accuracy, error=str(exc))
+        except MlflowException as exc:
+            if promotion.error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            return Score(number, None, True, own_accuracy, error=exc.message)
+        return Score(number, float(metrics["accuracy"]), True, own_accuracy)
 
 
-def _experiment_id(client: Any, tracking_uri: str, root: Path) -> str:
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    if experiment is not None:
-        return experiment.experiment_id
-    # The embedded store keeps artifacts beside the database, not in ./mlruns of the cwd.
-    location = embedded_artifact_uri(root) if tracking_uri == embedded_tracking_uri(root) else None
-    return client.create_experiment(EXPERIMENT, artifact_location=location)
+def _same_weights(client: Any, name: str, weights_sha256: str) -> int | None:
+    same = promotion.list_versions(client, name, f" and tags.weights_sha256 = '{weights_sha256}'")
+    return min((int(v.version) for v in same), default=None)
 
 
-def log_run(client: Any, tracking_uri: str, ws: Workspace, params: Params, cand: Candidate,
-            model_name: str) -> str:
-    """One MLflow run: params, per-epoch and test metrics, lineage tags, weights, card, plots."""
-    from mlflow.entities import Metric, Param, RunTag
-
-    run = client.create_run(_experiment_id(client, tracking_uri, ws.root),
-                            run_name=f"{model_name}-{cand.weights_sha256[:8]}",
-                            tags=cand.tags())
-    run_id = run.info.run_id
-    now = int(time.time() * 1000)
-    metrics = [Metric(key, float(ep[key]), now, int(ep["epoch"]))
-               for ep in cand.training.get("epochs", []) for key in EPOCH_KEYS if key in ep]
-    if "samples_per_s" in cand.training:
-        metrics.append(Metric("samples_per_s", float(cand.training["samples_per_s"]), now, 0))
-    metrics += [Metric(f"test_{key}", float(cand.metrics[key]), now, 0)
-                for key in ("accuracy", "loss", "macro_f1") if key in cand.metrics]
-    metrics += [Metric(f"test_f1/{cls}", float(m["f1"]), now, 0)
-                for cls, m in cand.metrics.get("per_class", {}).items()]
-    client.log_batch(run_id, metrics=metrics,
-                     params=[Param(k, v) for k, v in flatten(params.to_dict()).items()],
-                     tags=[RunTag("dltrain.nodes", json.dumps(cand.card.get("nodes")))])
-    for path in (ws.model_path, ws.model_card_path):
-        client.log_artifact(run_id, str(path), MODEL_ARTIFACT_DIR)
-    with tempfile.TemporaryDirectory() as tmp:
-        card_md = Path(tmp) / MODEL_CARD_FILE
-        card_md.write_text(model_card_markdown(model_name, cand, run_id))
-        client.log_artifact(run_id, str(card_md), MODEL_ARTIFACT_DIR)
-    for name in ("metrics.json", "training.json", "confusion_matrix.png", "misclassified.png"):
-        if (ws.reports_dir / name).is_file():
-            client.log_artifact(run_id, str(ws.reports_dir / name), "reports")
-    client.set_terminated(run_id)
-    return run_id
+def _unloadable(name: str, base: Score) -> ModelError:
+    return ModelError(
+        f"champion version {base.version} of {name} cannot be scored on the current test set "
+        f"({base.error}); nothing was registered. Restore its files, roll back to another "
+        "version (`dltrain registry rollback --to VERSION`), or replace it anyway, recorded in "
+        "the alias history: `dltrain register --if-champion-unloadable promote`")
 
 
-def _number(version: Any) -> int | None:
-    """MLflow gives version numbers as int from SQLite and as str over REST: report ints."""
-    return None if version is None else int(version)
-
-
-def _alias_version(client: Any, name: str, alias: str) -> Any | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None  # no such model or alias yet
-
-
-def _ensure_registered_model(client: Any, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(
-            name, description="dltrain MLP on MNIST-style images (weights + model card)")
-
-
-def _register(client: Any, tracking_uri: str, ws: Workspace, params: Params,
-              cand: Candidate) -> dict[str, Any]:
+def _register(client: Any, tracking_uri: str, ws: Workspace, params: Params, cand: Candidate,
+              *, serialised: bool, promote_unloadable: bool) -> dict[str, Any]:
     cfg = params.register
     name = cfg.model_name
-    champion = _alias_version(client, name, CHAMPION)
+    scorer = ChampionScorer(client, name, tracking_uri, ws, params.evaluate.batch_size,
+                            cand.test_sha256)
     outcome: dict[str, Any] = {
         "model_name": name, "version": None, "aliases": [], "registered": False,
         "new_version": False, "run_id": None, "tracking_uri": display_uri(tracking_uri),
         "test_accuracy": cand.accuracy, "test_sha256": cand.test_sha256,
-        "weights_sha256": cand.weights_sha256,
-        "previous_champion_version": _number(champion.version) if champion else None,
-        "champion_version": _number(champion.version) if champion else None,
+        "weights_sha256": cand.weights_sha256, "previous_champion_version": None,
+        "champion_version": None, "champion_accuracy": None, "champion_rescored": False,
+        "history": [],
     }
-    same = client.search_model_versions(
-        f"name = '{name}' and tags.weights_sha256 = '{cand.weights_sha256}'")
-    if same:
-        # search results carry no aliases: fetch the version itself for them.
-        existing = client.get_model_version(name, min(same, key=lambda v: int(v.version)).version)
-        return {**outcome, "version": _number(existing.version), "aliases": list(existing.aliases),
-                "registered": True, "run_id": existing.run_id,
-                "reason": f"the same weights (sha256 {cand.weights_sha256[:12]}) are already "
-                          f"version {existing.version}: no new version"}
+    model = promotion.registered_model(client, name)
+    existing = _same_weights(client, name, cand.weights_sha256) if model is not None else None
+    versions = promotion.list_versions(client, name) if model is not None else []
+    anchor = promotion.read_anchor(model, versions)
+    outcome["previous_champion_version"] = anchor.champion
 
+    if existing is not None:
+        # Settling finishes a promotion that a run interrupted after creating the version.
+        resolution, moved = promotion.settle(client, name, scorer, own=existing,
+                                             serialised=serialised)
+        step = resolution.step_for(existing)
+        reason = (f"the same weights (sha256 {cand.weights_sha256[:12]}) are already version "
+                  f"{existing}: no new version")
+        if step is not None:
+            reason += f"; the gate made it {step.alias or 'no alias'}: {step.reason}"
+        current = client.get_model_version(name, str(existing))
+        return {**outcome, **_scores(step.champion if step else None),
+                "version": existing, "aliases": resolution.aliases_of(existing),
+                "registered": True, "run_id": current.run_id, "reason": reason,
+                "champion_version": resolution.champion,
+                "history": [asdict(e) for e in moved]}
+
+    base = scorer.version(anchor.champion) if anchor.champion is not None else None
+    if base is not None and base.accuracy is None and not promote_unloadable:
+        raise _unloadable(name, base)
+    outcome.update(_scores(base), champion_version=anchor.champion)
     run_id = log_run(client, tracking_uri, ws, params, cand, name)
     outcome["run_id"] = run_id
-    if cand.accuracy + _EPS < cfg.min_accuracy:
+    if cand.accuracy + EPS < cfg.min_accuracy:
         client.set_tag(run_id, "dltrain.registered", "false")
         return {**outcome, "reason": f"test accuracy {cand.accuracy:.4f} is below "
                                      f"register.min_accuracy {cfg.min_accuracy}: not registered"}
 
-    _ensure_registered_model(client, name)
+    promotion.ensure_registered_model(client, name)
+    tags = {**cand.tags(), **promotion.gate_tags(base, cfg.min_improvement, promote_unloadable)}
     version = client.create_model_version(
-        name, f"runs:/{run_id}/{MODEL_ARTIFACT_DIR}", run_id=run_id, tags=cand.tags(),
-        description=f"test accuracy {cand.accuracy:.4f} on {cand.tags().get('dataset')}")
-    champion_tags = {**champion.tags, "version": champion.version} if champion else None
-    promote, reason = decide_promotion(cand.accuracy, cand.test_sha256, champion_tags,
-                                       cfg.min_improvement)
-    alias = CHAMPION if promote else CHALLENGER
-    client.set_registered_model_alias(name, alias, version.version)
+        name, f"runs:/{run_id}/{MODEL_ARTIFACT_DIR}", run_id=run_id, tags=tags,
+        description=f"test accuracy {cand.accuracy:.4f} on {tags.get('dataset')}")
+    number = int(version.version)
     client.set_tag(run_id, "dltrain.registered", "true")
-    number = _number(version.version)
-    return {**outcome, "version": number, "aliases": [alias], "registered": True,
-            "new_version": True, "reason": reason,
-            "champion_version": number if promote else outcome["champion_version"]}
+    resolution, moved = promotion.settle(client, name, scorer, own=number, serialised=serialised)
+    step = resolution.step_for(number)
+    reason = step.reason if step else "settled"
+    if step is not None and step.alias == CHAMPION and resolution.champion != number:
+        reason += f"; since displaced by version {resolution.champion}"
+    return {**outcome, **_scores(step.champion if step else base), "version": number,
+            "aliases": resolution.aliases_of(number), "registered": True, "new_version": True,
+            "reason": reason, "champion_version": resolution.champion,
+            "history": [asdict(e) for e in moved]}
 
 
-def register(ws: Workspace, params: Params, *, attempts: int = 4,
-             backoff_s: float = 1.0) -> dict[str, Any]:
+def _scores(champion: Score | None) -> dict[str, Any]:
+    """The champion's score that the gate compared with, for registration.json."""
+    if champion is None:
+        return {"champion_accuracy": None, "champion_rescored": False}
+    return {"champion_accuracy": champion.accuracy, "champion_rescored": champion.rescored}
+
+
+def register(ws: Workspace, params: Params, *, attempts: int = 4, backoff_s: float = 1.0,
+             if_champion_unloadable: str = "fail") -> dict[str, Any]:
     """Log the run, register the model and move the aliases; write reports/registration.json.
 
     An unreachable tracking server is retried `attempts` times with exponential backoff from
     `backoff_s`, then RegistryError; registration.json is then not written, so a later
-    `dvc repro` runs this stage again.
+    `dvc repro` runs this stage again. Any other error of the registry fails the stage too.
     """
+    if if_champion_unloadable not in UNLOADABLE_CHOICES:
+        raise ValueError(f"if_champion_unloadable must be one of {UNLOADABLE_CHOICES}")
     cand = read_candidate(ws)
     tracking_uri = resolve_tracking_uri(params.register.tracking_uri, ws.root)
-    client = connect(tracking_uri, attempts=attempts, backoff_s=backoff_s)
     from mlflow.exceptions import MlflowException
     from requests import RequestException
 
-    try:
-        outcome = _register(client, tracking_uri, ws, params, cand)
-    except (MlflowException, RequestException) as exc:
-        raise RegistryError(f"MLflow at {display_uri(tracking_uri)} failed during registration: "
-                            f"{redact(str(exc), tracking_uri)}. The model stays in models/; "
-                            "re-run `dltrain register` "
-                            "(or `dvc repro`) once the store is reachable.") from exc
+    with promotion.serialised(tracking_uri, params.register.model_name) as serialised:
+        client = connect(tracking_uri, attempts=attempts, backoff_s=backoff_s)
+        try:
+            outcome = _register(client, tracking_uri, ws, params, cand, serialised=serialised,
+                                promote_unloadable=if_champion_unloadable == "promote")
+        except (MlflowException, RequestException) as exc:
+            raise RegistryError(
+                f"MLflow at {display_uri(tracking_uri)} failed during registration: "
+                f"{redact(str(exc), tracking_uri)}. The model stays in models/; re-run "
+                "`dltrain register` (or `dvc repro`) once the store is reachable: it finishes "
+                "what this run left undone.") from exc
     write_json(ws.registration_path, outcome)
     where = (f"version {outcome['version']} ({', '.join(outcome['aliases']) or 'no alias'})"
              if outcome["version"] else "not registered")

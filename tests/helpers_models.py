@@ -108,11 +108,10 @@ def evaluated_workspace(root: Path, seed: int = 0) -> Workspace:
     return ws
 
 
-def replace_weights(ws: Workspace, seed: int, accuracy: float | None = None,
-                    test_sha256: str | None = None) -> str:
-    """New weights (the old ones plus a little noise) and, when given, a test accuracy and test
-    checksum written into reports/metrics.json, as if a new model had been trained and
-    evaluated. Returns the new weights' sha256."""
+def replace_weights(ws: Workspace, seed: int, accuracy: float | None = None) -> str:
+    """New weights (the old ones plus a little noise) and reports/metrics.json as if evaluate had
+    measured them (their sha256), with `accuracy` written in when given. Returns the new
+    weights' sha256."""
     from dltrain.modelio import load_model
 
     model, card = load_model(ws.model_path)
@@ -122,9 +121,34 @@ def replace_weights(ws: Workspace, seed: int, accuracy: float | None = None,
     sha = save_model(state, {k: v for k, v in card.items() if k != "weights_sha256"},
                      ws.model_path)
     metrics = read_json(ws.metrics_path)
+    metrics["weights_sha256"] = sha
     if accuracy is not None:
         metrics["accuracy"] = accuracy
-    if test_sha256 is not None:
-        metrics["test_sha256"] = test_sha256
     write_json(ws.metrics_path, metrics)
     return sha
+
+
+def new_test_split(ws: Workspace, seed: int, n_test: int = 200) -> str:
+    """Replace the processed test split with other images (as new data would), keeping train and
+    val; returns the new test split's sha256."""
+    images, labels = synthetic_split(n_test, seed)
+    np.save(ws.processed_dir / "test_images.npy", images)
+    np.save(ws.processed_dir / "test_labels.npy", labels)
+    summary = read_json(ws.processed_dir / "summary.json")
+    digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+    summary["test"] = {"n": n_test, "class_counts": np.bincount(labels, minlength=10).tolist(),
+                       "sha256": digest}
+    summary["data_checksum"] = hashlib.sha256(
+        "".join(summary[s]["sha256"] for s in ("train", "val", "test")).encode()).hexdigest()
+    write_json(ws.processed_dir / "summary.json", summary)
+    return digest
+
+
+def plant_model(ws: Workspace, seed: int, epochs: int = 3) -> dict:
+    """Train a new tiny model (epochs=0: its random initial weights) on the workspace's data,
+    save it as the train stage would and evaluate it for real; returns the metrics."""
+    from dltrain.evaluate import evaluate
+
+    model, records = train_tiny(ws.processed_dir, epochs=epochs, seed=seed)
+    save_workspace_model(ws, model, records)
+    return evaluate(ws.model_path, ws.processed_dir, ws.reports_dir, batch_size=256)

@@ -3,51 +3,25 @@ aliases, refusals, idempotence, and a tracking server that is down."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_models import evaluated_workspace, replace_weights
+from helpers_mlflow import free_port, serve_mlflow
+from helpers_models import evaluated_workspace, new_test_split, plant_model, replace_weights
 from PIL import Image
 
 from dltrain.cli import main
 from dltrain.config import Params, params_from_dict
-from dltrain.errors import RegistryError
+from dltrain.errors import DataError, ModelError, RegistryError
 from dltrain.paths import Workspace
-from dltrain.register import LINEAGE_TAGS, decide_promotion, flatten, register
+from dltrain.register import LINEAGE_TAGS, register
 from dltrain.registry import embedded_tracking_uri
-
-SHA = "a" * 64
-
-
-@pytest.mark.parametrize(("accuracy", "sha", "champion", "min_improvement", "promote", "why"), [
-    (0.90, SHA, None, 0.0, True, "no champion yet"),
-    (0.91, SHA, {"test_accuracy": "0.90", "test_sha256": SHA}, 0.0, True, "beats"),
-    (0.90, SHA, {"test_accuracy": "0.90", "test_sha256": SHA}, 0.0, True, "beats"),
-    (0.89, SHA, {"test_accuracy": "0.90", "test_sha256": SHA}, 0.0, False, "does not beat"),
-    (0.905, SHA, {"test_accuracy": "0.90", "test_sha256": SHA}, 0.01, False, "does not beat"),
-    (0.91, SHA, {"test_accuracy": "0.90", "test_sha256": SHA}, 0.01, True, "beats"),
-    (0.50, SHA, {"test_accuracy": "0.99", "test_sha256": "b" * 64}, 0.0, True,
-     "different test data"),
-])
-def test_decide_promotion(accuracy: float, sha: str, champion: dict | None,
-                          min_improvement: float, promote: bool, why: str) -> None:
-    if champion:
-        champion = {**champion, "version": "1"}
-    decided, reason = decide_promotion(accuracy, sha, champion, min_improvement)
-    assert decided is promote
-    assert why in reason
+from dltrain.tracking import flatten
 
 
 def test_flatten_params() -> None:
@@ -120,9 +94,12 @@ def test_first_model_is_champion_with_lineage_weights_and_card(ws: Workspace) ->
         assert needle in markdown
 
 
+def _aliases(ws: Workspace) -> dict[str, str]:
+    return {k: str(v) for k, v in _client(ws).get_registered_model("mnist-mlp").aliases.items()}
+
+
 @pytest.mark.integration
 def test_promotion_moves_champion_only_on_improvement(ws: Workspace) -> None:
-    base = json.loads(ws.metrics_path.read_text())
     replace_weights(ws, seed=1, accuracy=0.90)
     assert register(ws, _params())["aliases"] == ["champion"]
 
@@ -130,22 +107,120 @@ def test_promotion_moves_champion_only_on_improvement(ws: Workspace) -> None:
     worse = register(ws, _params())
     assert (str(worse["version"]), worse["aliases"]) == ("2", ["challenger"])
     assert "does not beat champion version 1" in worse["reason"]
+    assert worse["champion_accuracy"] == 0.90 and worse["champion_rescored"] is False
     assert _champion(ws) == "1"
 
     replace_weights(ws, seed=3, accuracy=0.905)  # better, but by less than min_improvement
     small = register(ws, _params(min_improvement=0.01))
     assert small["aliases"] == ["challenger"] and _champion(ws) == "1"
 
-    replace_weights(ws, seed=4, accuracy=0.95)  # better: champion moves
+    replace_weights(ws, seed=4, accuracy=0.95)  # better: champion moves, the old one is runner-up
     better = register(ws, _params(min_improvement=0.01))
     assert (str(better["version"]), better["aliases"]) == ("4", ["champion"])
-    assert str(better["previous_champion_version"]) == "1" and _champion(ws) == "4"
+    assert str(better["previous_champion_version"]) == "1"
+    assert _aliases(ws) == {"champion": "4", "challenger": "1"}
+    assert [(e["alias"], e["from_version"], e["to_version"]) for e in better["history"]] == [
+        ("champion", 1, 4), ("challenger", 3, 1)]
 
-    # A champion evaluated on other test data does not compare: the new model takes over.
-    replace_weights(ws, seed=5, accuracy=0.60, test_sha256="c" * 64)
-    other = register(ws, _params())
-    assert other["aliases"] == ["champion"] and "different test data" in other["reason"]
-    assert base["test_sha256"] != "c" * 64
+
+@pytest.mark.integration
+def test_stale_metrics_are_refused_and_nothing_is_registered(ws: Workspace, capsys) -> None:
+    """A new model trained while evaluate was skipped: metrics.json still describes the old
+    weights (their sha256), so register refuses instead of recording the old accuracy."""
+    metrics = json.loads(ws.metrics_path.read_text())
+    replace_weights(ws, seed=7)
+    ws.metrics_path.write_text(json.dumps(metrics))  # evaluate did not run
+    with pytest.raises(DataError, match="metrics.json is stale: it measured weights"):
+        register(ws, _params())
+    assert main(["register", "--workspace", str(ws.root), "-S", "register.min_accuracy=0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "stale" in err and "dltrain evaluate" in err and "Traceback" not in err
+    assert not ws.registration_path.exists()
+    assert not (ws.root / "mlruns").exists()  # MLflow was never touched
+
+    # Metrics of these weights, but measured on another test split than data/processed holds.
+    replace_weights(ws, seed=7)
+    new_test_split(ws, seed=99)
+    with pytest.raises(DataError, match="it measured test split"):
+        register(ws, _params())
+
+
+@pytest.mark.integration
+def test_a_worse_model_on_a_new_test_set_stays_challenger(ws: Workspace, tmp_path: Path) -> None:
+    """The gate with new data: the champion's weights are fetched from the registry and scored
+    on the new test set with evaluate's code; a planted worse model loses to that score, and
+    both scores and the test checksum are recorded on the version and in registration.json."""
+    first = register(ws, _params(min_accuracy=0.0))
+    assert first["aliases"] == ["champion"]
+    champion_model = ws.model_path.read_bytes(), ws.model_card_path.read_bytes()
+
+    new_sha = new_test_split(ws, seed=41)
+    planted = plant_model(ws, seed=5, epochs=0)  # untrained: about chance on the new test set
+    outcome = register(ws, _params(min_accuracy=0.0))
+
+    # The oracle: evaluate the champion's own files on the new test set, independently.
+    oracle = tmp_path / "oracle"
+    (oracle / "models").mkdir(parents=True)
+    (oracle / "models" / "model.pt").write_bytes(champion_model[0])
+    (oracle / "models" / "model.json").write_bytes(champion_model[1])
+    from dltrain.evaluate import evaluate
+
+    rescored = evaluate(oracle / "models" / "model.pt", ws.processed_dir, oracle / "reports",
+                        batch_size=256)["accuracy"]
+    assert rescored > planted["accuracy"] + 0.3
+    assert (outcome["version"], outcome["aliases"]) == (2, ["challenger"])
+    assert outcome["champion_accuracy"] == rescored and outcome["champion_rescored"] is True
+    assert outcome["test_accuracy"] == planted["accuracy"] and outcome["test_sha256"] == new_sha
+    assert "re-scored on the current test set" in outcome["reason"]
+    assert json.loads(ws.registration_path.read_text()) == outcome
+    assert _champion(ws) == "1"
+    tags = _client(ws).get_model_version("mnist-mlp", "2").tags
+    assert float(tags["gate.champion_accuracy"]) == rescored
+    assert float(tags["test_accuracy"]) == planted["accuracy"]
+    assert tags["test_sha256"] == new_sha and tags["gate.champion_version"] == "1"
+
+    better = plant_model(ws, seed=6, epochs=4)  # trained: beats the re-scored champion
+    assert better["accuracy"] >= rescored
+    promoted = register(ws, _params(min_accuracy=0.0))
+    assert promoted["aliases"] == ["champion"] and promoted["champion_accuracy"] == rescored
+    assert _aliases(ws) == {"champion": "3", "challenger": "1"}
+
+
+def _artifact_files(ws: Workspace, version: str) -> Path:
+    client = _client(ws)
+    run_id = client.get_model_version("mnist-mlp", version).run_id
+    root = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://"))
+    return root / "model"
+
+
+@pytest.mark.integration
+def test_a_champion_that_cannot_be_loaded_is_an_error_or_an_explicit_promotion(
+        ws: Workspace, capsys) -> None:
+    register(ws, _params(min_accuracy=0.0))
+    (_artifact_files(ws, "1") / "model.pt").unlink()  # the registry lost its weights
+    new_test_split(ws, seed=43)
+    plant_model(ws, seed=5, epochs=0)
+    runs_before = len(_client(ws).search_runs([_client(ws).get_experiment_by_name(
+        "mnist-training").experiment_id]))
+
+    with pytest.raises(ModelError, match="champion version 1 of mnist-mlp cannot be scored"):
+        register(ws, _params(min_accuracy=0.0))
+    client = _client(ws)
+    assert [v.version for v in client.search_model_versions("name = 'mnist-mlp'")] in (
+        ["1"], [1])
+    assert len(client.search_runs([client.get_experiment_by_name(
+        "mnist-training").experiment_id])) == runs_before
+    assert _champion(ws) == "1"
+
+    args = ["register", "--workspace", str(ws.root), "-S", "register.min_accuracy=0"]
+    assert main(args) == 1
+    assert "--if-champion-unloadable promote" in capsys.readouterr().err
+    assert main([*args, "--if-champion-unloadable", "promote"]) == 0
+    outcome = json.loads(ws.registration_path.read_text())
+    assert outcome["aliases"] == ["champion"] and _champion(ws) == "2"
+    assert "could not be scored" in outcome["reason"] and "promoted as asked" in outcome["reason"]
+    assert outcome["history"][0]["reason"] == outcome["reason"]
+    assert client.get_model_version("mnist-mlp", "2").tags["gate.promote_unloadable"] == "true"
 
 
 @pytest.mark.integration
@@ -171,15 +246,9 @@ def test_same_weights_twice_make_one_version(ws: Workspace, capsys) -> None:
     assert "alembic" not in out.err and "Creating initial MLflow" not in out.err  # quiet
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_unreachable_server_fails_fast_and_writes_nothing(ws: Workspace, capsys) -> None:
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(RegistryError) as info:
         register(ws, _params(tracking_uri=uri), attempts=3, backoff_s=0.05)
@@ -194,36 +263,9 @@ def test_unreachable_server_fails_fast_and_writes_nothing(ws: Workspace, capsys)
     assert not ws.registration_path.exists()
 
 
-@contextlib.contextmanager
-def serve_mlflow(port: int, store: Path) -> Iterator[str]:
-    """A real `mlflow server` on 127.0.0.1:`port` with its SQLite store in `store`; stopped
-    when the block ends, pass or fail."""
-    store.mkdir(exist_ok=True)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-         "--default-artifact-root", str(store / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("mlflow server did not start") from None
-                time.sleep(0.5)
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-
-
 @pytest.fixture
 def mlflow_server(tmp_path: Path) -> Iterator[str]:
-    with serve_mlflow(_closed_port(), tmp_path / "server") as uri:
+    with serve_mlflow(free_port(), tmp_path / "server") as uri:
         yield uri
 
 
@@ -231,7 +273,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
 def test_server_down_then_up_registers_once(ws: Workspace, tmp_path: Path, capsys) -> None:
     """Registration while the server is down fails clearly and records nothing; once the same
     server is up, the re-run registers one version, and a third run adds none."""
-    port = _closed_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     assert main(["register", "--workspace", str(ws.root), "-S", f"register.tracking_uri={uri}",
                  "-S", "register.min_accuracy=0.5"]) == 1

@@ -1,0 +1,96 @@
+"""Alias history: every move of `champion` or `challenger`, kept in the registry itself.
+
+MLflow keeps no history of its aliases. Each move is one registered-model tag,
+`dltrain.history.<epoch ns, 19 digits>.<8 hex digits>`, whose value is the entry as JSON:
+- one tag per entry, so two registrations never overwrite each other's entry (one tag holding
+  a list would need a read-modify-write, and lose an entry when two writers race);
+- the keys sort by time; the random suffix keeps two entries of one millisecond apart;
+- an entry is a few hundred characters, far below MLflow's limit on a tag value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from typing import Any
+
+HISTORY_PREFIX = "dltrain.history."
+# The Prefect flow run a stage runs in, set by the flow for the stage's process (the flow reads
+# it from prefect.runtime.flow_run.id): recorded with each alias move.
+FLOW_RUN_ID_ENV = "DLTRAIN_FLOW_RUN_ID"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One alias move. `from_version` is None when the alias was not set before."""
+
+    time: str  # ISO 8601, UTC
+    alias: str
+    from_version: int | None
+    to_version: int | None
+    action: str  # register | reconcile | rollback
+    reason: str
+    candidate_accuracy: float | None = None  # the version moved to, on its test set
+    champion_accuracy: float | None = None  # the champion it was compared with, on that set
+    test_sha256: str | None = None
+    data_checksum: str | None = None
+    git_commit: str | None = None
+    flow_run_id: str | None = None
+
+    @classmethod
+    def now(cls, **values: Any) -> Entry:
+        stamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        return cls(time=stamp.replace("+00:00", "Z"),
+                   flow_run_id=os.environ.get(FLOW_RUN_ID_ENV) or None, **values)
+
+    @classmethod
+    def from_json(cls, text: str) -> Entry:
+        data = json.loads(text)
+        return cls(**{f.name: data.get(f.name) for f in fields(cls)})
+
+
+_last_ns = 0
+
+
+def new_key() -> str:
+    """A tag key later than every key this process made before (nanoseconds, so that two moves
+    of one registration keep their order), unique across processes (the random suffix)."""
+    global _last_ns
+    _last_ns = max(time.time_ns(), _last_ns + 1)
+    return f"{HISTORY_PREFIX}{_last_ns:019d}.{secrets.token_hex(4)}"
+
+
+def record(client: Any, name: str, entry: Entry) -> str:
+    """Append `entry` to the history of registered model `name`; return its tag key."""
+    key = new_key()
+    client.set_registered_model_tag(name, key, json.dumps(asdict(entry)))
+    return key
+
+
+def entries(tags: dict[str, str]) -> list[Entry]:
+    """The history held in a registered model's tags, oldest first."""
+    return [Entry.from_json(tags[key]) for key in sorted(tags) if key.startswith(HISTORY_PREFIX)]
+
+
+def _cell(value: Any, digits: int | None = None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)[:digits] if digits else str(value)
+
+
+def table(history: list[Entry]) -> str:
+    """The history as an aligned text table, one move per line, the reason last."""
+    header = ("time", "alias", "move", "action", "accuracy", "champion", "test set", "commit",
+              "flow run", "reason")
+    rows = [(e.time, e.alias, f"{_cell(e.from_version)} -> {_cell(e.to_version)}", e.action,
+             _cell(e.candidate_accuracy), _cell(e.champion_accuracy), _cell(e.test_sha256, 12),
+             _cell(e.git_commit, 8), _cell(e.flow_run_id, 8), e.reason) for e in history]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)),
+                                row[-1]]) for row in [header, *rows])
