@@ -161,12 +161,20 @@ def _local_versions(source: str, directory: Path, stat_cache_path: Path | None, 
         except FileNotFoundError:
             raise DataError(f"data.source {source}: {name} is missing; the source must hold "
                             f"the four IDX files ({', '.join(RAW_FILES)})") from None
+        except OSError as exc:
+            raise DataError(f"data.source {source}: cannot read {name} "
+                            f"({describe_error(exc)})") from exc
     keys = {n: _stat_key(stats[n]) for n in RAW_FILES}
     known = {n: cache[str(directory / n)]["sha256"] for n in RAW_FILES
              if cache.get(str(directory / n), {}).get("stat") == keys[n]}
     to_hash = [n for n in RAW_FILES if n not in known]
     if to_hash:
-        known.update(_hash_files(directory, to_hash, stats, progress=progress))
+        try:
+            known.update(_hash_files(directory, to_hash, stats, progress=progress))
+        except OSError as exc:
+            raise DataError(f"data.source {source}: cannot read "
+                            f"{Path(exc.filename or '').name or 'a file'} "
+                            f"({describe_error(exc)})") from exc
         for name in to_hash:
             cache[str(directory / name)] = {"stat": keys[name], "sha256": known[name]}
         _write_stat_cache(stat_cache_path, cache)

@@ -12,6 +12,7 @@ import http.server
 import ipaddress
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -280,30 +281,32 @@ def http_source(request: pytest.FixtureRequest, tmp_path: Path, tiny_source: Pat
         def do_GET(self) -> None:  # noqa: N802 - the http.server API
             file = state.root / self.path.rsplit("/", 1)[-1]
             if not file.is_file():
-                self.send_error(404)
                 state.log.append(Served(self.path, None, 404, 0))
+                self.send_error(404)
                 return
             data = file.read_bytes()
             etag = f'"{sha256(data)[:20]}"'
             asked = self.headers.get("If-None-Match")
+            # Logged before the answer goes out, so that the client never sees an answer
+            # whose record is not in the log yet.
             if state.etags and asked == etag:
+                state.log.append(Served(self.path, asked, 304, 0))
                 self.send_response(304)
                 self.send_header("ETag", etag)
                 self.end_headers()
-                state.log.append(Served(self.path, asked, 304, 0))
                 return
+            served = Served(self.path, asked, 200, 0)
+            state.log.append(served)
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             if state.etags:
                 self.send_header("ETag", etag)
             self.end_headers()
-            sent = 0
             try:
                 self.wfile.write(data)
-                sent = len(data)
+                served.body_bytes = len(data)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client closed without reading: expected of the check
-            state.log.append(Served(self.path, asked, 200, sent))
 
         def log_message(self, *args: object) -> None:
             pass
@@ -384,3 +387,26 @@ def test_an_unreachable_or_missing_source_is_a_clear_error_and_keeps_the_fingerp
     with pytest.raises(DownloadError, match=r"t10k-labels-idx1-ubyte\.gz: HTTP 404"):
         check("mnist", http_source.url, path, **FAST)
     assert path.read_bytes() == before
+
+
+def test_a_server_that_refuses_is_retried_then_a_clear_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/data"  # nothing listens there
+    with pytest.raises(DownloadError, match=r"connection refused \(after 2 attempts\)"):
+        check("mnist", url, tmp_path / "source.json", retries=2, **FAST)
+    assert "retrying" in capsys.readouterr().err
+    assert not (tmp_path / "source.json").exists()
+
+
+def test_an_unreadable_source_file_is_a_clear_error(tmp_path: Path, tiny_source: Path,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    def refuse(directory, names, stats, *, progress):
+        raise PermissionError(13, "Permission denied", str(directory / names[0]))
+
+    monkeypatch.setattr(freshness_module, "_hash_files", refuse)
+    with pytest.raises(DataError, match=r"cannot read train-images-idx3-ubyte\.gz \(permission "
+                                        r"denied\)"):
+        check("mnist", str(tiny_source), tmp_path / "source.json", progress=False)
+    assert not (tmp_path / "source.json").exists()
