@@ -1,21 +1,33 @@
-"""Typed, strict configuration: one dataclass per params.yaml section.
+"""Typed, strict configuration: one pydantic model per params.yaml section.
 
-Loaded once, at the edge (the CLI, the flow), and passed down as plain values. Unknown keys,
-wrong types and out-of-range values raise ConfigError naming the key and what is allowed,
-before any work starts.
+Loaded once, at the edge (the CLI, the flow), and passed down as plain values. Unknown keys
+(with a "did you mean"), wrong types, out-of-range and non-finite values raise ConfigError
+naming the key and what is allowed, before any work starts. Numbers are read as people write
+them in YAML: `1e-3` (which PyYAML reads as a string) is the float 0.001; an integer setting
+takes an integer, and a boolean one true or false, nothing that merely converts to one.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
+import math
 import re
-import types
-import typing
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from dltrain.errors import ConfigError
 
@@ -23,195 +35,103 @@ DATASETS = ("fashion-mnist", "mnist")
 RAY_ADDRESS = re.compile(r"local|auto|(ray://)?[\w.\-\[\]:]+:\d{1,5}")
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    dataset: Literal["fashion-mnist", "mnist"] = "fashion-mnist"
-    # None = the data set's known mirrors; else a directory, file:// or https:// URL holding
-    # the four standard IDX files.
-    source: str | None = None
-    val_fraction: float = 0.1
-    seed: int = 42
-
-    def validate(self) -> None:
-        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction,
-               "a number strictly between 0 and 1")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    hidden_sizes: tuple[int, ...] = (512,)
-
-    def validate(self) -> None:
-        _check(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes),
-               "model.hidden_sizes", list(self.hidden_sizes),
-               "a non-empty list of positive layer widths, e.g. [512]")
+def _number(value: Any) -> Any:
+    """A float setting: an int, a float, or a numeric string such as "1e-3"; finite."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true/false")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError("expected a number") from None
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError("expected a finite number")
+        return float(value)
+    raise ValueError("expected a number")
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 5
-    batch_size: int = 128  # global: split evenly across the workers
-    learning_rate: float = 0.001
-    optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
-    num_workers: int = 1
-    use_gpu: bool = False
-    # local: a private one-shot Ray; auto (None too): RAY_ADDRESS, else the workspace's warm
-    # Ray (`make ray-up`), else a private one; or HOST:PORT / ray://HOST:PORT of a cluster.
-    ray_address: str | None = "auto"
-    storage_path: str | None = None  # None = <repo>/.ray_results; shared storage on a cluster
-    max_failures: int = 2
-    seed: int = 42
-    threads_per_worker: int | None = None  # None = the CPUs Ray gives each worker
-    # Validate and ship an exponential moving average of the weights (0 = the raw weights).
-    ema_decay: float = 0.99
-    # PACK fills a node before the next; SPREAD/STRICT_SPREAD put workers on separate nodes.
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-
-    def validate(self) -> None:
-        _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
-        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
-        _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "a number > 0")
-        _check(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer >= 1")
-        _check(self.max_failures >= -1, "train.max_failures", self.max_failures,
-               "an integer >= 0 (or -1 for unlimited retries)")
-        _check(self.batch_size % self.num_workers == 0, "train.batch_size", self.batch_size,
-               f"a multiple of train.num_workers ({self.num_workers}), so that the global "
-               "batch splits evenly across workers")
-        _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", self.ema_decay,
-               "a number in [0, 1): 0 turns weight averaging off")
-        _check(self.threads_per_worker is None or self.threads_per_worker >= 1,
-               "train.threads_per_worker", self.threads_per_worker, "null or an integer >= 1")
-        _check(self.ray_address is None or bool(RAY_ADDRESS.fullmatch(self.ray_address)),
-               "train.ray_address", self.ray_address,
-               "local (a private Ray), auto (a running one, else local), or a cluster's "
-               "HOST:PORT or ray://HOST:PORT")
+Number = Annotated[float, BeforeValidator(_number)]
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
-    batch_size: int = 1000
-
-    def validate(self) -> None:
-        _check(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "an integer >= 1")
-
-
-@dataclass(frozen=True)
-class RegisterConfig:
-    model_name: str = "mnist-mlp"
-    tracking_uri: str | None = None  # None = MLFLOW_TRACKING_URI if set, else embedded SQLite
-    min_accuracy: float = 0.8
-    min_improvement: float = 0.0
-
-    def validate(self) -> None:
-        _check(bool(self.model_name.strip()), "register.model_name", self.model_name,
-               "a non-empty name")
-        _check(0.0 <= self.min_accuracy <= 1.0, "register.min_accuracy", self.min_accuracy,
-               "a number between 0 and 1")
-        _check(0.0 <= self.min_improvement <= 1.0, "register.min_improvement",
-               self.min_improvement, "a number between 0 and 1")
-
-
-@dataclass(frozen=True)
-class Params:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    register: RegisterConfig = field(default_factory=RegisterConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain, YAML/JSON-ready values (tuples become lists)."""
-        return _plain(dataclasses.asdict(self))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+def _ray_address(value: Any) -> Any:
+    if isinstance(value, str) and not RAY_ADDRESS.fullmatch(value):
+        raise ValueError("expected local (a private Ray), auto (a running one, else local), "
+                         "or a cluster's HOST:PORT or ray://HOST:PORT")
     return value
 
 
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"invalid value for {key}: {value!r}; expected {allowed}")
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _describe(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        parts = [_describe(a) for a in get_args(tp) if a is not type(None)]
-        return " or ".join(parts) + (" or null" if type(None) in get_args(tp) else "")
-    if origin is tuple:
-        return f"a list of {_describe(get_args(tp)[0])}s"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        tp, str(tp))
+class DataConfig(_Section):
+    dataset: Literal["fashion-mnist", "mnist"] = "fashion-mnist"
+    # None = the data set's known mirrors; else a directory, file:// or https:// URL holding
+    # the four standard IDX files.
+    source: StrictStr | None = None
+    val_fraction: Number = Field(0.1, gt=0.0, lt=1.0)
+    seed: StrictInt = Field(42, ge=0)
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotation `tp`; return it in the dataclass' own type."""
-    origin = get_origin(tp)
-    wrong = ConfigError(f"invalid type for {key}: {value!r}; expected {_describe(tp)}")
-    if origin is Literal:
-        if value not in get_args(tp):
-            raise ConfigError(f"invalid value for {key}: {value!r}; expected {_describe(tp)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise wrong
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError:
-                continue
-        raise wrong
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise wrong
-        (item_tp, _ellipsis) = get_args(tp)
-        return tuple(_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value))
-    # bool is a subclass of int in Python: refuse `epochs: true` explicitly.
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise wrong
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise wrong
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise wrong
-        return value
-    raise AssertionError(f"unsupported annotation {tp!r} for {key}")  # pragma: no cover
+class ModelConfig(_Section):
+    hidden_sizes: tuple[Annotated[StrictInt, Field(ge=1)], ...] = Field((512,), min_length=1)
 
 
-def _build_section(name: str, cls: type, raw: Any) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"invalid section {name}: expected a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(raw) - set(known), key=str)  # YAML keys need not be strings
-    if unknown:
-        raise ConfigError(f"unknown key {name}.{unknown[0]}; the keys of {name} are: "
-                          + ", ".join(known))
-    values = {k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in raw.items()}
-    section = cls(**values)
-    section.validate()
-    return section
+class TrainConfig(_Section):
+    epochs: StrictInt = Field(5, ge=1)
+    batch_size: StrictInt = Field(128, ge=1)  # global: split evenly across the workers
+    learning_rate: Number = Field(0.001, gt=0.0)
+    optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
+    num_workers: StrictInt = Field(1, ge=1)
+    use_gpu: StrictBool = False
+    # local: a private one-shot Ray; auto (None too): RAY_ADDRESS, else the workspace's warm
+    # Ray (`make ray-up`), else a private one; or HOST:PORT / ray://HOST:PORT of a cluster.
+    ray_address: Annotated[StrictStr, BeforeValidator(_ray_address)] | None = "auto"
+    storage_path: StrictStr | None = None  # None = <repo>/.ray_results; shared on a cluster
+    max_failures: StrictInt = Field(2, ge=-1)  # -1: unlimited retries
+    seed: StrictInt = Field(42, ge=0)
+    threads_per_worker: StrictInt | None = Field(None, ge=1)  # None = the CPUs of a worker
+    # Validate and ship an exponential moving average of the weights (0 = the raw weights).
+    ema_decay: Number = Field(0.99, ge=0.0, lt=1.0)
+    # PACK fills a node before the next; SPREAD/STRICT_SPREAD put workers on separate nodes.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> TrainConfig:
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"train.batch_size {self.batch_size} is not a multiple of "
+                             f"train.num_workers ({self.num_workers}), so the global batch does "
+                             "not split evenly across workers")
+        return self
+
+
+class EvaluateConfig(_Section):
+    batch_size: StrictInt = Field(1000, ge=1)
+
+
+class RegisterConfig(_Section):
+    model_name: StrictStr = Field("mnist-mlp", pattern=r"\S")
+    tracking_uri: StrictStr | None = None  # None = MLFLOW_TRACKING_URI, else embedded SQLite
+    min_accuracy: Number = Field(0.8, ge=0.0, le=1.0)
+    min_improvement: Number = Field(0.0, ge=0.0, le=1.0)
+
+
+with warnings.catch_warnings():
+    # The section `register` has the name of a method pydantic models inherit from abc
+    # (ABCMeta.register, for virtual subclasses), which nothing here uses; pydantic warns.
+    warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+    class Params(_Section):
+        data: DataConfig = Field(default_factory=DataConfig)
+        model: ModelConfig = Field(default_factory=ModelConfig)
+        train: TrainConfig = Field(default_factory=TrainConfig)
+        evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+        register: RegisterConfig = Field(default_factory=RegisterConfig)
+
+        def to_dict(self) -> dict[str, Any]:
+            """Plain, YAML/JSON-ready values (tuples become lists)."""
+            return self.model_dump(mode="json")
 
 
 def params_from_dict(raw: Any) -> Params:
@@ -220,13 +140,67 @@ def params_from_dict(raw: Any) -> Params:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"params must be a mapping of sections, got {type(raw).__name__}")
-    sections = {f.name: f.type for f in dataclasses.fields(Params)}
-    hints = typing.get_type_hints(Params)
-    unknown = sorted(set(raw) - set(sections), key=str)
-    if unknown:
-        raise ConfigError(f"unknown section {unknown[0]!r}; the sections are: "
-                          + ", ".join(sections))
-    return Params(**{name: _build_section(name, hints[name], raw.get(name)) for name in sections})
+    for name in raw:
+        if name not in Params.model_fields:
+            raise ConfigError(_unknown([name]))
+    raw = {k: ({} if v is None else v) for k, v in raw.items()}
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(describe_error(exc)) from None
+
+
+# What to say a value should be, by pydantic's error type (its ctx fills the braces).
+_EXPECTED = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "bool_type": "true or false", "bool_parsing": "true or false",
+    "string_type": "a string", "float_type": "a number", "float_parsing": "a number",
+    "finite_number": "a finite number",
+    "greater_than": "a value > {gt}", "greater_than_equal": "a value >= {ge}",
+    "less_than": "a value < {lt}", "less_than_equal": "a value <= {le}",
+    "literal_error": "one of {expected}", "tuple_type": "a list",
+    "too_short": "a non-empty list, e.g. [512]", "string_pattern_mismatch": "a non-empty name",
+    "model_type": "a mapping of keys", "dict_type": "a mapping of keys",
+}
+
+
+def describe_error(exc: ValidationError) -> str:
+    """pydantic's first error as one line that names the key: `unknown key train.epoch; did
+    you mean train.epochs? ...` or `invalid value for train.epochs: 0; expected a value >= 1`."""
+    error = exc.errors(include_url=False)[0]
+    loc = [part for part in error["loc"] if not str(part).startswith("function-")]
+    key = ".".join(str(p) for p in loc if not isinstance(p, int))
+    key += "".join(f"[{p}]" for p in loc if isinstance(p, int))
+    value = error.get("input")
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return _unknown(loc)
+    if kind == "value_error":
+        reason = str(error["ctx"]["error"])
+        if reason.startswith("train.batch_size"):
+            return f"invalid value for train.batch_size: {reason}"
+        return f"invalid value for {key}: {value!r}; {reason}"
+    if kind in ("model_type", "dict_type") and len(loc) == 1:
+        return f"invalid section {key}: expected a mapping of keys, got {value!r}"
+    template = _EXPECTED.get(kind)
+    expected = template.format(**error.get("ctx", {})) if template else error["msg"]
+    word = "type" if kind.endswith(("_type", "_parsing")) else "value"
+    return f"invalid {word} for {key}: {value!r}; expected {expected}"
+
+
+def _unknown(loc: list[Any]) -> str:
+    sections = list(Params.model_fields)
+    name = str(loc[-1])
+    if len(loc) == 1:
+        hint = difflib.get_close_matches(name, sections, n=1) if isinstance(loc[0], str) else []
+        return (f"unknown section {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + "; the sections are: " + ", ".join(sections))
+    section = str(loc[0])
+    keys = list(Params.model_fields[section].annotation.model_fields)
+    hint = difflib.get_close_matches(name, keys, n=1)
+    return (f"unknown key {section}.{name}"
+            + (f" (did you mean {section}.{hint[0]}?)" if hint else "")
+            + f"; the keys of {section} are: " + ", ".join(keys))
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -219,3 +219,47 @@ def test_any_params_file_loads_or_is_a_config_error(tmp_path_factory, text: str)
     path = tmp_path_factory.getbasetemp() / "prop-params.yaml"
     path.write_text(text)
     _loads_or_config_error(lambda: load_params(path))
+
+
+# --- YAML as people write it -------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("learning_rate: 1e-3", 0.001),  # PyYAML reads 1e-3 as a string
+    ("learning_rate: 0.001", 0.001),
+    ("learning_rate: 1", 1.0),
+    ("learning_rate: '2.5E-4'", 0.00025),
+])
+def test_numbers_are_read_as_written(tmp_path: Path, text: str, value: float):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"train:\n  {text}\n")
+    learning_rate = load_params(path).train.learning_rate
+    assert isinstance(learning_rate, float) and learning_rate == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["learning_rate: .inf", "learning_rate: .nan",
+                                  "learning_rate: -.inf", "ema_decay: .nan",
+                                  "learning_rate: 1e999"])
+def test_non_finite_numbers_are_refused(tmp_path: Path, text: str):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"train:\n  {text}\n")
+    with pytest.raises(ConfigError, match=f"train.{text.split(':')[0]}: .*finite"):
+        load_params(path)
+
+
+@pytest.mark.parametrize(("raw", "hint"), [
+    ({"train": {"epoch": 3}}, "did you mean train.epochs?"),
+    ({"train": {"learningrate": 0.1}}, "did you mean train.learning_rate?"),
+    ({"trian": {}}, "did you mean 'train'?"),
+    ({"regster": {}}, "did you mean 'register'?"),
+])
+def test_unknown_keys_suggest_the_nearest_one(raw, hint):
+    with pytest.raises(ConfigError) as info:
+        params_from_dict(raw)
+    assert hint in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_negative_seeds_are_refused_before_any_work():
+    for key in ("data", "train"):
+        with pytest.raises(ConfigError, match=f"{key}.seed: -1; expected a value >= 0"):
+            params_from_dict({key: {"seed": -1}})
