@@ -85,12 +85,25 @@ def _register_all_at_once(workspaces: list[Workspace], uri: str, cwd: Path
             for p in procs]
 
 
-def test_two_registers_at_once_leave_the_better_model_champion(evaluated: Workspace,
-                                                               tmp_path: Path, capsys) -> None:
+def _sqlite_store(tmp_path: Path, existing: bool) -> str:
+    """An SQLite store URI; `existing`: its database and experiment made beforehand (the
+    usual case, where registrations race on the versions and aliases), else made by the
+    racing runs."""
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    if existing:
+        (tmp_path / "store").mkdir()
+        _client(uri).create_experiment(
+            "mnist-training", artifact_location=(tmp_path / "store" / "artifacts").as_uri())
+    return uri
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["existing-store", "new-store"])
+def test_two_registers_at_once_leave_the_better_model_champion(
+        evaluated: Workspace, tmp_path: Path, capsys, existing: bool) -> None:
     """0.801 and 0.757, registered at once into one SQLite store: the 0.801 model is champion,
     the 0.757 one challenger (in either order), and every move of both runs is in the
     history."""
-    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    uri = _sqlite_store(tmp_path, existing)
     good, bad = _copy(evaluated, tmp_path / "good"), _copy(evaluated, tmp_path / "bad")
     good_sha = replace_weights(good, seed=1, accuracy=0.801)
     bad_sha = replace_weights(bad, seed=2, accuracy=0.757)
@@ -110,12 +123,13 @@ def test_two_registers_at_once_leave_the_better_model_champion(evaluated: Worksp
 
 def test_identical_weights_registered_three_times_at_once_make_one_version(
         evaluated: Workspace, tmp_path: Path, capsys) -> None:
-    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    uri = _sqlite_store(tmp_path, existing=True)
     copies = [_copy(evaluated, tmp_path / f"ws{i}") for i in range(3)]
     for done in _register_all_at_once(copies, uri, tmp_path):
         assert done.returncode == 0, done.stderr
-    aliases, versions = _state(uri, "mnist-mlp")
-    assert list(versions.values()) == [1] and aliases == {"champion": 1}
+    versions = _client(uri).search_model_versions("name = 'mnist-mlp'")
+    assert [int(v.version) for v in versions] == [1]
+    assert _state(uri, "mnist-mlp")[0] == {"champion": 1}
     outcomes = [json.loads(ws.registration_path.read_text()) for ws in copies]
     assert [o["version"] for o in outcomes] == [1, 1, 1]
     assert sorted(o["new_version"] for o in outcomes) == [False, False, True]
