@@ -352,6 +352,11 @@ def test_the_default_trains_on_a_private_ray_beside_a_users_ray(
     env.pop("RAY_ADDRESS", None)
     done = _train_cli(tmp_path, env)
     assert done.returncode == 0, done.stdout + done.stderr
+    # Output that is not a terminal: no colour codes, and the epoch line as the worker wrote
+    # it, without Ray's "(RayTrainWorker pid=...)" prefix.
+    assert "\x1b[" not in done.stdout + done.stderr
+    assert any(line.startswith("epoch 1/1  loss") for line in done.stdout.splitlines()), \
+        done.stdout
     report = json.loads((tmp_path / "reports" / "training.json").read_text())
     assert report["ray"]["where"] == "a private local Ray"
     assert report["nodes"] and users_ray.node_id not in report["nodes"]

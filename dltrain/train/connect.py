@@ -118,7 +118,10 @@ def connect(target: RayTarget, cpus: int, runtime_env: dict) -> float:
     import ray
 
     started = time.perf_counter()
-    common = {"runtime_env": runtime_env, "logging_level": "ERROR", "log_to_driver": True}
+    # A job-level LoggingConfig also makes Ray print what workers write (the epoch lines)
+    # without its "(RayTrainWorker pid=...)" prefix.
+    common = {"runtime_env": runtime_env, "logging_level": "ERROR", "log_to_driver": True,
+              "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="ERROR")}
     if target.local:
         # The dashboard is off: nothing in a one-run Ray uses it, and on a small machine it
         # costs seconds of start-up.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 # For every Ray process of the run. Set before ray is imported.
@@ -72,3 +73,6 @@ def set_driver_env() -> None:
     for key, value in RAY_QUIET_ENV.items():
         os.environ.setdefault(key, value)
     os.environ[DRIVER_ENV] = "1"
+    if not sys.stdout.isatty():
+        # No colour codes in a log file, DVC's or Prefect's capture of the output.
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
