@@ -1,6 +1,8 @@
 """The real local Prefect stack (infra/prefect/stack.py, what `make stack-up` runs): a server
 and a process worker on loopback, deployments from prefect.yaml, and the pipeline run through
-`prefect deployment run 'mnist-training/local'` on tiny data in a fresh clone.
+`prefect deployment run 'mnist-training/local'` on tiny data in a fresh clone; and the
+`scheduled-retraining` deployment on its own pool's worker, which trains on a real Ray head:
+unchanged data skip in seconds, new data retrain.
 
 One server for the whole module (start-up is ~20 s on a busy machine); it and the worker are
 stopped in the fixture's teardown, pass or fail, and the teardown checks their pids are gone.
@@ -8,22 +10,25 @@ stopped in the fixture's teardown, pass or fail, and the teardown checks their p
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import make_clone, venv_env, write_raw_dir
+from conftest import RAW_FILES, make_clone, venv_env, write_raw_dir
 
 RUN_TIMEOUT_S = 900
 
@@ -94,8 +99,9 @@ def local_stack(tmp_path_factory) -> LocalStack:
         assert not list((home / "stack").glob("*.pid"))
 
 
-def _run_deployment(stack: LocalStack, params: dict) -> subprocess.CompletedProcess[str]:
-    return stack.run("prefect", "deployment", "run", "mnist-training/local",
+def _run_deployment(stack: LocalStack, params: dict, deployment: str = "local"
+                    ) -> subprocess.CompletedProcess[str]:
+    return stack.run("prefect", "deployment", "run", f"mnist-training/{deployment}",
                      "--params", json.dumps(params), "--watch",
                      "--watch-timeout", str(RUN_TIMEOUT_S), timeout=RUN_TIMEOUT_S + 60)
 
@@ -297,6 +303,8 @@ def test_worker_killed_mid_train_then_the_rerun_resumes_from_the_dvc_cache(local
     overridden = {"data.source", "train.batch_size", "train.epochs", "train.num_workers"}
     for stage, changes in json.loads(status.stdout).items():
         for change in changes:
+            if (stage, change) == ("check", "always changed"):
+                continue  # the freshness check runs every time, by design
             assert set(change) == {"changed deps"}, (stage, change)
             assert set(change["changed deps"]) == {"params.yaml"}, (stage, change)
             assert set(change["changed deps"]["params.yaml"]) <= overridden, (stage, change)
@@ -320,3 +328,166 @@ def test_stack_down_leaves_a_reused_pid_alone(tmp_path):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+# --- the scheduled deployment: unchanged data skip, new data retrain ------------------------
+
+RAY_POOL = "dltrain-ray"
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group `proc` leads, SIGKILL it if it is still there after 30 s."""
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def ray_pool_worker(local_stack: LocalStack, tmp_path_factory) -> Iterator[dict[str, str]]:
+    """What `scheduled-retraining` runs on: a Ray head (2 CPUs, token auth, the same script as
+    `make ray-up`) and a process worker for the dltrain-ray pool with RAY_ADDRESS and the
+    head's token in its environment. Both stopped in teardown, pass or fail."""
+    state = tmp_path_factory.mktemp("ray-head")
+    cluster = [sys.executable, "infra/local-cluster/cluster.py", "--state-dir", str(state)]
+    worker = None
+    try:
+        up = local_stack.run(*cluster, "up", "--workers", "0", "--head-cpus", "2",
+                             "--no-dashboard", "--brief", timeout=400)
+        assert up.returncode == 0, up.stdout + up.stderr
+        ray_env = dict(line.removeprefix("export ").split("=", 1)
+                       for line in (state / "env").read_text().splitlines() if line)
+        assert ray_env.get("RAY_ADDRESS"), ray_env
+        with open(state / "worker.log", "ab") as log:  # the worker keeps its own copy
+            worker = subprocess.Popen(
+                [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool",
+                 RAY_POOL, "--type", "process", "--name", "dltrain-ray-e2e",
+                 "--install-policy", "never"], cwd=local_stack.clone,
+                env={**local_stack.env, **ray_env}, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while not any(w.get("status") == "ONLINE" for w in _pool_workers(local_stack)):
+            assert worker.poll() is None, (state / "worker.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the dltrain-ray worker did not come online"
+            time.sleep(1)
+        yield ray_env
+    finally:
+        if worker is not None:
+            _stop_group(worker)
+        down = local_stack.run(*cluster, "down", timeout=120)
+        assert down.returncode == 0, down.stdout + down.stderr
+
+
+def _pool_workers(stack: LocalStack) -> list[dict]:
+    try:
+        return stack.api(f"/work_pools/{RAY_POOL}/workers/filter", {})  # type: ignore[return-value]
+    except OSError:
+        return []  # the pool does not exist yet: the worker creates it
+
+
+def _flow_run(stack: LocalStack, output: str) -> dict:
+    found = re.search(r"UUID: ([0-9a-f-]{36})", output)
+    assert found, output
+    with urllib.request.urlopen(f"{stack.api_url}/flow_runs/{found.group(1)}",
+                                timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _when(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _from_pickup(stack: LocalStack, run: dict) -> float:
+    """Seconds from the worker taking the run (PENDING: it then starts the flow run's
+    process) to the run's end: the process start-up included, the worker's polling not."""
+    with urllib.request.urlopen(f"{stack.api_url}/flow_run_states/?flow_run_id={run['id']}",
+                                timeout=10) as resp:
+        states = json.loads(resp.read())
+    pending = min(_when(s["timestamp"]) for s in states if s["type"] == "PENDING")
+    return (_when(run["end_time"]) - pending).total_seconds()
+
+
+def _task_names(stack: LocalStack, flow_run_id: str) -> list[str]:
+    runs = stack.api("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    return sorted(r["name"].rsplit("-", 1)[0] for r in runs)  # type: ignore[union-attr]
+
+
+@pytest.mark.e2e
+def test_scheduled_retraining_skips_unchanged_data_in_seconds_and_retrains_on_new_data(
+        local_stack, ray_pool_worker, tmp_path):
+    """The `scheduled-retraining` deployment (its own parameters: RAY_ADDRESS from the
+    worker's environment, 2 workers), run as its schedule would run it, with data.source a
+    directory: a first run trains and registers; a run with the data unchanged ends after the
+    freshness check in seconds, starts no other stage (no Ray) and registers nothing; after
+    the directory gets new files, the next run retrains and registers a new version, and the
+    run's markdown artifact says which happened and why."""
+    clone = local_stack.clone
+    deploy = local_stack.run("bash", "infra/prefect/deploy.sh")  # idempotent
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    source = write_raw_dir(tmp_path / "source", n_train=400, n_test=100, seed=1)
+    params = {"epochs": 1, "overrides": {"data.source": str(source)}}
+    versions = _model_versions(clone)
+
+    first = _run_deployment(local_stack, params, "scheduled-retraining")
+    assert first.returncode == 0 and "Completed" in first.stdout, first.stdout + first.stderr
+    summary = _latest_summary(local_stack)
+    for stage in ("check", "download", "preprocess", "train", "evaluate", "register"):
+        assert f"| {stage} | ran |" in summary, summary
+    report = json.loads((clone / "reports" / "training.json").read_text())
+    assert report["world_size"] == 2  # the deployment's num_workers, on the worker's Ray
+    versions_after_first = _model_versions(clone)
+    assert len(versions_after_first) == len(versions) + 1
+    registration = (clone / "reports" / "registration.json").read_text()
+    lock = (clone / "dvc.lock").read_text()
+
+    # Unchanged data: skipped after the check, in seconds, no Ray, nothing registered.
+    started = time.monotonic()
+    second = _run_deployment(local_stack, params, "scheduled-retraining")
+    wall = time.monotonic() - started
+    assert second.returncode == 0 and "Completed" in second.stdout, second.stdout + second.stderr
+    run = _flow_run(local_stack, second.stdout)
+    took = (_when(run["end_time"]) - _when(run["start_time"])).total_seconds()
+    picked = _from_pickup(local_stack, run)
+    print(f"\nscheduled run, data unchanged: flow run {took:.1f} s (start to end), "
+          f"{picked:.1f} s from the worker's pickup (its process start-up included), "
+          f"`prefect deployment run --watch` {wall:.1f} s (the worker's polling included)")
+    assert took <= 10, f"the skipped run took {took:.1f} s"
+    assert _task_names(local_stack, run["id"]) == ["check"]  # no train task: no Ray
+    summary = _latest_summary(local_stack)
+    assert "**skipped: data unchanged**" in summary, summary
+    assert f"`{source}` unchanged since the last run" in summary
+    assert "nothing registered in this run" in summary
+    assert _model_versions(clone) == versions_after_first
+    assert (clone / "reports" / "registration.json").read_text() == registration
+    assert (clone / "dvc.lock").read_text() == lock
+
+    # New files in the directory: the next run retrains and registers a new version.
+    other = write_raw_dir(tmp_path / "other", n_train=300, n_test=100, seed=2)
+    for name in RAW_FILES.values():
+        shutil.copyfile(other / name, source / name)
+    started = time.monotonic()
+    third = _run_deployment(local_stack, params, "scheduled-retraining")
+    assert third.returncode == 0 and "Completed" in third.stdout, third.stdout + third.stderr
+    run = _flow_run(local_stack, third.stdout)
+    print(f"scheduled run after new data: flow run "
+          f"{(_when(run['end_time']) - _when(run['start_time'])).total_seconds():.1f} s "
+          f"(start to end), {_from_pickup(local_stack, run):.1f} s from the worker's pickup, "
+          f"`prefect deployment run --watch` {time.monotonic() - started:.1f} s")
+    summary = _latest_summary(local_stack)
+    assert "**retrained: data changed**" in summary, summary
+    assert all(name in summary.split("## Stages")[0] for name in RAW_FILES.values())
+    for stage in ("download", "preprocess", "train", "evaluate", "register"):
+        assert f"| {stage} | ran |" in summary, summary
+    assert "train: 270 samples" in summary  # 300 new images, 10% to val
+    new_versions = _model_versions(clone)
+    assert len(new_versions) == len(versions_after_first) + 1
+    reg = json.loads((clone / "reports" / "registration.json").read_text())
+    assert str(reg["version"]) == max(new_versions, key=int)
+    assert set(reg["aliases"]) & {"champion", "challenger"}, reg
+    assert "registered a new version" in summary and reg["reason"] in summary
