@@ -24,7 +24,6 @@ import numpy as np
 from dltrain.classes import class_names
 from dltrain.errors import DataError
 from dltrain.io import atomic_open, read_json, write_json
-from dltrain.plots import plot_confusion_matrix, plot_misclassified
 from dltrain.weights import NUM_CLASSES, load_weights_and_digest, mlp_logits
 
 METRICS_FILE = "metrics.json"
@@ -163,6 +162,10 @@ def evaluate(model_path: Path, processed_dir: Path, reports_dir: Path, *,
 
     metrics.json carries the sha256 of the weights and of the test split it measured, so that
     the register stage can refuse metrics of another model or data (a skipped evaluate)."""
+    # Imported here, not at the top: matplotlib costs 0.5 s, and the register stage imports
+    # this module only to re-score a champion.
+    from dltrain.plots import plot_confusion_matrix, plot_misclassified
+
     metrics, images, labels, logits = _measure(model_path, processed_dir, batch_size)
     names = class_names(metrics["dataset"])
     predictions = logits.argmax(axis=1)
