@@ -43,6 +43,7 @@ import psutil
 
 from dltrain.cli import STAGE_RAN_FILE_ENV
 from dltrain.errors import DltrainError
+from dltrain.history import FLOW_RUN_ID_ENV
 
 Outcome = Literal["ran", "skipped", "restored"]
 
@@ -85,6 +86,8 @@ def stage_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
+    from prefect.runtime import flow_run  # recorded with each alias move (dltrain.history)
+    env[FLOW_RUN_ID_ENV] = str(flow_run.id or "")
     return env
 
 
