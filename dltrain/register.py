@@ -186,21 +186,39 @@ def _register(client: Any, tracking_uri: str, ws: Workspace, params: Params, can
     outcome["previous_champion_version"] = anchor.champion
 
     if existing is not None:
-        # Settling finishes a promotion that a run interrupted after creating the version.
-        resolution, moved = promotion.settle(client, name, scorer, own=existing,
-                                             serialised=serialised)
-        step = resolution.step_for(existing)
-        reason = (f"the same weights (sha256 {cand.weights_sha256[:12]}) are already version "
-                  f"{existing}: no new version")
-        if step is not None:
-            reason += f"; the gate made it {step.alias or 'no alias'}: {step.reason}"
-        current = client.get_model_version(name, str(existing))
-        return {**outcome, **_scores(step.champion if step else None),
-                "version": existing, "aliases": resolution.aliases_of(existing),
-                "registered": True, "run_id": current.run_id, "reason": reason,
-                "champion_version": resolution.champion,
-                "history": [asdict(e) for e in moved]}
+        return _finish_existing(client, name, cand, scorer, outcome, existing,
+                                serialised=serialised)
+    return _register_new(client, tracking_uri, ws, params, cand, scorer, outcome, anchor,
+                         serialised=serialised, promote_unloadable=promote_unloadable)
 
+
+def _finish_existing(client: Any, name: str, cand: Candidate, scorer: ChampionScorer,
+                     outcome: dict[str, Any], existing: int, *, serialised: bool
+                     ) -> dict[str, Any]:
+    """The same weights are registered already: no new version, but settling finishes a
+    promotion that a run interrupted after creating the version."""
+    resolution, moved = promotion.settle(client, name, scorer, own=existing,
+                                         serialised=serialised)
+    step = resolution.step_for(existing)
+    reason = (f"the same weights (sha256 {cand.weights_sha256[:12]}) are already version "
+              f"{existing}: no new version")
+    if step is not None:
+        reason += f"; the gate made it {step.alias or 'no alias'}: {step.reason}"
+    current = client.get_model_version(name, str(existing))
+    return {**outcome, **_scores(step.champion if step else None),
+            "version": existing, "aliases": resolution.aliases_of(existing),
+            "registered": True, "run_id": current.run_id, "reason": reason,
+            "champion_version": resolution.champion, "history": [asdict(e) for e in moved]}
+
+
+def _register_new(client: Any, tracking_uri: str, ws: Workspace, params: Params,
+                  cand: Candidate, scorer: ChampionScorer, outcome: dict[str, Any],
+                  anchor: promotion.Anchor, *, serialised: bool, promote_unloadable: bool
+                  ) -> dict[str, Any]:
+    """Score the champion on the candidate's test set, log the run, create the version with
+    the gate's inputs as tags, and settle the aliases."""
+    cfg = params.register
+    name = cfg.model_name
     base = scorer.version(anchor.champion) if anchor.champion is not None else None
     if base is not None and base.accuracy is None and not promote_unloadable:
         raise _unloadable(name, base)
@@ -221,7 +239,8 @@ def _register(client: Any, tracking_uri: str, ws: Workspace, params: Params, can
     client.set_tag(run_id, "dltrain.registered", "true")
     resolution, moved = promotion.settle(client, name, scorer, own=number, serialised=serialised)
     step = resolution.step_for(number)
-    reason = step.reason if step else "settled"
+    # No step: a registration running at the same time (against a server) settled it first.
+    reason = step.reason if step else "gated by a registration that ran at the same time"
     if step is not None and step.alias == CHAMPION and resolution.champion != number:
         reason += f"; since displaced by version {resolution.champion}"
     return {**outcome, **_scores(step.champion if step else base), "version": number,
