@@ -337,6 +337,25 @@ def rollback(client: Any, name: str, *, to: int | None, reason: str | None,
         with contextlib.suppress(Exception):
             client.delete_registered_model_tag(name, key)
         raise
+    challenger = anchor.challenger
+    if alias_of(model, CHALLENGER) == to:
+        # The version rolled back to was the challenger: the one it replaces takes that place,
+        # as a version displaced by a registration does; never one version with both aliases.
+        displaced = history.Entry.now(
+            alias=CHALLENGER, from_version=to, to_version=current, action="rollback",
+            reason=f"displaced as champion by the rollback to version {to}",
+            candidate_accuracy=_float(current_tags.get("test_accuracy")),
+            champion_accuracy=accuracy, test_sha256=current_tags.get("test_sha256"),
+            data_checksum=current_tags.get("data_checksum"),
+            git_commit=current_tags.get("git_commit"))
+        key = history.record(client, name, displaced)
+        try:
+            client.set_registered_model_alias(name, CHALLENGER, str(current))
+        except Exception:
+            with contextlib.suppress(Exception):
+                client.delete_registered_model_tag(name, key)
+            raise
+        challenger = current
     client.set_registered_model_tag(name, ANCHOR_TAG, json.dumps(
-        {"as_of": anchor.as_of, "champion": to, "challenger": anchor.challenger}))
+        {"as_of": anchor.as_of, "champion": to, "challenger": challenger}))
     return entry

@@ -61,6 +61,13 @@ def _history(ws: Workspace, capsys) -> list[dict]:
     return json.loads(out)
 
 
+def _aliases(ws) -> dict[str, int]:
+    from mlflow import MlflowClient
+
+    model = MlflowClient(embedded_tracking_uri(ws.root)).get_registered_model("mnist-mlp")
+    return {alias: int(version) for alias, version in model.aliases.items()}
+
+
 def _champion(ws: Workspace) -> int:
     from mlflow import MlflowClient
 
@@ -128,6 +135,20 @@ def test_history_then_rollback_that_predict_follows(three_versions, tmp_path: Pa
     assert code == 1 and "--to VERSION" in err
     assert _run(capsys, "registry", "rollback", "--workspace", str(ws.root), "--to", "2")[0] == 0
     assert _champion(ws) == 2
+
+    # Back to the challenger (the state a registration leaves when it displaces a champion):
+    # the champion it replaces becomes the challenger, recorded too; no version is left
+    # holding both aliases.
+    from mlflow import MlflowClient
+
+    MlflowClient(embedded_tracking_uri(ws.root)).set_registered_model_alias(
+        "mnist-mlp", "challenger", "1")
+    code, _, err = _run(capsys, "registry", "rollback", "--workspace", str(ws.root), "--to", "1")
+    assert code == 0, err
+    assert _aliases(ws) == {"champion": 1, "challenger": 2}
+    last = _history(ws, capsys)[-1]
+    assert (last["alias"], last["from_version"], last["to_version"], last["action"]) == (
+        "challenger", 1, 2, "rollback")
 
 
 @pytest.mark.parametrize(("args", "message"), [
