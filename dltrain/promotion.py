@@ -245,18 +245,24 @@ def _move(client: Any, name: str, model: Any, resolution: Resolution,
             continue
         entry = _entry(alias, current, target, resolution.moved_by.get(alias),
                        versions[target].tags if target in versions else {}, own)
-        key = history.record(client, name, entry)
-        try:
-            if target is None:
-                client.delete_registered_model_alias(name, alias)
-            else:
-                client.set_registered_model_alias(name, alias, str(target))
-        except Exception:
-            with contextlib.suppress(Exception):  # best effort: the original error matters
-                client.delete_registered_model_tag(name, key)
-            raise
+        _recorded_move(client, name, entry)
         entries.append(entry)
     return entries
+
+
+def _recorded_move(client: Any, name: str, entry: history.Entry) -> None:
+    """Point entry.alias at entry.to_version (None: remove it), its history entry written
+    first and taken back if the alias cannot be set: a move never goes unrecorded."""
+    key = history.record(client, name, entry)
+    try:
+        if entry.to_version is None:
+            client.delete_registered_model_alias(name, entry.alias)
+        else:
+            client.set_registered_model_alias(name, entry.alias, str(entry.to_version))
+    except Exception:
+        with contextlib.suppress(Exception):  # best effort: the original error matters
+            client.delete_registered_model_tag(name, key)
+        raise
 
 
 def _entry(alias: str, current: int | None, target: int | None, step: Step | None,
@@ -330,13 +336,7 @@ def rollback(client: Any, name: str, *, to: int | None, reason: str | None,
         champion_accuracy=_float(current_tags.get("test_accuracy")),
         test_sha256=tags.get("test_sha256"), data_checksum=tags.get("data_checksum"),
         git_commit=tags.get("git_commit"))
-    key = history.record(client, name, entry)
-    try:
-        client.set_registered_model_alias(name, CHAMPION, str(to))
-    except Exception:
-        with contextlib.suppress(Exception):
-            client.delete_registered_model_tag(name, key)
-        raise
+    _recorded_move(client, name, entry)
     challenger = anchor.challenger
     if alias_of(model, CHALLENGER) == to:
         # The version rolled back to was the challenger: the one it replaces takes that place,
@@ -348,13 +348,7 @@ def rollback(client: Any, name: str, *, to: int | None, reason: str | None,
             champion_accuracy=accuracy, test_sha256=current_tags.get("test_sha256"),
             data_checksum=current_tags.get("data_checksum"),
             git_commit=current_tags.get("git_commit"))
-        key = history.record(client, name, displaced)
-        try:
-            client.set_registered_model_alias(name, CHALLENGER, str(current))
-        except Exception:
-            with contextlib.suppress(Exception):
-                client.delete_registered_model_tag(name, key)
-            raise
+        _recorded_move(client, name, displaced)
         challenger = current
     client.set_registered_model_tag(name, ANCHOR_TAG, json.dumps(
         {"as_of": anchor.as_of, "champion": to, "challenger": challenger}))
