@@ -69,10 +69,14 @@ deploy: setup
 # The embedded MLflow store that `dltrain register` writes (git-ignored mlruns/), served on
 # localhost only. Runs keep the artifact location they were logged with (mlruns/artifacts).
 MLFLOW_PORT ?= 5000
+# One web worker and no job-execution consumers (MLflow's background jobs serve its GenAI
+# features): on a laptop they only slow the first answer (~80 s with the defaults on 2 cores)
+# and Ctrl-C.
 mlflow-ui: setup
 	@mkdir -p mlruns/artifacts
 	@echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT) (Ctrl-C to stop)"
-	@MLFLOW_LOGGING_LEVEL=WARNING mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	@MLFLOW_LOGGING_LEVEL=WARNING MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
+	  mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
 	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlruns/artifacts
 

@@ -218,3 +218,49 @@ def test_no_credentials_in_infra() -> None:
             text = path.read_text(errors="replace")
             for pattern in SECRET_PATTERNS:
                 assert not re.search(pattern, text), f"{path}: matches {pattern}"
+
+
+# ----------------------------------------------------------------------------- make mlflow-ui
+
+@pytest.mark.integration
+def test_make_mlflow_ui_serves_the_embedded_store_and_stops_on_ctrl_c(fresh_clone: Path) -> None:
+    """`make mlflow-ui` as a user runs it: it answers on loopback with one web worker and no
+    job consumers, and Ctrl-C (SIGINT to the terminal's process group) stops all of it."""
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    import psutil
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # The venv of this checkout stands in for the clone's own (-o: no set-up in the test).
+    make = subprocess.Popen(["make", "-s", "-o", ".venv/.dltrain-installed", "-o", "data-package",
+                             "mlflow-ui", f"MLFLOW_PORT={port}"], cwd=fresh_clone,
+                            env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert make.poll() is None, make.stdout.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "no answer within 120 s"
+                time.sleep(0.5)
+        tree = psutil.Process(make.pid).children(recursive=True)
+        commands = " ".join(" ".join(p.cmdline()) for p in tree)
+        assert "--workers 1" in commands
+        assert not [p for p in tree if "huey" in " ".join(p.cmdline())], commands
+        os.killpg(make.pid, signal.SIGINT)
+        make.wait(timeout=30)
+        gone, alive = psutil.wait_procs(tree, timeout=15)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        if make.poll() is None:
+            os.killpg(make.pid, signal.SIGKILL)
