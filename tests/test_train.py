@@ -199,12 +199,18 @@ def test_two_cpu_workers_train_checkpoint_and_report(processed_ws: Path, tmp_pat
     assert torch.load(ws.model_path, weights_only=True).keys() == model.state_dict().keys()
 
 
-def _train_workers() -> list[psutil.Process]:
+def _train_workers(driver_pid: int) -> list[psutil.Process]:
+    """The live Ray Train workers of the run driven by `driver_pid`: its private Ray's raylet is
+    the driver's child and the workers are the raylet's, so another Ray on the machine (a
+    user's, another test run's) is never touched."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "RayTrainWorker" in cmdline:
-            found.append(proc)
+    for proc in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            if (proc.status() != psutil.STATUS_ZOMBIE
+                    and "RayTrainWorker" in " ".join(proc.cmdline())):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
     return found
 
 
@@ -226,7 +232,7 @@ def _kill_a_worker_after(checkpoint: str, tmp_path: Path, max_failures: int
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, f"no {checkpoint} within 240 s"
             time.sleep(0.2)
-        victims = _train_workers()
+        victims = _train_workers(proc.pid)
         assert victims, "no Ray Train worker process found"
         victims[-1].send_signal(signal.SIGKILL)
         output, _ = proc.communicate(timeout=300)
