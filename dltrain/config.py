@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from dltrain.errors import ConfigError
+from dltrain.urls import password_of, redact_text
 
 DATASETS = ("fashion-mnist", "mnist")
 RAY_ADDRESS = re.compile(r"local|auto|(ray://)?[\w.\-\[\]:]+:\d{1,5}")
@@ -53,6 +54,29 @@ def _number(value: Any) -> Any:
 
 Number = Annotated[float, BeforeValidator(_number)]
 
+# Where a setting's value goes, dvc.lock (and so git) records it: a password in a URL there is a
+# password at rest. What to use instead, per key.
+_CREDENTIALS_INSTEAD = {
+    "register.tracking_uri": "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                             "a ~/.netrc entry for the host) and give the URL without them",
+    "data.source": "put the login in a ~/.netrc entry for the host (machine HOST login USER "
+                   "password ...), which the download and the check send, and give the URL "
+                   "without it",
+    "train.storage_path": "use the storage's own credentials (AWS_ACCESS_KEY_ID / "
+                          "AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, "
+                          "GOOGLE_APPLICATION_CREDENTIALS) and give the URL without them",
+}
+
+
+def _no_password(key: str):
+    """A validator refusing a URL with user:password in it, naming what to use instead."""
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and password_of(value):
+            raise ValueError(f"a password in the URL would be written to dvc.lock (and so "
+                             f"git) and to the outputs; {_CREDENTIALS_INSTEAD[key]}")
+        return value
+    return BeforeValidator(check)
+
 
 def _ray_address(value: Any) -> Any:
     if isinstance(value, str) and not RAY_ADDRESS.fullmatch(value):
@@ -69,7 +93,7 @@ class DataConfig(_Section):
     dataset: Literal["fashion-mnist", "mnist"] = "fashion-mnist"
     # None = the data set's known mirrors; else a directory, file:// or https:// URL holding
     # the four standard IDX files.
-    source: StrictStr | None = None
+    source: Annotated[StrictStr, _no_password("data.source")] | None = None
     val_fraction: Number = Field(0.1, gt=0.0, lt=1.0)
     seed: StrictInt = Field(42, ge=0)
 
@@ -88,7 +112,8 @@ class TrainConfig(_Section):
     # local: a private one-shot Ray; auto (None too): RAY_ADDRESS, else the workspace's warm
     # Ray (`make ray-up`), else a private one; or HOST:PORT / ray://HOST:PORT of a cluster.
     ray_address: Annotated[StrictStr, BeforeValidator(_ray_address)] | None = "auto"
-    storage_path: StrictStr | None = None  # None = <repo>/.ray_results; shared on a cluster
+    # None = <repo>/.ray_results; shared on a cluster
+    storage_path: Annotated[StrictStr, _no_password("train.storage_path")] | None = None
     max_failures: StrictInt = Field(2, ge=-1)  # -1: unlimited retries
     seed: StrictInt = Field(42, ge=0)
     threads_per_worker: StrictInt | None = Field(None, ge=1)  # None = the CPUs of a worker
@@ -112,7 +137,9 @@ class EvaluateConfig(_Section):
 
 class RegisterConfig(_Section):
     model_name: StrictStr = Field("mnist-mlp", pattern=r"\S")
-    tracking_uri: StrictStr | None = None  # None = MLFLOW_TRACKING_URI, else embedded SQLite
+    # None = MLFLOW_TRACKING_URI (a password there is allowed: it reaches no file), else the
+    # embedded SQLite store.
+    tracking_uri: Annotated[StrictStr, _no_password("register.tracking_uri")] | None = None
     min_accuracy: Number = Field(0.8, ge=0.0, le=1.0)
     min_improvement: Number = Field(0.0, ge=0.0, le=1.0)
 
@@ -147,7 +174,8 @@ def params_from_dict(raw: Any) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(describe_error(exc)) from None
+        # The value is quoted: a URL's password must not be (the message reaches logs).
+        raise ConfigError(redact_text(describe_error(exc))) from None
 
 
 # What to say a value should be, by pydantic's error type (its ctx fills the braces).
@@ -207,15 +235,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     """Parse one `section.key=value` override; the value is YAML (3, true, null, [256])."""
     key, sep, value = text.partition("=")
     if not sep or "." not in key:
-        raise ConfigError(f"invalid override {text!r}; expected section.key=value, "
-                          "e.g. train.epochs=3")
+        raise ConfigError(redact_text(f"invalid override {text!r}; expected "
+                                      "section.key=value, e.g. train.epochs=3"))
     try:
         return key.strip(), yaml.safe_load(value)
     # PyYAML raises ValueError for an impossible date (2024-13-01) and RecursionError for
     # deeply nested brackets: both are a bad value, not a bug.
     except (yaml.YAMLError, ValueError, RecursionError) as exc:
-        raise ConfigError(
-            f"invalid override {text!r}: the value is not valid YAML ({exc})") from exc
+        raise ConfigError(redact_text(
+            f"invalid override {text!r}: the value is not valid YAML ({exc})")) from exc
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -240,7 +268,7 @@ def read_params_file(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(text)
     except (yaml.YAMLError, ValueError, RecursionError) as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        raise ConfigError(redact_text(f"{path} is not valid YAML: {exc}")) from exc
     if raw is None:
         return {}
     if not isinstance(raw, dict):

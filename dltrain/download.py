@@ -13,9 +13,11 @@ validators), and a file whose version is still the one the freshness check found
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import http.client
+import netrc
 import os
 import shutil
 import sys
@@ -32,6 +34,7 @@ from typing import IO, Any
 from dltrain.datasets import MANIFEST_NAME, RAW_FILES, RawFile, check_dataset_name, get_spec
 from dltrain.errors import DataError, DownloadError
 from dltrain.io import atomic_dir, disk_full_error, is_disk_full, read_json, write_json
+from dltrain.urls import redact_text, redact_url
 
 CHUNK = 1 << 20
 # Some mirrors refuse urllib's default agent; torchvision sends its own name for the same reason.
@@ -97,7 +100,8 @@ def download(dataset: str, source: str | None, raw_dir: Path, *,
             entries[name] = _fetch_file(file, locations, staging, retries=retries,
                                         backoff_s=backoff_s, timeout_s=timeout_s,
                                         progress=progress)
-        manifest = {"dataset": dataset, "source": source, "files": entries,
+        manifest = {"dataset": dataset, "source": redact_url(source) if source else None,
+                    "files": entries,
                     "checksum": data_checksum({n: e["sha256"] for n, e in entries.items()})}
         write_json(staging / MANIFEST_NAME, manifest)
     fetched = f"; fetched {len(files) - len(kept)} of {len(files)} files" if kept else ""
@@ -154,6 +158,8 @@ def _unchanged_at_source(raw_dir: Path, dataset: str, source: str,
                          fingerprint: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """The manifest entries of the files in `raw_dir` that came from `source` in the version
     `fingerprint` still lists, and are intact (same size and sha256): these need no fetch."""
+    # Both files hold the source as shown (redacted), never a password.
+    source = redact_url(source)
     if not fingerprint or fingerprint.get("dataset") != dataset \
             or fingerprint.get("source") != source:
         return {}
@@ -192,7 +198,7 @@ def _fetch_file(file: RawFile | str, locations: list[str], staging: Path, *, ret
                 verified = _verify(part, file, fetched) if isinstance(file, RawFile) else None
             except _ChecksumError as exc:
                 # A wrong file stays wrong on a retry: go to the next mirror.
-                failures.append(f"{where}: {exc}")
+                failures.append(redact_text(f"{where}: {exc}"))
                 break
             except Exception as exc:  # noqa: BLE001 - classified just below
                 if is_disk_full(exc):
@@ -200,20 +206,21 @@ def _fetch_file(file: RawFile | str, locations: list[str], staging: Path, *, ret
                     part.unlink(missing_ok=True)
                     raise disk_full_error(part, exc) from exc
                 if not is_transient(exc) or attempt == retries:
-                    failures.append(f"{where}: {describe_error(exc)}"
+                    failures.append(redact_text(f"{where}: {describe_error(exc)}", where)
                                     + (f" (after {attempt} attempts)" if attempt > 1 else ""))
                     break
                 delay = backoff_s * 2 ** (attempt - 1)
-                print(f"download: {where}: {describe_error(exc)}; retrying in {delay:g}s",
-                      file=sys.stderr)
+                print(redact_text(f"download: {where}: {describe_error(exc)}; retrying in "
+                                  f"{delay:g}s", where), file=sys.stderr)
                 time.sleep(delay)
                 continue
             os.replace(part, staging / name)
             check = {"md5": "md5 ok", "content-md5": "md5 of the content ok",
                      None: "checksums recorded"}[verified]
-            print(f"download: {name}  {_human(fetched.size)}  from {where}  ({check})")
+            print(f"download: {name}  {_human(fetched.size)}  from {redact_url(where)}  "
+                  f"({check})")
             entry = {"md5": fetched.md5, "sha256": fetched.sha256, "bytes": fetched.size,
-                     "source": where, "verified": verified}
+                     "source": redact_url(where), "verified": verified}
             if not isinstance(file, RawFile):  # from a data.source: which version it was
                 entry["fingerprint"] = source_version(fetched.headers, fetched.size,
                                                       fetched.sha256)
@@ -244,17 +251,46 @@ def local_path(where: str) -> Path | None:
     if parsed.scheme == "file":
         return Path(urllib.request.url2pathname(parsed.path))
     if parsed.scheme:
-        raise DataError(f"unsupported URL scheme {parsed.scheme!r}; use a directory, "
-                        "file://, http:// or https://")
+        raise DataError(f"unsupported URL scheme {parsed.scheme!r} in "
+                        f"{redact_url(where)}; use a directory, file://, http:// or https://")
     return Path(where)
+
+
+def open_url(url: str, headers: dict[str, str], timeout_s: float) -> Any:
+    """urlopen `url`, with the login a netrc file (NETRC, else ~/.netrc) holds for its host:
+    how an http(s) data.source is given credentials without writing them into params.yaml
+    (and so dvc.lock). The login is sent to that host only, never along a redirect."""
+    request = urllib.request.Request(url, headers=headers)
+    login = _netrc_login(urllib.parse.urlsplit(url).hostname)
+    if login is not None:
+        token = base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode()
+        request.add_unredirected_header("Authorization", f"Basic {token}")
+    return urllib.request.urlopen(request, timeout=timeout_s)
+
+
+def _netrc_login(host: str | None) -> tuple[str, str] | None:
+    if not host:
+        return None
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        # None for ~/.netrc: Python then also refuses one that others can read.
+        entry = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host)
+    except FileNotFoundError:
+        return None
+    except (netrc.NetrcParseError, OSError) as exc:
+        # The parser's message may quote the file's lines: name the file and line only.
+        line = getattr(exc, "lineno", None)
+        raise DataError(f"{path}: cannot be read as a netrc file"
+                        + (f" (line {line})" if line else "")
+                        + "; fix it (it must be readable by you alone) or remove it") from None
+    return (entry[0], entry[2] or "") if entry else None
 
 
 def _fetch(where: str, dest: Path, *, timeout_s: float, progress: bool) -> _Fetched:
     """Stream `where` into `dest`, hashing on the way."""
     path = local_path(where)
     if path is None:
-        request = urllib.request.Request(where, headers={"User-Agent": USER_AGENT})
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with open_url(where, {"User-Agent": USER_AGENT}, timeout_s) as response:
             total = response.headers.get("Content-Length")
             fetched = _copy(response, dest, total=int(total) if total else None,
                             desc=Path(urllib.parse.urlparse(where).path).name,

@@ -46,10 +46,12 @@ from dltrain.download import (
     is_transient,
     join_location,
     local_path,
+    open_url,
     source_version,
 )
 from dltrain.errors import DataError, DownloadError
 from dltrain.io import read_json, write_json
+from dltrain.urls import redact_text, redact_url
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,10 @@ def check(dataset: str, source: str | None, fingerprint_path: Path, *,
         raise ValueError("retries must be >= 1")
     fingerprint_path = Path(fingerprint_path)
     previous = _read_fingerprint(fingerprint_path)
+    # The source as shown and stored: a password in its URL is never written or printed.
+    shown = redact_url(source) if source is not None else None
     same = previous if previous is not None and (previous["dataset"], previous["source"]) == (
-        dataset, source) else None
+        dataset, shown) else None
     before: dict[str, Any] = same["files"] if same else {}
     if source is None:
         files = {name: {"content_md5": md5} for name, md5 in content_md5s(dataset).items()}
@@ -91,8 +95,8 @@ def check(dataset: str, source: str | None, fingerprint_path: Path, *,
             files = _http_versions(source, before, retries=retries, backoff_s=backoff_s,
                                    timeout_s=timeout_s)
         else:
-            files = _local_versions(source, path, stat_cache_path, progress=progress)
-    body = {"dataset": dataset, "source": source, "files": files}
+            files = _local_versions(shown, path, stat_cache_path, progress=progress)
+    body = {"dataset": dataset, "source": shown, "files": files}
     fingerprint = {**body, "id": _digest(body)}
     if fingerprint != previous:
         write_json(fingerprint_path, fingerprint)
@@ -246,8 +250,7 @@ def _http_version(url: str, before: dict[str, Any] | None, *, retries: int, back
         headers["If-Modified-Since"] = before["last_modified"]
     for attempt in range(1, retries + 1):
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                        timeout=timeout_s) as response:
+            with open_url(url, headers, timeout_s) as response:
                 length = response.headers.get("Content-Length")
                 version = source_version(response.headers, int(length) if length else None,
                                          None)
@@ -264,12 +267,13 @@ def _http_version(url: str, before: dict[str, Any] | None, *, retries: int, back
             error = exc  # unreachable, timed out, dropped, a malformed answer
         if not is_transient(error) or attempt == retries:
             tries = f" (after {attempt} attempts)" if attempt > 1 else ""
-            raise DownloadError(f"data.source {url}: {describe_error(error)}{tries}; the "
-                                "freshness check could not ask the source whether it "
-                                "changed. Check the network or data.source") from error
+            raise DownloadError(redact_text(
+                f"data.source {url}: {describe_error(error)}{tries}; the freshness check "
+                "could not ask the source whether it changed. Check the network or "
+                "data.source", url)) from error
         delay = backoff_s * 2 ** (attempt - 1)
-        print(f"check: {url}: {describe_error(error)}; retrying in {delay:g}s",
-              file=sys.stderr)
+        print(redact_text(f"check: {url}: {describe_error(error)}; retrying in {delay:g}s",
+                          url), file=sys.stderr)
         time.sleep(delay)
     raise AssertionError("unreachable")  # the loop returns or raises
 

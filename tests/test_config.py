@@ -246,6 +246,30 @@ def test_non_finite_numbers_are_refused(tmp_path: Path, text: str):
         load_params(path)
 
 
+FLOAT_KEYS = [(section, name) for section, model in Params.model_fields.items()
+              for name, field in model.annotation.model_fields.items()
+              if field.annotation is float]
+
+
+@pytest.mark.parametrize("written", [".inf", "-.inf", ".nan", "'inf'", "'-Infinity'", "'nan'",
+                                     "1e999"])
+@pytest.mark.parametrize(("section", "name"), FLOAT_KEYS, ids=[".".join(k) for k in FLOAT_KEYS])
+def test_every_float_key_refuses_non_finite_values(tmp_path: Path, section: str, name: str,
+                                                   written: str):
+    """YAML's infinities and NaN, the same as strings, and an overflowing literal: all refused
+    by every float setting, before any stage runs."""
+    path = tmp_path / "params.yaml"
+    path.write_text(f"{section}:\n  {name}: {written}\n")
+    with pytest.raises(ConfigError, match=f"{section}.{name}: .*finite"):
+        load_params(path)
+
+
+def test_the_float_keys_are_all_found():
+    assert {".".join(k) for k in FLOAT_KEYS} == {
+        "data.val_fraction", "train.learning_rate", "train.ema_decay", "register.min_accuracy",
+        "register.min_improvement"}
+
+
 @pytest.mark.parametrize(("raw", "hint"), [
     ({"train": {"epoch": 3}}, "did you mean train.epochs?"),
     ({"train": {"learningrate": 0.1}}, "did you mean train.learning_rate?"),

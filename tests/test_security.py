@@ -4,10 +4,14 @@ otherwise, and no credentials are in the repo or in what the pipeline writes."""
 
 from __future__ import annotations
 
+import base64
+import functools
+import http.server
 import json
 import re
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,14 +20,19 @@ from helpers_models import evaluated_workspace
 
 from dltrain.cli import main
 from dltrain.config import params_from_dict
-from dltrain.errors import ModelError, RegistryError
+from dltrain.download import download
+from dltrain.errors import ConfigError, DltrainError, DownloadError, ModelError, RegistryError
 from dltrain.evaluate import evaluate
+from dltrain.freshness import check
 from dltrain.loop import CHECKPOINT_HISTORY, CHECKPOINT_STATE, load_state
 from dltrain.paths import Workspace
 from dltrain.register import register
 from dltrain.registry import display_uri, redact
+from dltrain.urls import redact_text, redact_url
 
-from conftest import REPO_ROOT
+from conftest import RAW_FILES, REPO_ROOT
+
+FAST = {"retries": 1, "backoff_s": 0.0, "timeout_s": 5.0, "progress": False}
 
 
 class Payload:
@@ -212,14 +221,129 @@ def test_errors_quoting_the_uri_are_redacted() -> None:
 
 
 def test_unreachable_server_error_does_not_leak_the_password(tmp_path: Path, evaluated,
-                                                             capsys) -> None:
+                                                             capsys, monkeypatch) -> None:
     ws = Workspace.at(tmp_path / "ws")
     shutil.copytree(evaluated.root, ws.root)
     uri = "http://alice:hunter2-secret@127.0.0.1:9"  # port 9 (discard): refused on loopback
+    # The environment is the one route that may carry a password (it reaches no file).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with pytest.raises(RegistryError) as info:
-        register(ws, params_from_dict({"register": {"tracking_uri": uri}}), attempts=1,
-                 backoff_s=0.0)
+        register(ws, params_from_dict({}), attempts=1, backoff_s=0.0)
     assert "hunter2" not in str(info.value) and "alice:***@127.0.0.1:9" in str(info.value)
     out = capsys.readouterr()
     assert "hunter2" not in out.out + out.err
     assert not ws.registration_path.exists()
+
+
+# --- a password in a URL: refused where it would be stored, redacted where it is shown ---------
+
+PLANTED = "hunter2-planted"
+
+
+@pytest.mark.parametrize(("key", "url", "instead"), [
+    ("register.tracking_uri", f"http://alice:{PLANTED}@mlflow.example:5000",
+     ["MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "netrc"]),
+    ("data.source", f"https://alice:{PLANTED}@data.example/fashion", ["netrc"]),
+    ("train.storage_path", f"s3://AKEXAMPLE:{PLANTED}@bucket/ray", ["AWS_ACCESS_KEY_ID",
+                                                                  "AWS_SECRET_ACCESS_KEY"]),
+    ("train.ray_address", f"ray://alice:{PLANTED}@head.example:10001", ["HOST:PORT"]),
+])
+def test_a_password_in_a_url_setting_is_refused_naming_the_key_and_what_to_use(
+        tmp_path: Path, capsys, key: str, url: str, instead: list[str]) -> None:
+    """Every URL setting reaches dvc.lock (and so git): a password there is refused, by the
+    config and by the CLI's -S, in one line that never repeats it."""
+    section, name = key.split(".")
+    with pytest.raises(ConfigError) as info:
+        params_from_dict({section: {name: url}})
+    message = str(info.value)
+    assert key in message and PLANTED not in message and ":***@" in message
+    for word in instead:
+        assert word in message
+    (tmp_path / "params.yaml").write_text("{}\n")
+    code = main(["check", "--workspace", str(tmp_path), "-S", f"{key}={url}"])
+    err = capsys.readouterr().err
+    assert code == ConfigError.exit_code and key in err and PLANTED not in err
+    assert err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_a_url_without_a_password_is_still_accepted() -> None:
+    params = params_from_dict({"register": {"tracking_uri": "http://alice@mlflow.example:5000"},
+                               "data": {"source": "https://data.example/fashion"},
+                               "train": {"storage_path": "s3://bucket/ray"}})
+    assert params.register.tracking_uri == "http://alice@mlflow.example:5000"
+
+
+def test_a_failing_source_url_with_a_password_is_redacted_everywhere(tmp_path: Path,
+                                                                     capsys) -> None:
+    """Through the API (the config refuses it first): the download's and the check's errors,
+    retry lines and files name the source without its password."""
+    source = f"http://alice:{PLANTED}@127.0.0.1:9/fashion"  # port 9: refused on loopback
+    with pytest.raises(DownloadError) as info:
+        download("fashion-mnist", source, tmp_path / "raw", retries=2, backoff_s=0.0,
+                 timeout_s=2.0, progress=False)
+    assert PLANTED not in str(info.value) and "alice:***@127.0.0.1" in str(info.value)
+    with pytest.raises(DltrainError) as info:
+        check("fashion-mnist", source, tmp_path / "source.json", retries=2, backoff_s=0.0,
+              timeout_s=2.0)
+    assert PLANTED not in str(info.value) and "alice:***@127.0.0.1" in str(info.value)
+    out = capsys.readouterr()
+    assert PLANTED not in out.out + out.err
+    assert not (tmp_path / "raw").exists() and not (tmp_path / "source.json").exists()
+
+
+def test_the_redaction_helper_covers_any_url_in_a_text() -> None:
+    text = (f"GET https://bob:{PLANTED}@h/x failed; s3://k:{PLANTED}@b/p; "
+            "http://127.0.0.1:5000 fine")
+    assert PLANTED not in redact_text(text)
+    assert "http://127.0.0.1:5000 fine" in redact_text(text)
+    assert redact_url(f"http://alice:{PLANTED}@[::1]:5000/p") == "http://alice:***@[::1]:5000/p"
+
+
+@pytest.fixture
+def basic_auth_source(tiny_source: Path):
+    """The tiny data set over HTTP on 127.0.0.1, behind HTTP basic auth (alice / PLANTED)."""
+    expected = "Basic " + base64.b64encode(f"alice:{PLANTED}".encode()).decode()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            if self.headers.get("Authorization") != expected:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="data"')
+                self.end_headers()
+                return
+            super().do_GET()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(tiny_source)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_a_source_behind_a_login_takes_it_from_netrc_and_writes_it_nowhere(
+        tmp_path: Path, basic_auth_source: str, monkeypatch, capsys) -> None:
+    """What the refusal above points to: the login in a netrc file, the URL without it."""
+    raw = tmp_path / "raw"
+    monkeypatch.setenv("NETRC", str(tmp_path / "missing-netrc"))
+    with pytest.raises(DownloadError, match="HTTP 401"):
+        download("fashion-mnist", basic_auth_source, raw, **FAST)
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text(f"machine 127.0.0.1 login alice password {PLANTED}\n")
+    netrc_file.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    result = check("fashion-mnist", basic_auth_source, tmp_path / "source.json", **FAST)
+    manifest = download("fashion-mnist", basic_auth_source, raw, fingerprint=result.fingerprint,
+                        **FAST)
+    assert set(manifest["files"]) == set(RAW_FILES.values())
+    out = capsys.readouterr()
+    written = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*.json"))
+    assert PLANTED not in out.out + out.err + written
