@@ -1,11 +1,13 @@
 """Where Ray Train keeps a run's checkpoints (train.storage_path), checked before training,
-and the marker that tells a finished run from an interrupted one."""
+the marker that tells a finished run from an interrupted one, and the two files of live
+tracking (dltrain.train.live): the run's identity in MLflow and one file per finished epoch."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,13 @@ from dltrain.errors import TrainingError
 from dltrain.paths import Workspace
 
 COMPLETE_MARKER = "dltrain-complete.json"
+# Which MLflow run is this training run's: {"training_id": <uuid>}, the value of the run's
+# dltrain.training_id tag. Kept with the checkpoints, so it goes when they go (a finished run,
+# `--resume never`) and stays when the run is resumed.
+IDENTITY_FILE = "dltrain-mlflow.json"
+# One JSON file per epoch that Ray Train committed (dltrain.train.epochlog): what the driver
+# sends to MLflow live, and what waits there while MLflow is unreachable.
+EPOCHS_DIR = "dltrain-epochs"
 
 
 def resolve_storage(storage_path: str | None, ws: Workspace) -> str:
@@ -74,3 +83,55 @@ def mark_complete(storage: str, name: str, report: dict[str, Any]) -> None:
     with fs.open_output_stream(f"{root.rstrip('/')}/{name}/{COMPLETE_MARKER}") as fh:
         fh.write(json.dumps({"finished_at": time.time(),
                              "epochs": len(report["epochs"])}).encode())
+
+
+def training_id(storage: str, name: str) -> str:
+    """The run's MLflow identity, read from its directory, or made and written there."""
+    fs, root = _filesystem(storage)
+    run_dir = f"{root.rstrip('/')}/{name}"
+    path = f"{run_dir}/{IDENTITY_FILE}"
+    try:
+        with fs.open_input_stream(path) as fh:
+            return str(json.loads(fh.read())["training_id"])
+    except (FileNotFoundError, KeyError, ValueError, TypeError):
+        pass
+    made = uuid.uuid4().hex
+    fs.create_dir(run_dir, recursive=True)
+    _write(fs, path, {"training_id": made})
+    return made
+
+
+def write_epoch(storage: str, name: str, record: dict[str, Any]) -> None:
+    """`record` (one epoch, as rank 0 reported it) as <run dir>/dltrain-epochs/epoch_NNNN.json."""
+    fs, root = _filesystem(storage)
+    folder = f"{root.rstrip('/')}/{name}/{EPOCHS_DIR}"
+    fs.create_dir(folder, recursive=True)
+    _write(fs, f"{folder}/epoch_{int(record['epoch']):04d}.json", record)
+
+
+def read_epochs(storage: str, name: str) -> list[dict[str, Any]]:
+    """The epochs written so far, in order; a file still being written is left for later."""
+    import pyarrow.fs
+
+    fs, root = _filesystem(storage)
+    selector = pyarrow.fs.FileSelector(f"{root.rstrip('/')}/{name}/{EPOCHS_DIR}",
+                                       allow_not_found=True)
+    records = []
+    for info in fs.get_file_info(selector):
+        if not (info.base_name.startswith("epoch_") and info.base_name.endswith(".json")):
+            continue
+        try:
+            with fs.open_input_stream(info.path) as fh:
+                records.append(json.loads(fh.read()))
+        except (FileNotFoundError, ValueError):
+            continue
+    return sorted(records, key=lambda r: r["epoch"])
+
+
+def _write(fs: Any, path: str, data: dict[str, Any]) -> None:
+    """Whole or not at all: a temporary name, then a rename (an object store's put is atomic
+    by itself, and its move a copy)."""
+    temp = f"{path}.tmp-{os.getpid()}"
+    with fs.open_output_stream(temp) as fh:
+        fh.write(json.dumps(data).encode())
+    fs.move(temp, path)
