@@ -14,10 +14,12 @@ from its console wording (which changes between releases):
   its outputs out of the run cache instead. A diff of the stage's dvc.lock entry cannot tell
   the two apart: a stage whose outputs were deleted is restored (or, with an output that is
   not cached, run again) with its dvc.lock entry unchanged.
-- failed: a non-zero exit; the message quotes the last line DVC wrote to stderr (DVC logs
-  warnings and errors there, and its verdict on the failure last). A repo locked by another
-  DVC process gets this message too: its exit status does not tell that case apart, and a
-  second flow run is stopped earlier by the flow's own workspace lock (flows/workspace.py).
+- failed: a non-zero exit; the message quotes the stage command's own one-line error
+  (`dltrain <stage>: error: ...`) when it printed one, else the last line DVC wrote to stderr
+  (DVC logs warnings and errors there, and its verdict on the failure last). A repo locked by
+  another DVC process gets this message too: its exit status does not tell that case apart,
+  and a second flow run is stopped earlier by the flow's own workspace lock
+  (flows/workspace.py) and, for a deployment, queued by its concurrency limit.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -51,6 +54,10 @@ Outcome = Literal["ran", "skipped", "restored"]
 # filters what is logged; no outcome is decided from DVC's wording.
 _HINTS = ("To track the changes with git", "git add ", "To enable auto staging",
           "dvc config core.autostage", "Use `dvc push`")
+
+# The one line `dltrain <stage>` prints for an error of its own (dltrain/cli.py); DVC's own
+# last line ("failed to reproduce ...: exited with 2") names the stage but not the cause.
+_CAUSE = re.compile(r"^dltrain [\w-]+: error: ")
 
 # After a timeout: SIGINT first (DVC then releases its locks and leaves dvc.lock as it was),
 # SIGKILL if the stage has not stopped after this grace period (flows/stage_guard.py does both).
@@ -147,8 +154,9 @@ def _dvc(args: list[str], workspace: Path, deadline: float | None,
          on_line: Callable[[str, str], None], env: dict[str, str],
          guard: bool = True) -> tuple[int, str | None]:
     """`dvc <args>` in `workspace`, each line of its output passed to `on_line(stream, line)`
-    ("out" or "err") as it comes; stopped at `deadline`. Returns its exit status and the last
-    line it wrote to stderr."""
+    ("out" or "err") as it comes; stopped at `deadline`. Returns its exit status and the
+    cause: the stage command's own one-line error if it printed one, else the last line
+    written to stderr."""
     # Under the guard, in a session of its own: a timeout, a cancelled flow run, or the death
     # of this process stops the whole stage (dvc, the `dltrain` it runs, Ray's workers), not
     # only dvc; and no group signal meant for the flow run reaches the stage unguarded.
@@ -161,7 +169,7 @@ def _dvc(args: list[str], workspace: Path, deadline: float | None,
     lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
     for name, stream in (("out", proc.stdout), ("err", proc.stderr)):
         threading.Thread(target=_pump, args=(stream, name, lines), daemon=True).start()
-    last_error = None
+    last_error = cause = None
     open_streams = 2
     try:
         while open_streams:
@@ -175,11 +183,13 @@ def _dvc(args: list[str], workspace: Path, deadline: float | None,
                 continue
             if name == "err":
                 last_error = line
+                if _CAUSE.match(line):
+                    cause = line
             on_line(name, line)
         returncode = proc.wait()
     finally:
         _stop(proc)
-    return returncode, last_error
+    return returncode, cause or last_error
 
 
 def _failure(stage: str, command: str, returncode: int, last_error: str | None) -> str:

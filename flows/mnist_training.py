@@ -28,16 +28,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Failed
 from prefect.tasks import exponential_backoff
 
-from dltrain.errors import ConfigError
+from dltrain.errors import ConfigError, DltrainError
 from dltrain.paths import Workspace
 from flows.dvc_stage import StageResult, changed_stages, run_stage
 from flows.report import (
     SKIPPED_UNCHANGED,
     Verdict,
     freshness_verdict,
-    model_link,
+    mlflow_links,
     read_report,
     run_summary,
 )
@@ -58,8 +59,6 @@ PARAM_KEYS = {
 # `ray_address="env"`: take the address from RAY_ADDRESS in the flow run's environment at run
 # time (the scheduled deployment's worker runs on the Ray head node, where it is set).
 RAY_ADDRESS_FROM_ENV = "env"
-# A local `mlflow ui` serves here; an embedded SQLite registry has no server of its own.
-MLFLOW_UI_DEFAULT = "http://127.0.0.1:5000"
 
 
 @dataclass(frozen=True)
@@ -163,24 +162,50 @@ def run_pipeline(ws: Workspace, logger: logging.Logger | logging.LoggerAdapter
 def publish_artifacts(ws: Workspace, outcomes: dict[str, StageResult],
                       overrides: dict[str, Any], tracking_uri: str | None,
                       verdict: Verdict | None = None) -> None:
-    """The run's summary and the registered model's MLflow page, in the Prefect UI."""
+    """The run's summary, and links to the training run and the registered version in the
+    MLflow UI, in the Prefect UI."""
     create_markdown_artifact(run_summary(ws, outcomes, overrides, verdict),
                              key="mnist-training-summary",
                              description="What the run did and why: data, training, test "
                                          "metrics and registry outcome")
     registration = read_report(ws.registration_path)
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    link = model_link(registration, uri)
-    local = link is None and registration and registration.get("version") is not None
-    if local:
-        # An embedded registry: link where `mlflow ui` on that store serves the version.
-        link = model_link(registration, MLFLOW_UI_DEFAULT)
-    if link:
-        description = (f"Start `mlflow ui --backend-store-uri {registration.get('tracking_uri')}`"
-                       " to open it" if local else "The registered model version in MLflow")
-        create_link_artifact(link, link_text=f"{registration['model_name']} version "
-                             f"{registration['version']}", key="mnist-model",
-                             description=description)
+    links = mlflow_links(registration, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    if links is None:
+        return
+    where = (f"Served by `make mlflow-ui` (the embedded store) at {links.ui}" if links.embedded
+             else f"The MLflow server at {links.ui}")
+    name = registration.get("model_name")
+    if links.version:
+        create_link_artifact(links.version, link_text=f"{name} version "
+                             f"{registration.get('version')}", key="mnist-model",
+                             description=f"The registered model version. {where}")
+    if links.run:
+        create_link_artifact(links.run, link_text=f"MLflow run {registration.get('run_id')}",
+                             key="mnist-mlflow-run",
+                             description=f"The training run: params, per-epoch curves, test "
+                                         f"metrics, the model. {where}")
+
+
+class _OneLineErrors(logging.Filter):
+    """Drops the traceback from a run's log record when the error is one dltrain raises on
+    purpose (DltrainError: its message names the cause and the fix); Prefect logs every
+    exception a task raises with its traceback. Any other error keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], DltrainError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_ONE_LINE_ERRORS = _OneLineErrors()
+
+
+def expected_errors_in_one_line() -> None:
+    """Install the filter on Prefect's flow- and task-run loggers (once per process)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        run_logger = logging.getLogger(name)
+        if _ONE_LINE_ERRORS not in run_logger.filters:
+            run_logger.addFilter(_ONE_LINE_ERRORS)
 
 
 @flow(name="mnist-training", log_prints=False)
@@ -195,10 +220,25 @@ def mnist_training(dataset: str | None = None, epochs: int | None = None,
     (`{"data.source": "file:///data/mnist"}`); `ray_address="env"` reads RAY_ADDRESS at run
     time. Returns each stage's outcome: ran, skipped or restored (from DVC's run cache).
     """
+    expected_errors_in_one_line()
     logger = get_run_logger()
-    ws = resolve_workspace(workspace)
     named = {"dataset": dataset, "epochs": epochs, "num_workers": num_workers,
              "use_gpu": use_gpu, "ray_address": ray_address}
+    try:
+        return run_flow(named, overrides, workspace, logger)
+    except DltrainError as exc:
+        # An error of ours is one line that names the cause: the run ends Failed with it as
+        # the state's message (the UI's and `prefect flow-run inspect`'s), and logs it for
+        # `prefect deployment run --watch`, which prints the run's logs. Called directly, the
+        # flow still raises it (the state carries it).
+        logger.error("%s", exc)
+        return Failed(message=str(exc), data=exc)
+
+
+def run_flow(named: dict[str, Any], overrides: dict[str, Any] | None, workspace: str | None,
+             logger: logging.Logger | logging.LoggerAdapter) -> dict[str, str]:
+    """The flow's body: validate, lock the workspace, run the stages, publish."""
+    ws = resolve_workspace(workspace)
     changes = run_overrides(named, overrides)
     # Validated before any work: a bad value fails the run here, naming the key.
     params = validate_overrides(ws.params_path, changes)

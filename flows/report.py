@@ -7,15 +7,19 @@ never an error: the summary describes what exists.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from dltrain.freshness import changed_files
 from dltrain.paths import Workspace
+from dltrain.registry import embedded_tracking_uri
 
 SKIPPED_UNCHANGED = "skipped: data unchanged"
+# Where `make mlflow-ui` serves the embedded store unless MLFLOW_PORT says otherwise.
+DEFAULT_MLFLOW_PORT = 5000
 
 _MISSING = "_not available: {path} is missing_"
 
@@ -173,6 +177,27 @@ def registry_section(ws: Workspace, this_run: bool = True) -> list[str]:
                  f"**{_fmt(reg.get('version'))}**, aliases: {aliases}")
     if reg.get("reason"):
         lines.append(f"- {reg['reason']}")
+    return lines + mlflow_section(ws, reg)
+
+
+def mlflow_section(ws: Workspace, reg: dict[str, Any]) -> list[str]:
+    """Links to the run (its curves) and the model version in the MLflow UI, and for the
+    embedded store the command that serves the UI at that address."""
+    links = mlflow_links(reg)
+    if links is None:
+        return []
+    pages = [f"[the training run]({links.run})" if links.run else None,
+             f"[the model version]({links.version})" if links.version else None]
+    lines = ["- in MLflow: " + ", ".join(p for p in pages if p)]
+    if links.embedded:
+        uri = str(reg.get("tracking_uri"))
+        port = links.ui.rsplit(":", 1)[-1]
+        serve = ("`make mlflow-ui`" + (f" (MLFLOW_PORT={port})" if port != str(
+                    DEFAULT_MLFLOW_PORT) else "")
+                 if uri == embedded_tracking_uri(ws.root)
+                 else f"`mlflow ui --backend-store-uri {uri} --port {port}`")
+        lines.append(f"- the store is embedded ({uri}): {serve} in the workspace serves "
+                     f"the UI at {links.ui}")
     return lines
 
 
@@ -195,13 +220,50 @@ def run_summary(ws: Workspace, outcomes: dict[str, Any], run_params: dict[str, A
     return "\n".join("\n".join(p) + "\n" for p in parts)
 
 
-def model_link(registration: dict[str, Any] | None, tracking_uri: str | None) -> str | None:
-    """The MLflow UI page of the registered version, if the registry is an MLflow server
-    (an embedded SQLite registry has no web page to link to)."""
-    if not registration or registration.get("version") is None:
+def mlflow_ui(tracking_uri: str) -> tuple[str, bool]:
+    """The MLflow UI address for a tracking store, and whether it is the embedded one. A
+    tracking server serves its own UI: its URL without credentials, query or fragment (a link
+    must never carry a password). An embedded store (sqlite:, a path) has no server: the link
+    is where `make mlflow-ui` serves it, 127.0.0.1 on $MLFLOW_PORT (default 5000)."""
+    parts = urlsplit(tracking_uri)
+    if parts.scheme in ("http", "https") and parts.hostname:
+        host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        netloc = host + (f":{parts.port}" if parts.port else "")
+        return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", "")), False
+    port = os.environ.get("MLFLOW_PORT") or DEFAULT_MLFLOW_PORT
+    return f"http://127.0.0.1:{port}", True
+
+
+@dataclass(frozen=True)
+class MlflowLinks:
+    """Where the MLflow UI shows a registration's training run and its model version."""
+
+    ui: str
+    embedded: bool  # no server of its own: `make mlflow-ui` (or `mlflow ui`) serves it
+    run: str | None
+    version: str | None
+
+
+def mlflow_links(registration: dict[str, Any] | None,
+                 tracking_uri: str | None = None) -> MlflowLinks | None:
+    """The UI pages of the run and the model version that reports/registration.json names, on
+    the store it names (else `tracking_uri`); None when it names neither."""
+    if not registration:
         return None
     uri = registration.get("tracking_uri") or tracking_uri
-    if not uri or not uri.startswith(("http://", "https://")):
+    run_id, version = registration.get("run_id"), registration.get("version")
+    name = registration.get("model_name")
+    if not uri or not (run_id or (version is not None and name)):
         return None
-    name = quote(str(registration.get("model_name", "")), safe="")
-    return f"{uri.rstrip('/')}/#/models/{name}/versions/{registration['version']}"
+    ui, embedded = mlflow_ui(str(uri))
+    # `#/runs/<id>`: the UI's direct route to a run, which finds its experiment itself.
+    run = f"{ui}/#/runs/{quote(str(run_id), safe='')}" if run_id else None
+    page = (f"{ui}/#/models/{quote(str(name), safe='')}/versions/{quote(str(version))}"
+            if version is not None and name else None)
+    return MlflowLinks(ui=ui, embedded=embedded, run=run, version=page)
+
+
+def model_link(registration: dict[str, Any] | None, tracking_uri: str | None) -> str | None:
+    """The MLflow UI page of the registered version (see mlflow_links)."""
+    links = mlflow_links(registration, tracking_uri)
+    return links.version if links else None

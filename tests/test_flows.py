@@ -30,7 +30,7 @@ from flows.dvc_stage import (
     run_stage,
     unchanged,
 )
-from flows.report import freshness_verdict, headline, model_link, run_summary
+from flows.report import freshness_verdict, headline, mlflow_links, model_link, run_summary
 from flows.workspace import (
     WorkspaceBusyError,
     params_journal_path,
@@ -418,15 +418,56 @@ def test_summary_from_reports(tmp_path):
     assert "registered a new version: **mnist-mlp** version **3**, aliases: champion" in md
 
 
-@pytest.mark.parametrize("registration, uri, link", [
-    ({"model_name": "mnist mlp", "version": 2}, "http://mlflow:5000/",
+REG = {"model_name": "mnist mlp", "version": 2, "run_id": "0123abcd"}
+
+
+@pytest.mark.parametrize("registration, uri, port, run, version", [
+    # A tracking server: its own UI, credentials, query and fragment dropped.
+    ({**REG, "tracking_uri": "https://alice:s3cret@mlflow.example:8443/base/?t=x#f"}, None,
+     None, "https://mlflow.example:8443/base/#/runs/0123abcd",
+     "https://mlflow.example:8443/base/#/models/mnist%20mlp/versions/2"),
+    (REG, "http://mlflow:5000/", None, "http://mlflow:5000/#/runs/0123abcd",
      "http://mlflow:5000/#/models/mnist%20mlp/versions/2"),
-    ({"model_name": "m", "version": 2}, "sqlite:///mlflow.db", None),
-    ({"model_name": "m", "version": None}, "http://mlflow:5000", None),
-    (None, "http://mlflow:5000", None),
+    # The embedded store: where `make mlflow-ui` serves it, on MLFLOW_PORT.
+    ({**REG, "tracking_uri": "sqlite:////w/mlruns/mlflow.db"}, "http://ignored:1", None,
+     "http://127.0.0.1:5000/#/runs/0123abcd",
+     "http://127.0.0.1:5000/#/models/mnist%20mlp/versions/2"),
+    ({**REG, "tracking_uri": "sqlite:////w/mlruns/mlflow.db"}, None, "5123",
+     "http://127.0.0.1:5123/#/runs/0123abcd",
+     "http://127.0.0.1:5123/#/models/mnist%20mlp/versions/2"),
+    # Trained and tracked but not registered: the run only.
+    ({**REG, "version": None, "tracking_uri": "sqlite:///x.db"}, None, None,
+     "http://127.0.0.1:5000/#/runs/0123abcd", None),
+    ({"model_name": "m", "version": None, "run_id": None}, "http://mlflow:5000", None, None,
+     None),
+    (None, "http://mlflow:5000", None, None, None),
 ])
-def test_model_link(registration, uri, link):
-    assert model_link(registration, uri) == link
+def test_mlflow_links(monkeypatch, registration, uri, port, run, version):
+    if port:
+        monkeypatch.setenv("MLFLOW_PORT", port)
+    else:
+        monkeypatch.delenv("MLFLOW_PORT", raising=False)
+    links = mlflow_links(registration, uri)
+    assert (links.run, links.version) == (run, version) if links else run is version is None
+    assert model_link(registration, uri) == version
+    if links:
+        assert "s3cret" not in links.run and "alice" not in links.run
+
+
+def test_the_summary_links_the_run_and_the_version_and_says_how_to_open_them(tmp_path,
+                                                                             monkeypatch):
+    from dltrain.io import write_json
+    from dltrain.paths import Workspace
+    from dltrain.registry import embedded_tracking_uri
+
+    monkeypatch.setenv("MLFLOW_PORT", "5123")
+    ws = Workspace.at(tmp_path)
+    write_json(ws.registration_path, {**REG, "model_name": "mnist-mlp", "aliases": [],
+                                      "tracking_uri": embedded_tracking_uri(tmp_path)})
+    md = run_summary(ws, {}, {})
+    assert ("- in MLflow: [the training run](http://127.0.0.1:5123/#/runs/0123abcd), "
+            "[the model version](http://127.0.0.1:5123/#/models/mnist-mlp/versions/2)") in md
+    assert "`make mlflow-ui` (MLFLOW_PORT=5123) in the workspace" in md
 
 
 # --- each task alone, on a tiny workspace --------------------------------------------------
@@ -584,20 +625,96 @@ def _summary_artifact() -> str:
         return next(a.data for a in artifact if a.key == "mnist-training-summary")
 
 
+def _run_logs(flow_run_id) -> list[str]:
+    """The flow run's log messages (its tasks' included) as the Prefect API has them, once
+    the engine's last line ("Finished in state ...") has arrived (logs are sent in batches)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + 60
+    with get_client(sync_client=True) as client:
+        while True:
+            logs = client.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            messages = [log.message for log in sorted(logs, key=lambda log: log.timestamp)]
+            if any(m.startswith("Finished in state") for m in messages):
+                return messages
+            assert time.monotonic() < deadline, messages
+            time.sleep(0.5)
+
+
 @pytest.mark.integration
 def test_flow_rejects_a_bad_override_before_any_stage(prefect_harness, fresh_clone):
     params_before = (fresh_clone / "params.yaml").read_text()
     lock = dvc_lock_text(fresh_clone)
     with pytest.raises(ConfigError, match=r"train\.epochs: 0"):
         mt.mnist_training(epochs=0, workspace=str(fresh_clone))
+    # Failed, with the error's one line as the state's message and in the log (what
+    # `prefect deployment run --watch` prints), and no traceback anywhere in the run's log.
+    state = mt.mnist_training(epochs=-1, workspace=str(fresh_clone), return_state=True)
+    assert state.is_failed() and "train.epochs" in state.message, state
+    assert "\n" not in state.message and "Traceback" not in state.message
+    logs = _run_logs(state.state_details.flow_run_id)
+    assert state.message in logs, logs
+    assert not [m for m in logs if "Traceback" in m], logs
     assert dvc_lock_text(fresh_clone) == lock
     assert not (fresh_clone / "data" / "raw").exists()
     assert (fresh_clone / "params.yaml").read_text() == params_before
 
 
 @pytest.mark.integration
+def test_a_failing_stage_fails_the_run_with_its_cause_in_one_line(prefect_harness,
+                                                                  fresh_clone, tmp_path,
+                                                                  monkeypatch):
+    """A stage whose command fails with an error of dltrain's own: the task and the flow run
+    end Failed naming the stage and quoting that error, with no traceback in the logs."""
+    # No retries: the check's three, with their back-off, would only make the test slow.
+    monkeypatch.setitem(mt.TASKS, "check", mt.check.with_options(retries=0))
+    nowhere = tmp_path / "nowhere"
+    state = mt.mnist_training(workspace=str(fresh_clone), return_state=True,
+                              overrides={"data.source": str(nowhere)})
+    assert state.is_failed(), state
+    assert state.message.startswith("stage 'check' failed (dvc repro exited "), state.message
+    assert "dltrain check: error:" in state.message and str(nowhere) in state.message
+    logs = _run_logs(state.state_details.flow_run_id)
+    assert state.message in logs
+    assert any(m.startswith("Task run failed with exception: StageFailedError") for m in logs)
+    assert not [m for m in logs if "Traceback" in m], logs
+
+
+@pytest.mark.integration
+def test_an_unexpected_error_keeps_its_traceback(prefect_harness, fresh_clone, monkeypatch):
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("a bug in the flow")
+
+    monkeypatch.setattr(mt, "run_pipeline", broken)
+    state = mt.mnist_training(workspace=str(fresh_clone), return_state=True)
+    assert state.is_failed()
+    logs = _run_logs(state.state_details.flow_run_id)
+    assert any("Traceback" in m and "a bug in the flow" in m for m in logs), logs
+
+
+def _link_artifact(key: str, flow_run_id) -> str:
+    """The link of the run's link artifact `key`, read back through Prefect's API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    assert len(found) == 1 and found[0].type == "markdown", found  # a link is markdown
+    return found[0].data
+
+
+@pytest.mark.integration
 def test_flow_runs_the_stages_in_order_then_skips_them(prefect_harness, fresh_clone,
-                                                      tiny_source):
+                                                      tiny_source, monkeypatch):
+    monkeypatch.setenv("MLFLOW_PORT", "5123")  # where `make mlflow-ui` would serve the store
     params_before = (fresh_clone / "params.yaml").read_text()
     run = dict(epochs=1, num_workers=1, workspace=str(fresh_clone),
                overrides={"data.source": tiny_source.as_uri()})
@@ -611,6 +728,23 @@ def test_flow_runs_the_stages_in_order_then_skips_them(prefect_harness, fresh_cl
     assert (fresh_clone / "params.yaml").read_text() == params_before
     summary = _summary_artifact()
     assert "| train | ran |" in summary and "| 1 | " in summary and "accuracy" in summary
+
+    # The MLflow links (the run and the version) as the Prefect API holds them: on the
+    # embedded store, where `make mlflow-ui` serves it; the run and version exist there.
+    from mlflow import MlflowClient
+
+    reg = json.loads((fresh_clone / "reports/registration.json").read_text())
+    flow_run_id = state.state_details.flow_run_id
+    run_link = f"http://127.0.0.1:5123/#/runs/{reg['run_id']}"
+    version_link = f"http://127.0.0.1:5123/#/models/mnist-mlp/versions/{reg['version']}"
+    assert f"({run_link})" in _link_artifact("mnist-mlflow-run", flow_run_id)
+    assert f"({version_link})" in _link_artifact("mnist-model", flow_run_id)
+    assert f"[the training run]({run_link})" in summary
+    assert f"[the model version]({version_link})" in summary
+    assert "`make mlflow-ui` (MLFLOW_PORT=5123)" in summary
+    client = MlflowClient(tracking_uri=reg["tracking_uri"])
+    assert client.get_model_version("mnist-mlp", str(reg["version"])).run_id == reg["run_id"]
+    assert client.get_run(reg["run_id"]).data.metrics
 
     # Nothing changed: the check runs, finds the data unchanged and DVC every stage up to
     # date; no other task starts, no new version is registered, and the summary says why.
