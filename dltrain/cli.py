@@ -177,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_registry(sub)
     p = sub.add_parser("predict", help="classify PNG images or an IDX file with a model",
                        description="Classify PNG images or an IDX file with a model.")
-    p.add_argument("--model", default="models/model.pt",
-                   help="a model.pt path or models:/<name>@<alias> (default: models/model.pt)")
+    p.add_argument("--model", default="models/model.safetensors",
+                   help="a model.safetensors path (its card beside it) or "
+                        "models:/<name>@<alias> (default: models/model.safetensors)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI for models:/ references "
                         "(default: MLFLOW_TRACKING_URI, else the embedded SQLite store)")

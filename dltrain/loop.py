@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import pickle
 import resource
+import struct
 import sys
 import time
 import zipfile
@@ -31,6 +32,7 @@ from dltrain.errors import ModelError
 from dltrain.loopspec import (
     CHECKPOINT_HISTORY,
     CHECKPOINT_MODEL,
+    CHECKPOINT_OPTIMIZER,
     CHECKPOINT_STATE,
     LoopConfig,
     best_epoch,
@@ -76,30 +78,54 @@ class LoopState:
 
 
 def save_state(state: LoopState, directory: Path) -> None:
-    torch.save({"model": state.model, "optimizer": state.optimizer,
-                "best_model": state.best_model, "ema": state.ema, "ema_steps": state.ema_steps},
-               directory / CHECKPOINT_STATE)
+    """A checkpoint (see dltrain.loopspec): the tensors in safetensors, the optimizer's state
+    as torch saves it (its nested dict of tensors and numbers has no safetensors form), the
+    epochs in JSON, and the weights the stage ships in the models/model.safetensors format."""
+    from safetensors.torch import save
+
+    tensors = {f"{part}/{name}": tensor for part, weights in
+               (("model", state.model), ("best_model", state.best_model), ("ema", state.ema))
+               for name, tensor in (weights or {}).items()}
+    (directory / CHECKPOINT_STATE).write_bytes(
+        save({k: v.contiguous() for k, v in tensors.items()},
+             metadata={"ema_steps": str(state.ema_steps)}))
+    torch.save(state.optimizer, directory / CHECKPOINT_OPTIMIZER)
     (directory / CHECKPOINT_HISTORY).write_text(json.dumps(state.history))
     # The model the stage ships, serialised here: the driver installs the bytes without torch.
     (directory / CHECKPOINT_MODEL).write_bytes(weights_bytes(state.best_model or state.model))
 
 
 def load_state(directory: Path) -> LoopState:
-    """A checkpoint written by save_state; ModelError if it is not plain tensors and JSON."""
+    """A checkpoint written by save_state; ModelError if it is not tensors, the optimizer's
+    plain state (torch.load(weights_only=True): never code) and JSON."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
     path = directory / CHECKPOINT_STATE
+    optimizer_path = directory / CHECKPOINT_OPTIMIZER
     try:
+        # Read into memory, not memory-mapped: a file cut short under a map is a SIGBUS.
+        data = path.read_bytes()
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in load(data).items():
+            part, _, name = key.partition("/")
+            parts.setdefault(part, {})[name] = tensor
+        (length,) = struct.unpack("<Q", data[:8])  # load() checked the header already
+        metadata = json.loads(data[8:8 + length]).get("__metadata__") or {}
+        ema_steps = int(metadata.get("ema_steps", "0"))
         # weights_only: a checkpoint is data, never code.
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        optimizer = torch.load(optimizer_path, map_location="cpu", weights_only=True)
         history = json.loads((directory / CHECKPOINT_HISTORY).read_text())
     except pickle.UnpicklingError as exc:
-        raise ModelError(f"checkpoint {path} is not plain weights: it holds objects that "
-                         "would run code when loaded, so it was refused") from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"checkpoint {optimizer_path} is not plain data: it holds objects "
+                         "that would run code when loaded, so it was refused") from exc
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError,
+            zipfile.BadZipFile) as exc:
         raise ModelError(f"checkpoint {directory} is corrupt or incomplete: {exc}") from exc
-    if not isinstance(tensors, dict) or "model" not in tensors or "optimizer" not in tensors:
-        raise ModelError(f"checkpoint {path} lacks the model or optimizer state")
-    return LoopState(tensors["model"], tensors["optimizer"], history, tensors.get("best_model"),
-                     tensors.get("ema"), tensors.get("ema_steps", 0))
+    if "model" not in parts or not isinstance(optimizer, dict):
+        raise ModelError(f"checkpoint {directory} lacks the model or optimizer state")
+    return LoopState(parts["model"], optimizer, history, parts.get("best_model"),
+                     parts.get("ema"), ema_steps)
 
 
 def load_split(processed_dir: Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:

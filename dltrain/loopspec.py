@@ -2,8 +2,12 @@
 files of a checkpoint, and which epoch's model the stage ships.
 
 The train stage's driver (dltrain.train) reads checkpoints without torch: it hands LoopConfig to
-the workers, and installs the model.pt bytes that rank 0 wrote into the final checkpoint
-(dltrain.weights.write_model_pair).
+the workers, and installs the model.safetensors bytes that rank 0 wrote into the final
+checkpoint (dltrain.weights.write_model_pair).
+
+A checkpoint is written by dltrain.loop.save_state and read back by dltrain.loop.load_state
+only: the tensors in safetensors (no pickle), the optimizer's state in torch's format (read
+with torch.load(weights_only=True)), the epochs in JSON.
 """
 
 from __future__ import annotations
@@ -11,9 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-CHECKPOINT_STATE = "state.pt"  # weights, optimizer and averaged weights, to continue exactly
+# To continue exactly: the raw, best and averaged weights (safetensors, names prefixed
+# "model/", "best_model/", "ema/"), and the optimizer's state (torch.save of its state dict).
+CHECKPOINT_STATE = "state.safetensors"
+CHECKPOINT_OPTIMIZER = "optimizer.pt"
 CHECKPOINT_HISTORY = "history.json"  # one record per epoch so far
-CHECKPOINT_MODEL = "model.pt"  # the weights the stage ships, as models/model.pt holds them
+# The weights the stage ships, as models/model.safetensors holds them.
+CHECKPOINT_MODEL = "model.safetensors"
 
 
 @dataclass(frozen=True)

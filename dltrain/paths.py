@@ -47,7 +47,7 @@ class Workspace:
 
     @property
     def model_path(self) -> Path:
-        return self.models_dir / "model.pt"
+        return self.models_dir / "model.safetensors"
 
     @property
     def model_card_path(self) -> Path:

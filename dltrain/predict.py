@@ -1,8 +1,9 @@
 """`dltrain predict`: classify PNG images or IDX image files with a model given as a path to
-model.pt or as `models:/<name>@<alias>` in the MLflow registry.
+model.safetensors or as `models:/<name>@<alias>` in the MLflow registry.
 
-Models load through dltrain.modelio only (weights only, shapes checked against model.json), so a
-file that would run code when unpickled is refused, wherever it came from.
+Models load through dltrain.weights only (safetensors, checked against model.json) and run
+with numpy, without torch's import time: a pickle-bearing file (a torch model.pt) is refused,
+wherever it came from.
 """
 
 from __future__ import annotations
@@ -13,13 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from dltrain.classes import class_names
 from dltrain.errors import DataError
 from dltrain.idx import read_images
-from dltrain.model import MLP, normalize
-from dltrain.modelio import load_model
 from dltrain.registry import download_version, parse_model_ref, resolve_tracking_uri
 
 IMAGE_SIZE = (28, 28)
@@ -69,29 +67,35 @@ def load_inputs(paths: list[Path]) -> tuple[list[str], np.ndarray]:
     return names, np.concatenate(arrays) if arrays else np.zeros((0, *IMAGE_SIZE), np.uint8)
 
 
-@torch.no_grad()
-def predict(model: MLP, images: np.ndarray, batch_size: int = 1000) -> tuple[np.ndarray,
-                                                                              np.ndarray]:
-    """Predicted class index and its softmax probability for each uint8 image (N, 28, 28)."""
-    model.eval()
-    probs = torch.cat([torch.softmax(model(normalize(torch.from_numpy(
-        np.ascontiguousarray(images[i:i + batch_size])))), dim=1)
-        for i in range(0, len(images), batch_size)]) if len(images) else torch.zeros(0, 10)
-    best, index = probs.max(dim=1)
-    return index.numpy(), best.numpy()
+def predict(state: dict[str, np.ndarray], images: np.ndarray,
+            batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted class index and its softmax probability for each uint8 image (N, 28, 28),
+    through the MLP whose checked weights are `state` (dltrain.weights.load_weights)."""
+    from dltrain.weights import mlp_logits
+
+    logits = mlp_logits(state, images, batch_size)
+    logits -= logits.max(axis=1, keepdims=True)  # softmax without overflow
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    index = probs.argmax(axis=1)
+    return index, probs[np.arange(len(probs)), index]
 
 
 def resolve_model(model: str, tracking_uri: str | None, workdir: Path,
-                  registry_root: Path) -> tuple[MLP, dict[str, Any]]:
-    """Load `model`: a path to model.pt, or models:/<name>@<alias> downloaded into `workdir`."""
+                  registry_root: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Load `model`: a path to model.safetensors, or models:/<name>@<alias> downloaded into
+    `workdir`; the checked weights and the card."""
+    from dltrain.weights import load_weights
+
     if parse_model_ref(model) is None and not model.startswith("models:/"):
-        return load_model(Path(model))
+        return load_weights(Path(model))
     uri = resolve_tracking_uri(tracking_uri, registry_root)
     folder = download_version(model, uri, workdir)
-    return load_model(folder / "model.pt")
+    return load_weights(folder / "model.safetensors")
 
 
-def classify(model: MLP, card: dict[str, Any], inputs: list[Path]) -> list[dict[str, Any]]:
+def classify(model: dict[str, np.ndarray], card: dict[str, Any],
+             inputs: list[Path]) -> list[dict[str, Any]]:
     """Per input image: {"path", "class", "class_name", "probability"}."""
     names, images = load_inputs(inputs)
     dataset = (card.get("data") or {}).get("dataset")

@@ -1,39 +1,33 @@
-"""models/model.pt without torch: read the weights, check them against models/model.json, run
-the MLP's forward pass with numpy only, and write a model.pt/model.json pair from the bytes
-that dltrain.modelio.weights_bytes made (the train stage's driver installs what its rank-0
-worker serialised).
+"""models/model.safetensors without torch: read the weights, check them against
+models/model.json, run the MLP's forward pass with numpy only, and write a
+model.safetensors/model.json pair from the bytes that dltrain.modelio.weights_bytes made (the
+train stage's driver installs what its rank-0 worker serialised).
 
 Why: `import torch` takes 1.4-2 s on a 2-core machine, half of the evaluate stage and most of
 the register stage's start, which need nothing of torch but the weights' values.
-dltrain.modelio (torch.load(weights_only=True)) stays the loader for torch users (predict,
-training, tests); both share the card checks below and their error messages.
+dltrain.modelio (for torch users: predict's callers in tests, training) reads through this
+module too, so every reader of a model file gives the same verdict.
 
-model.pt is torch.save's zip format holding a dict {name: CPU tensor}:
-    <prefix>/data.pkl     the pickled dict; each tensor is a call of
-                          torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)
-                          whose storage is a persistent id ('storage', FloatStorage, key,
-                          location, numel)
-    <prefix>/data/<key>   each storage's raw bytes
-    <prefix>/byteorder    'little' or 'big' (absent: little, as torch assumes)
-The pickle is read by an Unpickler that resolves only the globals a state dict needs, mapped to
-functions of this module: any other global (a pickle payload) is refused before it is called.
-Offsets, sizes and strides are bounds-checked against their storage before any array view,
-so a crafted file cannot make the reader touch memory outside the file's bytes.
+The format is safetensors (https://huggingface.co/docs/safetensors): no pickle, so loading
+cannot run code. The file is
+    8 bytes       N, the header's length (little-endian u64)
+    N bytes       a JSON object {name: {"dtype", "shape", "data_offsets": [begin, end]}, ...}
+                  (and an optional "__metadata__" of strings), padded with spaces
+    the rest      the data region: each tensor's bytes at [begin, end) of it
+safetensors' own reader checks most of this too, but a crafted file is checked here first,
+against the card's architecture, so that every fault gets one line naming the file and what is
+wrong with it (a truncated file says so), and a header cannot make the reader allocate more
+than the file holds.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import math
 import os
-import pickle
 import struct
-import zipfile
-import zlib
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,220 +41,170 @@ from dltrain.io import atomic_path, read_json
 INPUT_SIZE = 28 * 28
 NUM_CLASSES = 10
 
-# torch's storage classes, as torch.save names them ("torch FloatStorage"), and their numpy
-# types. BFloat16Storage has no numpy type: it is refused as unreadable here.
-_STORAGE_DTYPES = {"FloatStorage": "f4", "DoubleStorage": "f8", "HalfStorage": "f2",
-                   "LongStorage": "i8", "IntStorage": "i4", "ShortStorage": "i2",
-                   "CharStorage": "i1", "ByteStorage": "u1", "BoolStorage": "b1"}
+# Every tensor of the MLP is float32, and the card's architecture has no other dtype.
+WEIGHTS_DTYPE = "F32"
+_ITEMSIZE = {"F32": 4}
+# A header for the deepest MLP params.yaml allows is a few KiB; safetensors' own cap is 100 MB.
+MAX_HEADER_BYTES = 1 << 20
+# The first bytes of the formats a model file must not be: torch.save's zip (model.pt) and
+# a bare pickle (protocol 2 and later start with the PROTO opcode 0x80 and the protocol). As a
+# header length, either is far over MAX_HEADER_BYTES, so no safetensors file starts so.
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOLS = range(2, 6)
 
 
 # ------------------------------------------------------------------------------- messages
 
-def refused_error(model_path: Path, found: str | None) -> ModelError:
-    """The file's pickle names a global outside the allow-list (torch's reader or ours)."""
-    return ModelError(f"{model_path} is not plain weights: it holds objects that would run "
-                      "code when loaded, so it was refused" + (f" ({found})" if found else ""))
+def refused_error(model_path: Path, what: str) -> ModelError:
+    """A pickle-bearing file (torch.save's model.pt, a bare pickle): never loaded."""
+    return ModelError(f"{model_path} is not plain weights: it is {what}, a format that can "
+                      "hold objects that would run code when loaded, so it was refused; "
+                      "dltrain reads only safetensors (models/model.safetensors, as "
+                      "`dltrain train` writes it)")
 
 
-def corrupt_error(model_path: Path, exc: BaseException) -> ModelError:
-    return ModelError(f"{model_path} is corrupt or not a PyTorch weights file: {exc}")
+def corrupt_error(model_path: Path, why: str) -> ModelError:
+    return ModelError(f"{model_path} is corrupt or not a safetensors weights file: {why}")
+
+
+def truncated_error(model_path: Path, why: str) -> ModelError:
+    return ModelError(f"{model_path} is truncated ({why}); restore it (`dvc checkout models`) "
+                      "or train it again (`dvc repro train`)")
 
 
 def not_found_error(model_path: Path) -> ModelError:
-    return ModelError(f"model file not found: {model_path} (run `dltrain train` first)")
-
-
-def not_a_state_dict_error(model_path: Path) -> ModelError:
-    return ModelError(f"{model_path} is not a state dict of tensors")
-
-
-# --------------------------------------------------------------------------- the unpickler
-
-class Refused(pickle.UnpicklingError):
-    """A global outside the allow-list: loading it could run code."""
-
-
-class Malformed(ValueError):
-    """A zip and a pickle, but not a well-formed state dict (bad storage, out-of-bounds view)."""
-
-
-class _Sealed:
-    """Base of the reader's own objects: the pickle's BUILD opcode cannot set their state."""
-
-    __slots__ = ()
-
-    def __setstate__(self, state: Any) -> None:
-        raise Malformed(f"the pickle sets the state of a {type(self).__name__}")
-
-
-class _StorageType(_Sealed):
-    __slots__ = ("name", "dtype")
-
-    def __init__(self, name: str, dtype: np.dtype) -> None:
-        self.name, self.dtype = name, dtype
-
-
-class _Storage(_Sealed):
-    """One storage's elements (1-D, in the file's byte order, read-only)."""
-
-    __slots__ = ("kind", "array")
-
-    def __init__(self, kind: _StorageType, array: np.ndarray) -> None:
-        self.kind, self.array = kind, array
-
-
-class _Tensor(_Sealed):
-    """A rebuilt tensor: a fresh array in native byte order."""
-
-    __slots__ = ("array",)
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array = array
-
-
-_STORAGE_TYPES = {name: _StorageType(name, np.dtype(code))
-                  for name, code in _STORAGE_DTYPES.items()}
-
-
-def _is_index(value: Any) -> bool:
-    return type(value) is int and value >= 0  # not bool, not a float
-
-
-def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any,
-                    backward_hooks: Any, metadata: Any = None) -> _Tensor:
-    """torch._utils._rebuild_tensor_v2, checked: the view stays inside its storage."""
-    if not isinstance(storage, _Storage):
-        raise Malformed("a tensor whose storage is not a storage")
-    if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
-            and _is_index(offset) and all(_is_index(v) for v in (*size, *stride))):
-        raise Malformed(f"a tensor with an invalid offset/size/stride: {offset!r:.40} "
-                        f"{size!r:.80} {stride!r:.80}")
-    if backward_hooks or metadata:  # torch writes an empty OrderedDict and no metadata
-        raise Malformed("a tensor with backward hooks or metadata (not plain weights)")
-    base = storage.array
-    native = base.dtype.newbyteorder("=")
-    count = math.prod(size)
-    if count == 0:
-        return _Tensor(np.zeros(size, dtype=native))
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
-    if last >= base.size:
-        raise Malformed(f"a tensor of size {size} (offset {offset}, stride {stride}) reaches "
-                        f"element {last} of a storage of {base.size}")
-    if count > base.size:
-        # Overlapping (zero) strides could turn a small file into a huge array.
-        raise Malformed(f"a tensor of size {size} has more elements than its storage "
-                        f"({base.size})")
-    view = np.lib.stride_tricks.as_strided(
-        base[offset:], shape=size, strides=tuple(s * base.itemsize for s in stride),
-        writeable=False)
-    return _Tensor(np.array(view, dtype=native, copy=True))
-
-
-def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any) -> _Tensor:
-    """torch._utils._rebuild_parameter: an nn.Parameter saved as such is its tensor."""
-    if not isinstance(data, _Tensor) or backward_hooks:
-        raise Malformed("a parameter that is not a plain tensor")
-    return data
-
-
-_ALLOWED = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-            ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-            ("collections", "OrderedDict"): OrderedDict}
-
-
-class _WeightsUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str,
-                 byteorder: str) -> None:
-        super().__init__(io.BytesIO(data))
-        self._archive, self._prefix = archive, prefix
-        self._order = "<" if byteorder == "little" else ">"
-        self._storages: dict[str, _Storage] = {}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "torch" and name in _STORAGE_TYPES:
-            return _STORAGE_TYPES[name]
-        found = _ALLOWED.get((module, name))
-        if found is None:
-            raise Refused(f"Unsupported global: GLOBAL {module}.{name}")
-        return found
-
-    def persistent_load(self, pid: Any) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise Malformed(f"unexpected persistent id {pid!r:.80}")
-        _, kind, key, location, numel = pid
-        if not (isinstance(kind, _StorageType) and isinstance(key, str)
-                and isinstance(location, str) and _is_index(numel)):
-            raise Malformed(f"invalid storage reference {pid!r:.80}")
-        if key in self._storages:
-            storage = self._storages[key]
-            if storage.kind is not kind or storage.array.size != numel:
-                raise Malformed(f"storage {key!r} is referenced with two types or sizes")
-            return storage
-        member = f"{self._prefix}/data/{key}"
-        try:
-            info = self._archive.getinfo(member)
-        except KeyError:
-            raise Malformed(f"storage {key!r} is missing from the archive") from None
-        nbytes = numel * kind.dtype.itemsize
-        if info.file_size != nbytes:
-            raise Malformed(f"storage {key!r} holds {info.file_size} bytes, not the "
-                            f"{numel} x {kind.dtype.itemsize} its tensors say")
-        array = np.frombuffer(self._archive.read(info),
-                              dtype=kind.dtype.newbyteorder(self._order))
-        storage = self._storages[key] = _Storage(kind, array)
-        return storage
-
-
-# What a damaged or hostile file can make zipfile and the unpickler raise.
-_PARSE_ERRORS = (zipfile.BadZipFile, zlib.error, pickle.UnpicklingError, EOFError, ValueError,
-                 TypeError, KeyError, IndexError, AttributeError, OverflowError,
-                 NotImplementedError, RecursionError, struct.error, UnicodeDecodeError)
-
-
-def _unpickle(data: bytes) -> Any:
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        names = archive.namelist()
-        if not names:
-            raise Malformed("an empty archive")
-        # torch's reader takes the archive's top folder from its first record, too.
-        prefix = names[0].split("/", 1)[0]
-        try:
-            pickled = archive.read(f"{prefix}/data.pkl")
-        except KeyError:
-            raise Malformed(f"no {prefix}/data.pkl in the archive (not torch.save's format)") \
-                from None
-        byteorder = (archive.read(f"{prefix}/byteorder").decode()
-                     if f"{prefix}/byteorder" in names else "little")
-        if byteorder not in ("little", "big"):
-            raise Malformed(f"unknown byte order {byteorder!r:.20}")
-        return _WeightsUnpickler(pickled, archive, prefix, byteorder).load()
-
-
-def parse_state_dict(data: bytes, model_path: Path) -> dict[str, np.ndarray]:
-    """The state dict in torch.save's bytes `data` (named `model_path` in errors) as numpy
-    arrays, with the names, shapes, dtypes and values that torch.load gives."""
-    try:
-        state = _unpickle(data)
-    except Refused as exc:
-        raise refused_error(model_path, str(exc)) from exc
-    except _PARSE_ERRORS as exc:
-        raise corrupt_error(model_path, exc) from exc
-    if not isinstance(state, dict) or not all(
-            isinstance(k, str) and isinstance(v, _Tensor) for k, v in state.items()):
-        raise not_a_state_dict_error(model_path)
-    return {k: v.array for k, v in state.items()}
-
-
-def read_state_dict(model_path: Path) -> tuple[dict[str, np.ndarray], str]:
-    """The state dict in `model_path` and the sha256 of the very bytes it was read from."""
     model_path = Path(model_path)
+    old = model_path.with_name("model.pt")
+    if model_path.suffix == ".safetensors" and old.is_file():
+        # A workspace trained by an older dltrain: its weights are a pickle, never loaded.
+        return ModelError(f"model file not found: {model_path}; {old} is the weights format "
+                          "of an older dltrain (a pickle, which is no longer read): train the "
+                          "model again with `dvc repro train` (or `dltrain train`)")
+    return ModelError(f"model file not found: {model_path}; restore it from DVC's cache "
+                      "(`dvc checkout models`) or train it (`dvc repro train`)")
+
+
+# ------------------------------------------------------------------------- the file format
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate names {sorted({k for k in keys if keys.count(k) > 1})[:3]}")
+    return dict(pairs)
+
+
+def _header(data: bytes, model_path: Path) -> tuple[dict[str, Any], int]:
+    """The header's tensor entries (without __metadata__) and where the data region starts."""
+    if data[:4] == _ZIP_MAGIC:
+        raise refused_error(model_path, "a zip archive (torch.save's model.pt format, a "
+                                        "pickle inside)")
+    if len(data) < 8:
+        raise truncated_error(model_path, f"{len(data)} bytes, less than the 8-byte header "
+                                          "length")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > MAX_HEADER_BYTES:
+        if data[0] == 0x80 and data[1] in _PICKLE_PROTOCOLS:
+            raise refused_error(model_path, "a pickle")
+        raise corrupt_error(model_path, f"its header length is {length} bytes, over the "
+                                        f"{MAX_HEADER_BYTES} a weights file needs")
+    if 8 + length > len(data):
+        raise truncated_error(model_path, f"its header length is {length} bytes, but the file "
+                                          f"has {len(data) - 8} after the length")
+    try:
+        header = json.loads(data[8:8 + length].decode("utf-8"),
+                            object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise corrupt_error(model_path, f"its header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise corrupt_error(model_path, "its header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not (isinstance(metadata, dict)
+            and all(isinstance(v, str) for v in metadata.values())):
+        raise corrupt_error(model_path, "its __metadata__ is not a map of strings")
+    return header, 8 + length
+
+
+def _check_entries(entries: dict[str, Any], data_len: int, model_path: Path,
+                   expected: dict[str, tuple[int, ...]], card_path: Path | str) -> None:
+    """Every tensor the architecture needs, float32, of its shape, inside the data region,
+    the regions back to back with nothing overlapping and nothing left over."""
+    names = set(entries)
+    if names != set(expected):
+        missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+        raise ModelError(f"{model_path} does not hold the tensors of the architecture in "
+                         f"{card_path}: missing {missing[:4]}, unexpected {extra[:4]}")
+    spans = []
+    for name, entry in entries.items():
+        if not (isinstance(entry, dict) and set(entry) == {"dtype", "shape", "data_offsets"}):
+            raise corrupt_error(model_path, f"tensor {name!r} has no dtype, shape and "
+                                            "data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype != WEIGHTS_DTYPE:
+            raise ModelError(f"{model_path}: tensor {name!r} is {dtype!r:.20}, but the "
+                             f"architecture in {card_path} is float32 ({WEIGHTS_DTYPE})")
+        if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+            raise corrupt_error(model_path, f"tensor {name!r} has shape {shape!r:.60}")
+        if tuple(shape) != expected[name]:
+            raise ModelError(f"{model_path} does not match the architecture in {card_path}: "
+                             f"tensor {name!r} has shape {tuple(shape)}, not "
+                             f"{expected[name]}")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(n) is int and n >= 0 for n in offsets)
+                and offsets[0] <= offsets[1]):
+            raise corrupt_error(model_path, f"tensor {name!r} has data_offsets "
+                                            f"{offsets!r:.60}")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * _ITEMSIZE[dtype]:
+            raise corrupt_error(model_path, f"tensor {name!r} spans {end - begin} bytes, not "
+                                            f"the {math.prod(shape)} x {_ITEMSIZE[dtype]} "
+                                            "of its shape")
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin < position:
+            raise corrupt_error(model_path, f"tensor {name!r} overlaps another tensor's bytes "
+                                            f"(at {begin})")
+        if begin > position:
+            raise corrupt_error(model_path, f"the data region has a gap before tensor "
+                                            f"{name!r} (bytes {position} to {begin})")
+        position = end
+    if position > data_len:
+        raise truncated_error(model_path, f"its tensors' data_offsets reach byte {position} of "
+                                          f"the data, the file holds {data_len}")
+    if position < data_len:
+        raise corrupt_error(model_path, f"{data_len - position} bytes follow the last tensor")
+
+
+def parse_state_dict(data: bytes, model_path: Path,
+                     expected: dict[str, tuple[int, ...]],
+                     card_path: Path | str = "the card") -> dict[str, np.ndarray]:
+    """The weights in safetensors bytes `data` (named `model_path` in errors) as float32 numpy
+    arrays, after checking the header against `expected` ({name: shape}, expected_shapes of
+    the card's architecture): a file is read by safetensors only once it is known to be what
+    the card describes."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    entries, data_start = _header(data, model_path)
+    _check_entries(entries, len(data) - data_start, model_path, expected, card_path)
+    try:
+        arrays = load(data)
+    except (SafetensorError, ValueError, KeyError) as exc:  # checked above: not expected
+        raise corrupt_error(model_path, str(exc)) from exc
+    return {name: arrays[name] for name in expected}
+
+
+def read_model_bytes(model_path: Path) -> bytes:
+    """The bytes of a model file, with the errors a user can act on."""
+    model_path = Path(model_path)
+    if model_path.is_dir():
+        raise ModelError(f"{model_path} is a directory, not a model file")
     if not model_path.is_file():
         raise not_found_error(model_path)
     try:
-        data = model_path.read_bytes()
+        return model_path.read_bytes()
     except OSError as exc:
-        raise corrupt_error(model_path, exc) from exc
-    return parse_state_dict(data, model_path), hashlib.sha256(data).hexdigest()
+        raise ModelError(f"cannot read {model_path}: {exc.strerror or exc}") from exc
 
 
 # ------------------------------------------------------------------- card and shape checks
@@ -274,7 +218,7 @@ def sha256_file(path: Path) -> str:
 
 
 def card_path_for(model_path: Path) -> Path:
-    """models/model.pt -> models/model.json."""
+    """models/model.safetensors -> models/model.json."""
     return Path(model_path).with_suffix(".json")
 
 
@@ -287,15 +231,15 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 def write_model_pair(weights: bytes, card: dict[str, Any], model_path: Path,
                      card_path: Path | None = None) -> str:
-    """Write model.pt (`weights`, torch.save's bytes: dltrain.modelio.weights_bytes) and its
-    card as a pair; return the weights' sha256 (in the card too). No torch: the train stage's
-    driver installs the bytes its rank-0 worker wrote.
+    """Write model.safetensors (`weights`, safetensors bytes: dltrain.modelio.weights_bytes)
+    and its card as a pair; return the weights' sha256 (in the card too). No torch: the train
+    stage's driver installs the bytes its rank-0 worker wrote.
 
-    DVC tracks model.pt and model.json as two outputs, so the pair cannot be one rename. Both
-    are written in full and synced beside their final names first, then renamed: a failure
-    while writing (a full disk) leaves the previous pair untouched. The only window left, a
-    crash between the two renames, leaves a card whose weights_sha256 is not the weights',
-    which load_model and load_weights refuse.
+    DVC tracks model.safetensors and model.json as two outputs, so the pair cannot be one
+    rename. Both are written in full and synced beside their final names first, then renamed:
+    a failure while writing (a full disk) leaves the previous pair untouched. The only window
+    left, a crash between the two renames, leaves a card whose weights_sha256 is not the
+    weights', which load_model and load_weights refuse.
     """
     model_path = Path(model_path)
     card_path = Path(card_path) if card_path else card_path_for(model_path)
@@ -360,20 +304,10 @@ def expected_shapes(hidden_sizes: Sequence[int], input_size: int = INPUT_SIZE,
     return shapes
 
 
-def check_shapes(model_path: Path, card_path: Path, hidden_sizes: Sequence[int],
-                 actual: dict[str, tuple[int, ...]]) -> None:
-    """Every tensor the card's architecture needs is there with its shape, and nothing else."""
-    expected = expected_shapes(hidden_sizes)
-    if expected != actual:
-        diff = sorted(set(expected.items()) ^ set(actual.items()))
-        raise ModelError(f"{model_path} does not match the architecture in {card_path} "
-                         f"(hidden_sizes {hidden_sizes}): differing tensors {diff[:4]}")
-
-
 def load_weights(model_path: Path, card_path: Path | None = None
                  ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The torch-free twin of dltrain.modelio.load_model: the weights as numpy arrays and the
-    card, with the same checks (plain weights only, the card's pair, every shape)."""
+    """The weights as float32 numpy arrays and the card, checked: a well-formed safetensors
+    file, every tensor of the card's architecture with its shape, the card's pair."""
     state, card, _weights_sha256 = load_weights_and_digest(model_path, card_path)
     return state, card
 
@@ -384,10 +318,10 @@ def load_weights_and_digest(model_path: Path, card_path: Path | None = None
     model_path = Path(model_path)
     card_path = Path(card_path) if card_path else card_path_for(model_path)
     card, hidden_sizes = read_card(card_path)
-    state, weights_sha256 = read_state_dict(model_path)
+    data = read_model_bytes(model_path)
+    state = parse_state_dict(data, model_path, expected_shapes(hidden_sizes), card_path)
+    weights_sha256 = hashlib.sha256(data).hexdigest()
     check_pair(model_path, card_path, card, weights_sha256)
-    check_shapes(model_path, card_path, hidden_sizes,
-                 {k: tuple(v.shape) for k, v in state.items()})
     return state, card, weights_sha256
 
 

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from dltrain.loop import (
+    CHECKPOINT_MODEL,
+    CHECKPOINT_OPTIMIZER,
+    CHECKPOINT_STATE,
     LoopConfig,
     LoopState,
     load_state,
@@ -119,9 +122,14 @@ def test_global_batch_must_split_across_workers(processed_ws: Path) -> None:
 
 def test_checkpoint_is_plain_tensors(processed_ws: Path, tmp_path: Path) -> None:
     save_state(train_loop(config(processed_ws, epochs=1)), tmp_path)
-    # weights_only loading succeeds: nothing in a checkpoint needs unpickling of code.
-    loaded = torch.load(tmp_path / "state.pt", weights_only=True)
-    assert isinstance(loaded["model"]["net.0.weight"], torch.Tensor)
+    # The tensors are safetensors; the optimizer's state loads with weights_only: nothing in
+    # a checkpoint needs unpickling of code.
+    from safetensors.torch import load_file
+
+    assert isinstance(load_file(tmp_path / CHECKPOINT_STATE)["model/net.0.weight"], torch.Tensor)
+    assert "param_groups" in torch.load(tmp_path / CHECKPOINT_OPTIMIZER, weights_only=True)
+    assert load_file(tmp_path / CHECKPOINT_MODEL).keys() == {
+        "net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
     assert isinstance(load_state(tmp_path), LoopState)
 
 

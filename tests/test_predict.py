@@ -24,6 +24,7 @@ from dltrain.paths import Workspace
 from dltrain.predict import load_inputs, predict_command
 from dltrain.register import register
 from dltrain.registry import embedded_tracking_uri
+from dltrain.weights import load_weights
 
 from conftest import venv_env
 
@@ -156,7 +157,7 @@ def test_pickle_payload_is_refused_and_never_runs(ws: Workspace, pngs: list[Path
                                                   capsys: pytest.CaptureFixture) -> None:
     marker = tmp_path / "pwned"
     model_path = tmp_path / "model.pt"
-    state = {k: v for k, v in torch.load(ws.model_path, weights_only=True).items()}
+    state = {k: torch.from_numpy(v.copy()) for k, v in load_weights(ws.model_path)[0].items()}
     torch.save({**state, "extra": Payload(marker)}, model_path)
     shutil.copy(ws.model_card_path, tmp_path / "model.json")
     assert not marker.exists()
@@ -169,7 +170,7 @@ def test_pickle_payload_is_refused_and_never_runs(ws: Workspace, pngs: list[Path
 
 def test_missing_model_is_a_clear_error(pngs: list[Path], tmp_path: Path,
                                         capsys: pytest.CaptureFixture) -> None:
-    assert main(["predict", "--model", str(tmp_path / "none.pt"), str(pngs[0])]) == 1
+    assert main(["predict", "--model", str(tmp_path / "none.safetensors"), str(pngs[0])]) == 1
     assert "none.json" in capsys.readouterr().err
 
 

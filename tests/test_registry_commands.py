@@ -14,10 +14,10 @@ from helpers_models import evaluated_workspace, plant_model, write_params
 from PIL import Image
 
 from dltrain.cli import main
-from dltrain.modelio import load_model
 from dltrain.paths import Workspace
 from dltrain.predict import predict
 from dltrain.registry import embedded_tracking_uri
+from dltrain.weights import load_weights
 
 pytestmark = pytest.mark.integration
 
@@ -109,14 +109,14 @@ def test_history_then_rollback_that_predict_follows(three_versions, tmp_path: Pa
         return [r["probability"] for r in json.loads(out)]
 
     def own(version: int) -> list[float]:
-        path = tmp_path / f"v{version}" / "model.pt"
+        path = tmp_path / f"v{version}" / "model.safetensors"
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(weights[version])
         (path.parent / "model.json").write_text(json.dumps({
             **json.loads(ws.model_card_path.read_text()),
             "weights_sha256": hashlib.sha256(weights[version]).hexdigest()}))
-        model, _ = load_model(path)
-        return [round(float(p), 6) for p in predict(model, image)[1]]
+        state, _ = load_weights(path)
+        return [round(float(p), 6) for p in predict(state, image)[1]]
 
     assert champion_predicts() == own(2) != own(1)
     code, out, err = _run(capsys, "registry", "rollback", "--workspace", str(ws.root),

@@ -1,16 +1,15 @@
-"""dltrain.weights: the torch-free reader gives exactly torch.load's arrays, its forward pass
-gives the torch MLP's logits, its checks say what load_model says, a crafted file is refused
-without reading outside its bytes, and the stages that use it never import torch."""
+"""dltrain.weights: safetensors weights read with numpy give exactly torch's arrays, its
+forward pass gives the torch MLP's logits, its checks say what load_model says, a crafted file
+is refused with one line naming the file and the cause before safetensors reads it, a pickle is
+never loaded, and the stages that read weights never import torch."""
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
+import struct
 import subprocess
 import sys
-import zipfile
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +19,20 @@ from helpers_models import make_trained_workspace
 from test_security import Payload
 
 from dltrain import model as torch_model
+from dltrain.cli import main
 from dltrain.errors import ModelError
 from dltrain.model import MLP, architecture, normalize
 from dltrain.modelio import load_model, save_model
 from dltrain.paths import Workspace
 from dltrain.weights import (
     INPUT_SIZE,
+    MAX_HEADER_BYTES,
     NUM_CLASSES,
     expected_shapes,
     load_weights,
+    load_weights_and_digest,
     mlp_logits,
-    read_state_dict,
+    sha256_file,
 )
 
 from conftest import REPO_ROOT
@@ -46,17 +48,6 @@ def save_mlp(path: Path, hidden: tuple[int, ...], seed: int = 0) -> MLP:
     return mlp
 
 
-def assert_same_as_torch(path: Path) -> None:
-    ours, _sha = read_state_dict(path)
-    theirs = torch.load(path, map_location="cpu", weights_only=True)
-    assert list(ours) == list(theirs)
-    for name, tensor in theirs.items():
-        expected = tensor.detach().numpy()
-        assert ours[name].dtype == expected.dtype and ours[name].shape == expected.shape, name
-        assert np.array_equal(ours[name], expected), name
-        assert ours[name].flags.writeable and ours[name].dtype.isnative
-
-
 # ------------------------------------------------------------------- same values as torch
 
 def test_constants_and_shapes_are_the_torch_models() -> None:
@@ -67,57 +58,24 @@ def test_constants_and_shapes_are_the_torch_models() -> None:
 
 
 @pytest.mark.parametrize("hidden", HIDDEN_SIZES, ids=str)
-def test_reader_returns_torch_loads_arrays(tmp_path: Path, hidden: tuple[int, ...]) -> None:
-    path = tmp_path / "model.pt"
-    save_mlp(path, hidden)
-    assert_same_as_torch(path)
+def test_round_trip_gives_the_torch_models_arrays(tmp_path: Path,
+                                                  hidden: tuple[int, ...]) -> None:
+    path = tmp_path / "model.safetensors"
+    mlp = save_mlp(path, hidden)
     weights, card = load_weights(path)
     assert card["architecture"]["hidden_sizes"] == list(hidden)
-    assert {k: v.shape for k, v in weights.items()} == expected_shapes(hidden)
-
-
-def test_reader_follows_offsets_strides_shared_storages_and_dtypes(tmp_path: Path) -> None:
-    """What torch.save writes for views (one storage, offsets, transposed strides), parameters
-    and other dtypes, not only save_model's contiguous float32 tensors."""
-    base = torch.arange(60, dtype=torch.float32).reshape(6, 10)
-    state = OrderedDict([
-        ("slice", base[2:5, 1:4]), ("transposed", base.t()), ("row", base[3]),
-        ("empty", torch.zeros(0, 3)), ("scalar", torch.tensor(2.5, dtype=torch.float64)),
-        ("half", torch.linspace(-1, 1, 7).half()), ("long", torch.arange(-3, 4)),
-        ("int8", torch.tensor([-128, 0, 127], dtype=torch.int8)),
-        ("bytes", torch.tensor([0, 255], dtype=torch.uint8)),
-        ("bool", torch.tensor([True, False])),
-        ("param", torch.nn.Parameter(torch.ones(2, 2))),
-    ])
-    path = tmp_path / "views.pt"
-    torch.save(state, path)
-    assert_same_as_torch(path)
-    # A module's own state_dict() (an OrderedDict with _metadata), saved directly.
-    torch.save(MLP((8,)).state_dict(), path)
-    assert_same_as_torch(path)
-
-
-def big_endian_copy(source: Path, target: Path) -> None:
-    """The zip that torch.save writes on a big-endian machine: byteorder 'big' and every
-    storage's bytes swapped (all of a saved MLP's tensors are float32)."""
-    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
-        for info in src.infolist():
-            data = src.read(info)
-            if info.filename.endswith("/byteorder"):
-                data = b"big"
-            elif "/data/" in info.filename:
-                data = np.frombuffer(data, dtype="<f4").astype(">f4").tobytes()
-            dst.writestr(info.filename, data)
-
-
-def test_big_endian_files_read_as_torch_reads_them(tmp_path: Path) -> None:
-    save_mlp(tmp_path / "little.pt", (16,))
-    big_endian_copy(tmp_path / "little.pt", tmp_path / "big.pt")
-    assert (tmp_path / "big.pt").read_bytes() != (tmp_path / "little.pt").read_bytes()
-    assert_same_as_torch(tmp_path / "big.pt")
-    little, _ = read_state_dict(tmp_path / "little.pt")
-    big, _ = read_state_dict(tmp_path / "big.pt")
-    assert all(np.array_equal(little[k], big[k]) for k in little)
+    assert card["weights_sha256"] == sha256_file(path)
+    assert list(weights) == list(mlp.state_dict())
+    for name, tensor in mlp.state_dict().items():
+        assert weights[name].dtype == np.float32 and weights[name].dtype.isnative, name
+        assert np.array_equal(weights[name], tensor.numpy()), name
+    # The torch loader reads through the same checks and gives the same module.
+    loaded, _ = load_model(path)
+    for name, tensor in mlp.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    # safetensors' own reader agrees (the format is the library's, not ours).
+    from safetensors.numpy import load_file
+    assert all(np.array_equal(load_file(path)[k], v) for k, v in weights.items())
 
 
 # ----------------------------------------------------------------------------- forward pass
@@ -150,8 +108,8 @@ def test_forward_pass_gives_the_trained_models_logits(trained_ws: Workspace) -> 
 @pytest.mark.parametrize("hidden", [(), (64, 32)], ids=str)
 def test_forward_pass_of_other_depths(tmp_path: Path, hidden: tuple[int, ...]) -> None:
     images = np.random.default_rng(1).integers(0, 256, (50, 28, 28), dtype=np.uint8)
-    mlp = save_mlp(tmp_path / "model.pt", hidden, seed=3)
-    weights, _ = load_weights(tmp_path / "model.pt")
+    mlp = save_mlp(tmp_path / "model.safetensors", hidden, seed=3)
+    weights, _ = load_weights(tmp_path / "model.safetensors")
     np.testing.assert_allclose(mlp_logits(weights, images, 16), torch_logits(mlp, images),
                                rtol=1e-5, atol=1e-5)
 
@@ -160,7 +118,7 @@ def test_forward_pass_of_other_depths(tmp_path: Path, hidden: tuple[int, ...]) -
 
 def _broken_card(ws: Workspace, tmp_path: Path, change) -> Path:
     """A copy of the workspace's model pair with the card changed by `change(card)`."""
-    model_path = tmp_path / "models" / "model.pt"
+    model_path = tmp_path / "models" / "model.safetensors"
     model_path.parent.mkdir(parents=True)
     model_path.write_bytes(ws.model_path.read_bytes())
     card = json.loads(ws.model_card_path.read_text())
@@ -172,9 +130,11 @@ def _broken_card(ws: Workspace, tmp_path: Path, change) -> Path:
 @pytest.mark.parametrize("change, expected", [
     (lambda card: card["architecture"].update(hidden_sizes=[64]),
      "does not match the architecture"),
+    (lambda card: card["architecture"].update(hidden_sizes=[16, 16]),
+     "does not hold the tensors of the architecture"),
     (lambda card: card.update(weights_sha256="0" * 64), "is not the weights that"),
     (lambda card: card.pop("architecture"), "is not a valid model description"),
-], ids=["shapes", "pair", "card"])
+], ids=["shapes", "layers", "pair", "card"])
 def test_checks_and_messages_are_load_models(trained_ws: Workspace, tmp_path: Path, change,
                                              expected: str) -> None:
     model_path = _broken_card(trained_ws, tmp_path, change)
@@ -188,163 +148,198 @@ def test_checks_and_messages_are_load_models(trained_ws: Workspace, tmp_path: Pa
 def test_a_missing_card_or_model_is_named(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"model description not found: .*model.json; .*"
                                          r"`dvc checkout models`.*`dvc repro train`"):
-        load_weights(tmp_path / "model.pt")
+        load_weights(tmp_path / "model.safetensors")
     (tmp_path / "model.json").write_text(json.dumps({"architecture": architecture((8,))}))
-    with pytest.raises(ModelError, match="model file not found: .*run `dltrain train` first"):
-        load_weights(tmp_path / "model.pt")
+    with pytest.raises(ModelError, match=r"model file not found: .*model.safetensors; .*"
+                                         r"`dvc checkout models`.*`dvc repro train`"):
+        load_weights(tmp_path / "model.safetensors")
+    with pytest.raises(ModelError, match="is a directory"):
+        load_weights(tmp_path, tmp_path / "model.json")
 
 
 def test_a_bad_hidden_sizes_is_an_invalid_card(tmp_path: Path) -> None:
-    save_mlp(tmp_path / "model.pt", (8,))
+    save_mlp(tmp_path / "model.safetensors", (8,))
     (tmp_path / "model.json").write_text(json.dumps({"architecture": {"hidden_sizes": "8"}}))
     with pytest.raises(ModelError, match="not a valid model description.*hidden_sizes"):
-        load_weights(tmp_path / "model.pt")
+        load_weights(tmp_path / "model.safetensors")
 
 
 # ------------------------------------------------------------------------- crafted files
 
-class FakeStorage:
-    """Pickled as torch.save pickles a storage: a persistent id naming a data/<key> member."""
-
-    def __init__(self, key: str, numel: int, storage_type: type = torch.FloatStorage) -> None:
-        self.key, self.numel, self.storage_type = key, numel, storage_type
-
-
-class FakeTensor:
-    """Pickled as torch.save pickles a tensor: a call of _rebuild_tensor_v2 on a storage,
-    with whatever offset, size and stride the test asks for."""
-
-    def __init__(self, storage: FakeStorage, offset: int, size: tuple, stride: tuple,
-                 state: dict | None = None) -> None:
-        self.args = (storage, offset, size, stride, False, OrderedDict())
-        self.state = state
-
-    def __reduce__(self):
-        if self.state is not None:  # adds a BUILD opcode: set the rebuilt object's state
-            return (torch._utils._rebuild_tensor_v2, self.args, self.state)
-        return (torch._utils._rebuild_tensor_v2, self.args)
-
-
-class _Pickler(pickle.Pickler):
-    def persistent_id(self, obj):
-        if isinstance(obj, FakeStorage):
-            return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
-        return None
-
-
-def write_archive(path: Path, state: object, blobs: dict[str, bytes]) -> Path:
-    """A file laid out as torch.save lays it out, holding `state` pickled as is."""
-    buffer = io.BytesIO()
-    _Pickler(buffer, protocol=2).dump(state)
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("archive/data.pkl", buffer.getvalue())
-        archive.writestr("archive/byteorder", "little")
-        for key, data in blobs.items():
-            archive.writestr(f"archive/data/{key}", data)
-        archive.writestr("archive/version", "3\n")
+def craft(path: Path, header: dict, data: bytes, length: int | None = None,
+          raw_header: bytes | None = None) -> Path:
+    """A safetensors file written by hand: the length, the header, the data region."""
+    blob = raw_header if raw_header is not None else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob) if length is None else length) + blob + data)
     return path
 
 
-FOUR = np.arange(4, dtype="<f4").tobytes()  # a storage of 4 floats: 0, 1, 2, 3
+def one_layer(dtype: str = "F32", weight_shape=(10, 784), weight_span=(40, 31400),
+              bias_span=(0, 40)) -> dict:
+    """The header of a 784-10 MLP (no hidden layer), as safetensors writes it."""
+    return {"net.0.bias": {"dtype": dtype, "shape": [10], "data_offsets": list(bias_span)},
+            "net.0.weight": {"dtype": dtype, "shape": list(weight_shape),
+                             "data_offsets": list(weight_span)}}
 
 
-def test_the_crafting_helper_writes_torchs_format(tmp_path: Path) -> None:
-    """The oracle for the refusals below: a well-formed crafted file reads in torch too."""
-    storage = FakeStorage("0", 4)
-    path = write_archive(tmp_path / "ok.pt", {"w": FakeTensor(storage, 1, (2, 1), (2, 1)),
-                                              "v": FakeTensor(storage, 0, (4,), (1,))},
-                         {"0": FOUR})
-    assert_same_as_torch(path)
-    assert read_state_dict(path)[0]["w"].tolist() == [[1.0], [3.0]]
+@pytest.fixture
+def crafted(tmp_path: Path) -> Path:
+    """Where a crafted file goes, beside a card for the 784-10 MLP; the hand-made header of
+    that MLP is accepted, so each test below changes one thing."""
+    path = tmp_path / "model.safetensors"
+    (tmp_path / "model.json").write_text(json.dumps({"architecture": architecture(())}))
+    craft(path, one_layer(), bytes(31400))
+    weights, _ = load_weights(path)
+    assert weights["net.0.weight"].shape == (10, 784)
+    return path
 
 
-@pytest.mark.parametrize("offset, size, stride, blob, numel", [
-    (3, (2,), (1,), FOUR, 4),            # the offset runs past the end
-    (0, (2, 2), (1, 10**6), FOUR, 4),    # a stride jumps far outside
-    (0, (2,), (2**62,), FOUR, 4),        # a stride that would overflow a byte offset
-    (-1, (2,), (1,), FOUR, 4),           # a negative offset
-    (0, (2,), (-1,), FOUR, 4),           # a negative stride
-    (0, (10**9,), (0,), FOUR, 4),        # stride 0: a 4-float file as a billion floats
-    (0, (4,), (1,), FOUR, 5),            # numel says 5 floats, the member holds 4
-    (0, (4,), (1,), FOUR[:12], 4),       # the member is short
-    (0, (2.0,), (1,), FOUR, 4),          # a float size
-], ids=["offset", "stride", "overflow", "negative-offset", "negative-stride", "stride-0",
-        "numel", "short-member", "float-size"])
-def test_out_of_bounds_or_inconsistent_tensors_are_refused(tmp_path: Path, offset, size,
-                                                           stride, blob, numel) -> None:
-    path = write_archive(tmp_path / "bad.pt",
-                         {"w": FakeTensor(FakeStorage("0", numel), offset, size, stride)},
-                         {"0": blob})
-    with pytest.raises(ModelError, match="corrupt or not a PyTorch weights file") as info:
-        read_state_dict(path)
-    assert str(path) in str(info.value)
+CRAFTED = {
+    "header-length-over-cap": (dict(header=one_layer(), data=bytes(31400),
+                                    length=MAX_HEADER_BYTES + 1),
+                               "corrupt.*header length is .* over the"),
+    "header-length-huge": (dict(header=one_layer(), data=bytes(31400), length=2 ** 63),
+                           "corrupt.*header length"),
+    "header-length-past-eof": (dict(header={}, data=b"", raw_header=b"{}", length=500),
+                               "is truncated.*header length is 500 bytes"),
+    "header-not-json": (dict(header={}, data=bytes(31400), raw_header=b"\xff{not json"),
+                        "header is not JSON"),
+    "header-not-object": (dict(header={}, data=bytes(31400), raw_header=b"[1, 2]"),
+                          "header is not a JSON object"),
+    "duplicate-names": (dict(header={}, data=bytes(31400), raw_header=(
+        b'{"net.0.bias": {"dtype": "F32", "shape": [10], "data_offsets": [0, 40]}, '
+        b'"net.0.bias": {"dtype": "F32", "shape": [10], "data_offsets": [0, 40]}}')),
+        "header is not JSON.*duplicate names"),
+    "metadata-not-strings": (dict(header={**one_layer(), "__metadata__": {"a": 1}},
+                                  data=bytes(31400)), "__metadata__ is not a map of strings"),
+    "offsets-out-of-range": (dict(header=one_layer(weight_span=(40, 10 ** 12)),
+                                  data=bytes(31400)), "spans .* bytes, not the"),
+    "offsets-past-eof": (dict(header=one_layer(bias_span=(31360, 31400),
+                                               weight_span=(0, 31360)),
+                              data=bytes(31000)), "is truncated.*reach byte 31400"),
+    "offsets-reversed": (dict(header=one_layer(weight_span=(31400, 40)), data=bytes(31400)),
+                         "data_offsets \\[31400, 40\\]"),
+    "offsets-negative": (dict(header=one_layer(bias_span=(-40, 0)), data=bytes(31400)),
+                         "data_offsets"),
+    "offsets-overlapping": (dict(header=one_layer(bias_span=(0, 40), weight_span=(20, 31380)),
+                                 data=bytes(31400)), "overlaps another tensor's bytes"),
+    "offsets-with-gap": (dict(header=one_layer(bias_span=(0, 40), weight_span=(80, 31440)),
+                              data=bytes(31440)), "gap before tensor"),
+    "trailing-bytes": (dict(header=one_layer(), data=bytes(31400 + 4096)),
+                       "4096 bytes follow the last tensor"),
+    "size-not-shape": (dict(header=one_layer(weight_span=(40, 31400 + 4)), data=bytes(31404)),
+                       "spans 31364 bytes, not the 7840 x 4"),
+    "wrong-dtype": (dict(header=one_layer(dtype="F64", weight_span=(80, 62800),
+                                          bias_span=(0, 80)), data=bytes(62800)),
+                    "is 'F64', but the architecture in .*model.json is float32"),
+    "int-dtype": (dict(header=one_layer(dtype="I32"), data=bytes(31400)), "is 'I32'"),
+    "wrong-shape": (dict(header=one_layer(weight_shape=(784, 10)), data=bytes(31400)),
+                    "does not match the architecture in .*model.json: tensor 'net.0.weight' "
+                    "has shape \\(784, 10\\), not \\(10, 784\\)"),
+    "bad-shape": (dict(header=one_layer(weight_shape=(10, -784)), data=bytes(31400)),
+                  "has shape"),
+    "missing-tensor": (dict(header={"net.0.weight": one_layer()["net.0.weight"]},
+                            data=bytes(31400)), r"missing \['net.0.bias'\]"),
+    "extra-tensor": (dict(header={**one_layer(), "extra": {"dtype": "F32", "shape": [0],
+                                                          "data_offsets": [31400, 31400]}},
+                          data=bytes(31400)), r"unexpected \['extra'\]"),
+    "entry-not-a-tensor": (dict(header={**one_layer(), "net.0.bias": [0, 40]},
+                                data=bytes(31400)), "no dtype, shape and data_offsets"),
+}
 
 
-def test_the_pickle_cannot_set_the_readers_objects_state(tmp_path: Path) -> None:
-    """A BUILD opcode on a rebuilt tensor (say, to swap its array) is refused."""
-    tensor = FakeTensor(FakeStorage("0", 4), 0, (4,), (1,), state={"array": "x"})
-    path = write_archive(tmp_path / "build.pt", {"w": tensor}, {"0": FOUR})
-    with pytest.raises(ModelError, match="corrupt.*sets the state"):
-        read_state_dict(path)
+@pytest.mark.parametrize("case", CRAFTED, ids=str)
+def test_a_crafted_file_is_refused_with_its_cause(crafted: Path, case: str) -> None:
+    fields, expected = CRAFTED[case]
+    craft(crafted, **fields)
+    with pytest.raises(ModelError, match=expected) as info:
+        load_weights(crafted)
+    message = str(info.value)
+    assert str(crafted) in message and "\n" not in message
+    with pytest.raises(ModelError) as torchs:  # the torch loader gives the same verdict
+        load_model(crafted)
+    assert str(torchs.value) == message
 
 
-def test_a_missing_storage_member_is_refused(tmp_path: Path) -> None:
-    path = write_archive(tmp_path / "bad.pt",
-                         {"w": FakeTensor(FakeStorage("7", 4), 0, (4,), (1,))}, {})
-    with pytest.raises(ModelError, match="storage '7' is missing"):
-        read_state_dict(path)
-
-
-def test_a_pickle_payload_is_refused_without_running(tmp_path: Path) -> None:
-    marker = tmp_path / "payload-ran"
-    mlp = save_mlp(tmp_path / "model.pt", (8,))
-    torch.save({**mlp.state_dict(), "extra": Payload(marker)}, tmp_path / "model.pt")
-    with pytest.raises(ModelError, match="not plain weights") as info:
-        load_weights(tmp_path / "model.pt")
-    assert "would run code when loaded" in str(info.value)
-    assert "Unsupported global: GLOBAL io.open" in str(info.value)
-    assert not marker.exists()
-
-
-@pytest.mark.parametrize("obj", [{"w": np.zeros(3)}, {"w": torch.zeros(2).to_sparse()}],
-                         ids=["numpy", "sparse"])
-def test_objects_other_than_dense_tensors_are_refused(tmp_path: Path, obj) -> None:
-    torch.save(obj, tmp_path / "model.pt")
-    with pytest.raises(ModelError, match="not plain weights.*Unsupported global"):
-        read_state_dict(tmp_path / "model.pt")
-
-
-@pytest.mark.parametrize("obj", [[torch.zeros(2)], {"w": 1.0}, {1: torch.zeros(2)}],
-                         ids=["list", "number", "int-key"])
-def test_containers_other_than_a_state_dict_are_refused(tmp_path: Path, obj) -> None:
-    torch.save(obj, tmp_path / "model.pt")
-    with pytest.raises(ModelError, match="is not a state dict of tensors"):
-        read_state_dict(tmp_path / "model.pt")
-
-
-@pytest.mark.parametrize("cut", [100, 0.5, -1], ids=["100-bytes", "half", "last-byte"])
-def test_truncated_or_foreign_files_are_corrupt(tmp_path: Path, cut) -> None:
-    path = tmp_path / "model.pt"
+@pytest.mark.parametrize("cut", [0, 4, 8, 100, 0.5, -1],
+                         ids=["empty", "4-bytes", "length-only", "100-bytes", "half",
+                              "last-byte"])
+def test_a_truncated_file_says_it_is_truncated(tmp_path: Path, cut) -> None:
+    path = tmp_path / "model.safetensors"
     save_mlp(path, (8,))
     data = path.read_bytes()
     path.write_bytes(data[:int(cut * len(data)) if isinstance(cut, float) else cut])
-    with pytest.raises(ModelError, match="corrupt or not a PyTorch weights file"):
-        read_state_dict(path)
-    path.write_text("not a zip at all")
-    with pytest.raises(ModelError, match="corrupt or not a PyTorch weights file"):
-        read_state_dict(path)
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("archive/other.txt", "a zip, but not torch.save's")
-    with pytest.raises(ModelError, match="no archive/data.pkl"):
-        read_state_dict(path)
+    with pytest.raises(ModelError, match=f"{path} is truncated .*`dvc checkout models`"):
+        load_weights(path)
+
+
+def test_a_header_is_checked_before_anything_is_allocated(crafted: Path) -> None:
+    """A 10 KB file whose header declares a 4 GiB tensor is refused from its header alone."""
+    craft(crafted, {"net.0.bias": {"dtype": "F32", "shape": [10], "data_offsets": [0, 40]},
+                    "net.0.weight": {"dtype": "F32", "shape": [1 << 30],
+                                     "data_offsets": [40, 40 + (1 << 32)]}}, bytes(10_000))
+    with pytest.raises(ModelError, match="has shape"):
+        load_weights(crafted)
+
+
+# ------------------------------------------------------------------------- pickles refused
+
+@pytest.mark.parametrize("form", ["torch-save", "bare-pickle"])
+def test_a_planted_pickle_is_refused_without_running(tmp_path: Path, form: str) -> None:
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "model.safetensors"
+    mlp = save_mlp(path, (8,))
+    payload = {**mlp.state_dict(), "extra": Payload(marker)}
+    if form == "torch-save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=4))
+    with pytest.raises(ModelError, match="is not plain weights: it is a .*would run code when "
+                                         "loaded, so it was refused") as info:
+        load_weights(path)
+    assert ("zip archive" if form == "torch-save" else "a pickle") in str(info.value)
+    with pytest.raises(ModelError):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_an_old_model_pt_workspace_is_one_line_and_never_unpickled(
+        trained_ws: Workspace, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A workspace trained by an older dltrain: models/model.pt (torch.save, carrying a
+    payload here) and its card, no model.safetensors. Every command says to train again."""
+    import shutil
+
+    ws = Workspace.at(tmp_path / "old")
+    shutil.copytree(trained_ws.root, ws.root)
+    ws.model_path.unlink()
+    marker = tmp_path / "payload-ran"
+    torch.save({"net.0.weight": torch.zeros(2), "extra": Payload(marker)},
+               ws.models_dir / "model.pt")
+    with pytest.raises(ModelError, match=r"model file not found: .*model.safetensors; .*"
+                                         r"model.pt is the weights format of an older dltrain.*"
+                                         r"`dvc repro train`"):
+        load_weights(ws.model_path)
+    assert main(["evaluate", "--workspace", str(ws.root)]) == 1
+    err = capsys.readouterr().err
+    assert "`dvc repro train`" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    # Named explicitly, the old file is refused as a pickle.
+    assert main(["predict", "--model", str(ws.models_dir / "model.pt"),
+                 str(ws.processed_dir / "test_images.npy")]) == 1
+    assert "is not plain weights" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_the_digest_is_of_the_bytes_read(trained_ws: Workspace) -> None:
+    _state, _card, digest = load_weights_and_digest(trained_ws.model_path)
+    assert digest == sha256_file(trained_ws.model_path)
 
 
 # ------------------------------------------------------------------------- no torch import
 
-def test_evaluate_and_register_do_not_import_torch() -> None:
-    """What the module is for: these two stages start without torch's 1.5-2 s import."""
-    code = ("import sys, dltrain.evaluate, dltrain.register, dltrain.weights, dltrain.cli; "
-            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules "
+def test_evaluate_register_and_predict_do_not_import_torch() -> None:
+    """What the module is for: these stages start without torch's 1.5-2 s import."""
+    code = ("import sys, dltrain.evaluate, dltrain.register, dltrain.predict, dltrain.weights, "
+            "dltrain.cli; assert 'torch' not in sys.modules, sorted(m for m in sys.modules "
             "if m.startswith('torch'))[:5]")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                             text=True)

@@ -5,7 +5,7 @@
     rayenv.py     what every Ray process of the run is given (quiet settings, a setup hook)
     worker.py     the function each Ray Train worker runs around dltrain.loop
     storage.py    the checkpoints' storage path, checked, and finished-run markers
-    outputs.py    models/model.pt, its card and reports/training.json
+    outputs.py    models/model.safetensors, its card and reports/training.json
     stage.py      train(): the above in order
 
 Every Ray call of the project lives in this package (and the cluster helpers in infra/); the

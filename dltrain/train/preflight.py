@@ -56,9 +56,13 @@ def plan_resources(num_workers: int, use_gpu: bool, cpus: float, gpus: float,
 
 
 def run_key(params: Params, data_checksum: str) -> str:
-    """Identifies a training run: same params and data -> same key -> resumable."""
+    """Identifies a training run: same params and data -> same key -> resumable. The
+    checkpoint format is part of it, so a run of an older dltrain (state.pt checkpoints) is
+    started afresh rather than resumed from files this one does not read."""
+    from dltrain.loopspec import CHECKPOINT_STATE
+
     blob = json.dumps({"model": params.to_dict()["model"], "train": {
         k: v for k, v in params.to_dict()["train"].items()
-        if k not in ("ray_address", "storage_path", "max_failures")}, "data": data_checksum},
-        sort_keys=True)
+        if k not in ("ray_address", "storage_path", "max_failures")}, "data": data_checksum,
+        "checkpoint": CHECKPOINT_STATE}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
