@@ -13,6 +13,7 @@ import math
 import struct
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -23,48 +24,69 @@ IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
 
 
-def _read_bytes(path: Path) -> bytes:
-    path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(2)
-            fh.seek(0)
-            if head == b"\x1f\x8b":
-                return gzip.decompress(fh.read())
-            return fh.read()
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: file not found") from exc
-    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
-        raise DataError(f"{path}: not a readable (gzipped) IDX file: {exc}") from exc
+# The most data one IDX file may declare: Fashion-MNIST's training images are 47 MB. A forged
+# header (or a gzip bomb: a few MB that inflate to GBs) is refused before it is read.
+MAX_DATA_BYTES = 1 << 30
+CHUNK = 1 << 20
 
 
 def read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
     """Parse an IDX file (plain or gzipped) into a uint8 array, validating its header and size.
 
     `ndim`, when given, is the number of dimensions the caller expects (3 for images, 1 for
-    labels). Every defect raises DataError naming the file and the defect.
+    labels). Every defect raises DataError naming the file and the defect. The file is
+    streamed: the header is read first, then exactly the bytes it declares (at most
+    MAX_DATA_BYTES), then one more to tell a file that is too long; so memory and time are
+    bounded by the declared size, however far a gzip stream would inflate.
     """
     path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise DataError(f"{path}: too short for an IDX header ({len(data)} bytes)")
-    zero1, zero2, dtype, dims = data[0], data[1], data[2], data[3]
+    try:
+        with open(path, "rb") as raw:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            stream = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
+            with stream:
+                shape = _read_header(path, stream, ndim)
+                data = _read_data(path, stream, shape)
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: file not found") from exc
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+        raise DataError(f"{path}: not a readable (gzipped) IDX file: {exc}") from exc
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+
+
+def _read_header(path: Path, stream: BinaryIO, ndim: int | None) -> tuple[int, ...]:
+    magic = stream.read(4)
+    if len(magic) < 4:
+        raise DataError(f"{path}: too short for an IDX header ({len(magic)} bytes)")
+    zero1, zero2, dtype, dims = magic
     if zero1 != 0 or zero2 != 0 or dtype != UINT8 or not 1 <= dims <= 4:
-        raise DataError(f"{path}: bad IDX magic number 0x{data[:4].hex()} "
+        raise DataError(f"{path}: bad IDX magic number 0x{magic.hex()} "
                         f"(expected 0x000008 followed by the number of dimensions, uint8 data)")
     if ndim is not None and dims != ndim:
         raise DataError(f"{path}: has {dims} dimensions, expected {ndim}")
-    header = 4 + 4 * dims
-    if len(data) < header:
+    sizes = stream.read(4 * dims)
+    if len(sizes) < 4 * dims:
         raise DataError(f"{path}: truncated IDX header")
-    shape = struct.unpack(f">{dims}I", data[4:header])
+    return struct.unpack(f">{dims}I", sizes)
+
+
+def _read_data(path: Path, stream: BinaryIO, shape: tuple[int, ...]) -> bytearray:
     expected = math.prod(shape)  # exact: np.prod in int64 wraps on a forged header
-    actual = len(data) - header
-    if actual != expected:
-        kind = "short" if actual < expected else "too long"
-        raise DataError(f"{path}: data is {kind}: header says shape {shape} "
-                        f"({expected} bytes), file holds {actual} bytes")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    if expected > MAX_DATA_BYTES:
+        raise DataError(f"{path}: header declares shape {shape} ({expected} bytes), more than "
+                        f"the {MAX_DATA_BYTES} bytes an IDX file may hold here; not read")
+    data = bytearray()
+    while len(data) < expected:
+        chunk = stream.read(min(CHUNK, expected - len(data)))
+        if not chunk:
+            raise DataError(f"{path}: data is short: header says shape {shape} "
+                            f"({expected} bytes), file holds {len(data)} bytes")
+        data += chunk
+    if stream.read(1):  # one byte past the declared data: never inflate the rest
+        raise DataError(f"{path}: data is too long: header says shape {shape} "
+                        f"({expected} bytes), file holds more; not read further")
+    return data
 
 
 def read_images(path: Path) -> np.ndarray:

@@ -101,6 +101,50 @@ def test_image_and_label_counts_must_match(tmp_path: Path, split):
     assert "49 labels" in message and "50 images" in message
 
 
+# ----------------------------------------------------------------------------- gzip bombs
+
+def _bomb(path: Path, header: bytes, inflated_gib: int) -> Path:
+    """A gzip file whose stream is `header` then `inflated_gib` GiB of zeros: 16 MiB of zeros
+    compressed once (16 KB) and repeated as gzip members, which a reader inflates one after
+    the other. A 4 GiB stream is a 4 MB file, made in a fraction of a second."""
+    member = gzip.compress(bytes(16 << 20), compresslevel=9, mtime=0)
+    with open(path, "wb") as fh:
+        fh.write(gzip.compress(header, mtime=0))
+        for _ in range(inflated_gib * 64):
+            fh.write(member)
+    return path
+
+
+def test_a_gzip_bomb_under_a_real_header_stops_at_the_declared_size(tmp_path: Path):
+    """The issue's bomb: a header that says 60000 images of 28x28 (47 MB), then 4 GiB of
+    zeros. Reading stops one byte past the declared data: seconds and about the declared size
+    in memory, not 4 GiB and a MemoryError."""
+    import time
+    import tracemalloc
+
+    path = _bomb(tmp_path / "train-images-idx3-ubyte.gz", _header(0x08, 60000, 28, 28), 4)
+    assert path.stat().st_size < 8 << 20
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(DataError, match="too long") as info:
+            read_images(path)
+        elapsed = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(path) in str(info.value)
+    assert elapsed < 10, elapsed
+    assert peak < 200 << 20, peak  # 47 MB declared, read in 1 MiB chunks
+
+
+def test_a_header_declaring_more_than_the_cap_is_refused_before_reading(tmp_path: Path):
+    path = _bomb(tmp_path / "bomb.gz", _header(0x08, 0xFFFFFFFF, 28, 28), 1)
+    with pytest.raises(DataError, match="more than the .* bytes an IDX file may hold") as info:
+        read_images(path)
+    assert str(path) in str(info.value)
+
+
 # ----------------------------------------------------------------------------- property-based
 # Random bytes, mutated valid headers and truncated files: a DataError naming the file, or a
 # valid array; never another exception, never a hang.
