@@ -37,3 +37,8 @@ class RegistryError(DltrainError):
 class DiskFullError(DltrainError):
     """An output could not be written: the device holding it has no space left. Nothing
     partial is left behind (the atomic writers remove their temporary file)."""
+
+
+class NotWritableError(DltrainError):
+    """An output's directory cannot be written: read-only, not a directory, or no permission.
+    Nothing is written (checked where the output is staged, before any of it)."""

@@ -7,14 +7,16 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from dltrain.errors import DiskFullError
+from dltrain.errors import DiskFullError, NotWritableError
 
 
 def _umask() -> int:
@@ -35,20 +37,51 @@ def disk_full_error(path: Path, exc: OSError) -> DiskFullError:
                          f"{Path(path).parent}`) and re-run the stage.")
 
 
+# A directory that refuses writes: no permission, a read-only file system, or a path through
+# a regular file (ENOTDIR; EEXIST from mkdir where a file holds the directory's name).
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST)
+
+
+def not_writable_error(path: Path, exc: OSError) -> NotWritableError:
+    """The DltrainError for an output whose directory cannot be written, naming that
+    directory (the nearest existing one above `path`)."""
+    where = Path(path).parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    reason = ("is a file, not a directory" if where.exists() and not where.is_dir()
+              else f"cannot be written ({(exc.strerror or str(exc)).lower()})")
+    return NotWritableError(f"cannot write {path}: {where} {reason}; nothing was written. Make "
+                            f"{where} a writable directory and re-run the stage.")
+
+
+def _refuses_writes(exc: OSError, path: Path) -> bool:
+    """`exc` is a write refused in `path`'s directory (not, say, a file the block reads)."""
+    if exc.errno not in _NOT_WRITABLE:
+        return False
+    if exc.filename is None:
+        return True
+    failed, parent = Path(os.fsdecode(exc.filename)), Path(path).parent
+    return failed == parent or parent in failed.parents or failed in parent.parents
+
+
 @contextlib.contextmanager
 def _disk_full_as_error(path: Path) -> Iterator[None]:
-    # A full disk is the user's to fix, not a bug: name the output instead of a traceback.
+    # A full disk or a read-only directory is the user's to fix, not a bug: name the output
+    # instead of a traceback.
     try:
         yield
-    except DiskFullError as exc:
+    except (DiskFullError, NotWritableError) as exc:
         # From a nested writer (a file inside atomic_dir's staging): name the final output.
         cause = exc.__cause__
         if isinstance(cause, OSError):
-            raise disk_full_error(path, cause) from cause
+            make = disk_full_error if isinstance(exc, DiskFullError) else not_writable_error
+            raise make(path, cause) from cause
         raise
     except OSError as exc:
         if is_disk_full(exc):
             raise disk_full_error(path, exc) from exc
+        if _refuses_writes(exc, path):
+            raise not_writable_error(path, exc) from exc
         raise
 
 
@@ -82,18 +115,24 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 
     A directory cannot be renamed onto a non-empty one, so the old one is moved aside first
     (and moved back if the second rename fails): two renames on one file system, no copying.
+
+    Both temporary names carry this process's id, so that the next writer of `path` can tell
+    what a killed run (SIGKILL, power loss) left behind from what a running one is writing:
+    it removes the dead owners' folders first (remove_stale_staging).
     """
     path = Path(path)
     with _disk_full_as_error(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        remove_stale_staging(path)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.stage-",
+                                        suffix=".tmp", dir=path.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; outputs get the usual mode
     try:
         with _disk_full_as_error(path):
             yield staging
         old = None
         if path.exists() or path.is_symlink():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}.tmp")
+            old = path.with_name(f".{path.name}.{os.getpid()}.old-{uuid.uuid4().hex[:8]}.tmp")
             os.replace(path, old)
         try:
             os.replace(staging, path)
@@ -108,6 +147,52 @@ def atomic_dir(path: Path) -> Iterator[Path]:
                 old.unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(path: Path) -> list[Path]:
+    """Remove the staging folders that atomic_dir runs of `path` left when they were killed
+    (their process is gone); keep those of live processes. A killed run's moved-aside previous
+    `path` is put back when `path` is missing (the kill fell between the two renames), else
+    removed. Returns what was removed or put back."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.(stage|old)-\w+\.tmp")
+    cleaned = []
+    try:
+        entries = sorted(path.parent.iterdir())
+    except OSError:
+        return cleaned
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        try:
+            if match.group(2) == "old" and not path.exists() and not path.is_symlink():
+                os.replace(entry, path)
+            elif entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:  # not ours to fix here: the write that follows says why, if it fails
+            continue
+        cleaned.append(entry)
+    if cleaned:
+        print(f"note: cleaned up {len(cleaned)} staging folder(s) that killed runs left beside "
+              f"{path}", file=sys.stderr)
+    return cleaned
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (on this machine). A pid reused since only keeps a stale
+    folder a while longer: the safe side."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
 
 
 @contextlib.contextmanager

@@ -90,9 +90,11 @@ def _read_manifest(raw_dir: Path, dataset: str) -> dict[str, Any]:
     path = raw_dir / MANIFEST_NAME
     try:
         manifest = read_json(path)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, NotADirectoryError) as exc:
         raise DataError(f"{path}: not found; run `dltrain download` (or `dvc repro download`) "
                         "first") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({(exc.strerror or str(exc)).lower()})") from exc
     except ValueError as exc:
         raise DataError(f"{path}: not valid JSON ({exc}); run `dltrain download` again") from exc
     if not isinstance(manifest, dict) or manifest.get("dataset") != dataset:

@@ -8,11 +8,16 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from dltrain import cli
 from dltrain.datasets import DEBIAN_FASHION_MNIST_DIR, MANIFEST_NAME
 from dltrain.download import download
 from dltrain.errors import ConfigError, DataError
@@ -212,6 +217,142 @@ def test_a_val_fraction_that_leaves_a_split_empty_is_refused(
     for word in words:
         assert word in str(info.value)
     assert not (tmp_path / "processed").exists()
+
+
+# --- test labels out of range: one line, not a traceback -------------------------------------
+
+@pytest.mark.parametrize("bad", [10, 255], ids=["10", "-1-as-uint8"])
+def test_out_of_range_test_labels_are_one_line_naming_the_file(
+        tmp_path: Path, raw_dir: Path, capsys: pytest.CaptureFixture[str], bad: int):
+    labels = read_split(raw_dir / "t10k-images-idx3-ubyte.gz",
+                        raw_dir / "t10k-labels-idx1-ubyte.gz")[1].copy()
+    labels[5] = bad
+    write_idx(raw_dir / "t10k-labels-idx1-ubyte.gz", labels)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    assert cli.main(["preprocess", "--workspace", str(tmp_path)]) == DataError.exit_code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "t10k-labels-idx1-ubyte.gz" in err and f"{bad} (expected 0..9)" in err
+    assert not (tmp_path / "data" / "processed").exists()
+
+
+# --- litter of killed runs -----------------------------------------------------------------
+
+HOLD_STAGING = """
+import sys, time
+from pathlib import Path
+from dltrain.io import atomic_dir
+with atomic_dir(Path(sys.argv[1])) as staging:
+    (staging / "train_images.npy").write_bytes(bytes(1 << 16))
+    print(staging.name, flush=True)
+    time.sleep(120)
+"""
+
+
+def _hold_staging(processed: Path) -> tuple[subprocess.Popen, Path]:
+    """A process with a staging folder of `processed` open, as preprocess has mid-write."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_STAGING, str(processed)],
+                            stdout=subprocess.PIPE, text=True)
+    return proc, processed.parent / proc.stdout.readline().strip()
+
+
+def test_staging_folders_of_killed_runs_are_removed_by_the_next_run_and_live_ones_kept(
+        tmp_path: Path, raw_dir: Path, capsys: pytest.CaptureFixture[str]):
+    """A SIGKILL mid-write leaves the staging folder (its name carries the owner's pid). The
+    next preprocess removes it; a running writer's folder is left alone."""
+    processed = tmp_path / "data" / "processed"
+    killed, killed_staging = _hold_staging(processed)
+    live, live_staging = _hold_staging(processed)
+    try:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+        assert killed_staging.is_dir() and live_staging.is_dir()
+        assert str(killed.pid) in killed_staging.name
+        run(raw_dir, processed)
+        assert not killed_staging.exists()
+        assert live_staging.is_dir()  # its owner is running: not ours to remove
+        assert "cleaned up 1 staging folder" in capsys.readouterr().err
+        assert sorted(p.name for p in processed.parent.iterdir()) == sorted(
+            ["processed", "raw", live_staging.name])
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+        killed.stdout.close()
+        live.stdout.close()
+
+
+def test_a_run_killed_between_the_two_renames_gets_its_previous_output_back(
+        tmp_path: Path, raw_dir: Path):
+    """The previous data/processed moved aside, the new one not yet in place, then SIGKILL:
+    the next run puts the previous one back before it starts (and then replaces it)."""
+    processed = tmp_path / "data" / "processed"
+    run(raw_dir, processed)
+    before = snapshot(processed)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    aside = processed.with_name(f".processed.{int(dead.stdout)}.old-0badc0de.tmp")
+    os.replace(processed, aside)
+    from dltrain.io import remove_stale_staging
+
+    assert remove_stale_staging(processed) == [aside]
+    assert snapshot(processed) == before and not aside.exists()
+
+
+# --- an output directory that cannot be written ----------------------------------------------
+
+@pytest.fixture(params=["read-only", "not-a-directory"])
+def unwritable_data(request, tmp_path: Path, tiny_source: Path):
+    """A workspace whose data/ refuses writes, for real whoever runs the tests: a read-only
+    file system (a tmpfs remounted ro, as root; a directory without write permission for
+    anyone else), or data/ being a regular file. Yields (workspace, data/)."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "params.yaml").write_text(f"data:\n  source: {tiny_source}\n")
+    data = ws / "data"
+    if request.param == "not-a-directory":
+        data.write_text("not a directory\n")
+        yield ws, data
+        return
+    make_raw(ws, tiny_source)
+    if os.geteuid() != 0:
+        data.chmod(0o555)  # binding for a non-root user
+        try:
+            yield ws, data
+        finally:
+            data.chmod(0o755)
+        return
+    raw_copy = tmp_path / "raw"
+    shutil.copytree(data / "raw", raw_copy)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(data)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"root cannot mount a tmpfs here ({done.stderr.strip()}), and root writes "
+                    "through permissions; the not-a-directory case still runs")
+    try:
+        shutil.copytree(raw_copy, data / "raw")
+        subprocess.run(["mount", "-o", "remount,ro", str(data)], check=True)
+        yield ws, data
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=False)
+
+
+@pytest.mark.parametrize("stage", ["preprocess", "download"])
+def test_an_unwritable_data_directory_is_one_line_naming_it(
+        unwritable_data, stage: str, capsys: pytest.CaptureFixture[str]):
+    ws, data = unwritable_data
+    if stage == "preprocess" and data.is_file():
+        # Its input is missing too: that is what it must say first.
+        expected = ["data/raw/manifest.json", "not found"]
+    else:
+        expected = [f"cannot write {data / ('raw' if stage == 'download' else 'processed')}",
+                    f"{data} ", "nothing was written"]
+    files_before = sorted(str(p) for p in ws.rglob("*"))
+    code = cli.main([stage, "--workspace", str(ws)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    for word in expected:
+        assert word in err, (word, err)
+    assert sorted(str(p) for p in ws.rglob("*")) == files_before
 
 
 # --- the real data set ------------------------------------------------------------------------
