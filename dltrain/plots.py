@@ -1,7 +1,8 @@
-"""The evaluate stage's pictures: the confusion matrix and a grid of misclassified images.
+"""The evaluate stage's pictures: the confusion matrix, a grid of misclassified images and the
+training curves.
 
 matplotlib's object API with the Agg canvas: no pyplot global state, no display needed (and no
-pyplot import, 0.5 s). Both figures have a fixed layout: bbox_inches="tight" draws a figure
+pyplot import, 0.5 s). Every figure has a fixed layout: bbox_inches="tight" draws a figure
 twice. The misclassified grid is one composed image with its labels as text: one Axes per
 image cost 0.8-1 s of the stage, most of it in tick machinery of axes that show no ticks.
 """
@@ -77,4 +78,33 @@ def plot_misclassified(images: np.ndarray, labels: np.ndarray, predictions: np.n
     fig.suptitle(f"{len(wrong)} of {len(labels)} test images misclassified"
                  + (f" (the {len(shown)} most confident shown)" if len(wrong) else ""),
                  y=1.0 - 0.1 / height_in, va="top")
+    _save(fig, path)
+
+
+def plot_training_curves(epochs: list[dict], path: Path) -> None:
+    """Loss and accuracy per epoch, train and validation, side by side: the curves of
+    `dvc plots show` (which draws them with Vega from a CDN, blank offline) as a PNG."""
+    fig = Figure(figsize=(11, 4.5))
+    fig.subplots_adjust(left=0.07, bottom=0.13, right=0.98, top=0.86, wspace=0.25)
+    x = [e["epoch"] for e in epochs]
+    for ax, (title, ylabel, key) in zip(fig.subplots(1, 2), (
+            ("Loss", "cross-entropy loss", "loss"), ("Accuracy", "accuracy", "accuracy")),
+            strict=True):
+        for split, style in (("train", "o-"), ("val", "s--")):
+            ys = [e.get(f"{split}_{key}") for e in epochs]
+            points = [(a, b) for a, b in zip(x, ys, strict=True) if b is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), style,
+                        label="train" if split == "train" else "validation")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        # Whole epochs only: matplotlib would tick 1.5 (or 0.98 for one epoch) on a short run.
+        if len(x) <= 20:
+            ax.set_xticks(x)
+        else:
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Training curves ({len(epochs)} epoch{'' if len(epochs) == 1 else 's'})")
     _save(fig, path)
