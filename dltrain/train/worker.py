@@ -43,7 +43,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     nodes = [node_id]
     if world > 1:
         nodes = [None] * world
-        dist.all_gather_object(nodes, node_id)
+        dist.all_gather_object(nodes, node_id)  # a barrier: every worker is up past here
+    if rank == 0:
+        # The end of the wait the driver announced ("starting N Ray Train workers"): the
+        # processes started, imported PyTorch and joined the process group.
+        hosts = len(set(nodes))
+        say(f"{world} worker{'s' if world > 1 else ''} ready on {hosts} node"
+            f"{'s' if hosts > 1 else ''} (PyTorch {torch.__version__.split('+')[0]}, "
+            f"{device.type})")
 
     def allreduce(t: torch.Tensor) -> torch.Tensor:
         if world == 1:
@@ -65,7 +72,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             restored = load_state(Path(directory))
         if rank == 0:
-            say(f"resuming from the checkpoint of epoch {restored.history[-1]['epoch']}")
+            last = restored.history[-1]["epoch"]
+            say(f"resuming from the checkpoint of epoch {last}: epoch {last + 1} of "
+                f"{cfg.epochs} is next")
 
     def on_epoch_end(record: EpochRecord, snapshot) -> None:
         # report() is a barrier: every rank reports once per epoch; rank 0 alone attaches the
