@@ -65,7 +65,7 @@ def evaluate_floor(ws: Path) -> float:
     from dltrain.modelio import load_model
 
     started = time.perf_counter()
-    model, _ = load_model(ws / "models" / "model.pt")
+    model, _ = load_model(ws / "models" / "model.safetensors")
     x = torch.from_numpy(np.load(ws / "data" / "processed" / "test_images.npy"))
     with torch.no_grad():
         model(normalize(x)).argmax(1)

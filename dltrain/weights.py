@@ -319,7 +319,8 @@ def load_weights_and_digest(model_path: Path, card_path: Path | None = None
     card_path = Path(card_path) if card_path else card_path_for(model_path)
     card, hidden_sizes = read_card(card_path)
     data = read_model_bytes(model_path)
-    state = parse_state_dict(data, model_path, expected_shapes(hidden_sizes), card_path)
+    state = parse_state_dict(data, model_path, expected_shapes(hidden_sizes),
+                             f"{card_path} (hidden_sizes {hidden_sizes})")
     weights_sha256 = hashlib.sha256(data).hexdigest()
     check_pair(model_path, card_path, card, weights_sha256)
     return state, card, weights_sha256

@@ -236,7 +236,7 @@ def test_two_workers_spread_over_two_nodes_checkpoint_to_shared_storage(
     assert report["epochs"][-1]["val_accuracy"] >= 0.9
     run_dir = storage / report["run_name"]
     assert sorted(p.name for p in run_dir.glob("epoch_*")) == ["epoch_0001", "epoch_0002"]
-    assert (run_dir / "epoch_0002" / "state.pt").is_file()
+    assert (run_dir / "epoch_0002" / "state.safetensors").is_file()
     assert not (ws / ".ray_results").exists()  # nothing went to the default local path
 
 
@@ -255,7 +255,7 @@ def test_worker_node_killed_without_retries_fails_clearly(cluster: LocalCluster,
             proc.kill()
     assert proc.returncode != 0
     assert "training failed after 0 allowed worker failure(s) (train.max_failures)" in output
-    assert not (ws / "models" / "model.pt").exists()
+    assert not (ws / "models" / "model.safetensors").exists()
 
 
 def test_worker_node_killed_then_replaced_resumes_from_checkpoint(cluster: LocalCluster,

@@ -28,8 +28,8 @@ SHA = "a" * 64
      "0.9500, re-scored on the current test set; 0.9900 on its own"),
     (0.96, Score(1, 0.95, rescored=True, own_accuracy=0.99), 0.0, True, "re-scored"),
     # A champion that could not be scored blocks the promotion: never a silent one.
-    (0.99, Score(1, None, rescored=True, error="model.pt not found"), 0.0, False,
-     "could not be scored on this version's test set (model.pt not found): challenger"),
+    (0.99, Score(1, None, rescored=True, error="model.safetensors not found"), 0.0, False,
+     "could not be scored on this version's test set (model.safetensors not found): challenger"),
 ])
 def test_decide(accuracy: float, champion: Score | None, min_improvement: float, promote: bool,
                 why: str) -> None:

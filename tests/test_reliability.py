@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
+from safetensors.torch import load_file
 
 import dltrain.download as download_module
 from dltrain import cli
@@ -277,9 +277,10 @@ def test_download_onto_a_full_disk_stops_at_once_and_keeps_raw(
 
 
 def _small_disk_with_a_model(small_disk) -> tuple[Path, Path, dict[str, bytes]]:
-    """A 256 KiB tmpfs holding a saved 784-8-10 model: (disk, model.pt, models/ as it is)."""
+    """A 256 KiB tmpfs holding a saved 784-8-10 model: (disk, model.safetensors, models/ as
+    it is)."""
     disk = small_disk(256 * 1024)
-    model_path = disk / "models" / "model.pt"
+    model_path = disk / "models" / "model.safetensors"
     save_model(MLP((8,)).state_dict(), {"architecture": {"hidden_sizes": [8]}}, model_path)
     return disk, model_path, snapshot(disk / "models")
 
@@ -325,7 +326,7 @@ def test_weights_and_card_from_different_saves_are_refused(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A crash between the pair's two renames (injected: the second rename fails) leaves a
     card that is not the weights'; loading it is a clear error, and the next save repairs it."""
-    model_path = tmp_path / "models" / "model.pt"
+    model_path = tmp_path / "models" / "model.safetensors"
     save_model(MLP((8,)).state_dict(), {"architecture": {"hidden_sizes": [8]}}, model_path)
     old_weights = model_path.read_bytes()
     renames: list[str] = []
@@ -341,7 +342,7 @@ def test_weights_and_card_from_different_saves_are_refused(
     with pytest.raises(OSError, match="injected crash"):
         save_model(MLP((8,)).state_dict(), {"architecture": {"hidden_sizes": [8]}}, model_path)
     monkeypatch.setattr(os, "replace", real_replace)
-    assert renames == ["model.json", "model.pt"]  # the card went first; the weights did not
+    assert renames == ["model.json", "model.safetensors"]  # the card first; not the weights
     assert model_path.read_bytes() == old_weights and leftovers(tmp_path) == []
 
     with pytest.raises(ModelError) as info:
@@ -442,7 +443,7 @@ def test_a_signalled_driver_stops_its_ray_and_says_interrupted(tmp_path: Path, s
             proc.wait()
     _wait_gone(tree, f"after {sig.name}")
     assert "dltrain train: interrupted" in (tmp_path / "train.log").read_text()
-    assert not (ws / "models" / "model.pt").exists()
+    assert not (ws / "models" / "model.safetensors").exists()
 
 
 @pytest.mark.integration
@@ -473,7 +474,7 @@ def test_killed_driver_then_rerun_resumes_cleanly_and_the_model_loads(tmp_path: 
         if proc.poll() is None:
             proc.kill()
         log.close()
-    assert not (ws / "models" / "model.pt").exists()  # killed before it finished
+    assert not (ws / "models" / "model.safetensors").exists()  # killed before it finished
     # Ray starts its workers in sessions of their own, out of the group kill's reach; they
     # exit by themselves once their raylet is gone, so no orphan trains beside the re-run.
     _wait_gone(tree, "after a SIGKILL of the driver's group")
@@ -490,10 +491,9 @@ def test_killed_driver_then_rerun_resumes_cleanly_and_the_model_loads(tmp_path: 
         assert attempts.count(0) >= 1
     else:  # restarted cleanly: every epoch from the re-run
         assert attempts == [0] * epochs
-    model, card = load_model(ws / "models" / "model.pt")
+    model, card = load_model(ws / "models" / "model.safetensors")
     assert card["best_epoch"] in numbers
-    assert torch.load(ws / "models" / "model.pt", weights_only=True).keys() == \
-        model.state_dict().keys()
+    assert load_file(ws / "models" / "model.safetensors").keys() == model.state_dict().keys()
     assert report["epochs"][-1]["val_accuracy"] >= 0.9
     run_dir = Path(report["storage_path"]) / report["run_name"]
     assert (run_dir / "dltrain-complete.json").is_file()

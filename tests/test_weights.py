@@ -231,10 +231,11 @@ CRAFTED = {
                        "spans 31364 bytes, not the 7840 x 4"),
     "wrong-dtype": (dict(header=one_layer(dtype="F64", weight_span=(80, 62800),
                                           bias_span=(0, 80)), data=bytes(62800)),
-                    "is 'F64', but the architecture in .*model.json is float32"),
+                    r"is 'F64', but the architecture in .*model.json \(hidden_sizes \[\]\) "
+                    "is float32"),
     "int-dtype": (dict(header=one_layer(dtype="I32"), data=bytes(31400)), "is 'I32'"),
     "wrong-shape": (dict(header=one_layer(weight_shape=(784, 10)), data=bytes(31400)),
-                    "does not match the architecture in .*model.json: tensor 'net.0.weight' "
+                    "does not match the architecture in .*model.json .*: tensor 'net.0.weight' "
                     "has shape \\(784, 10\\), not \\(10, 784\\)"),
     "bad-shape": (dict(header=one_layer(weight_shape=(10, -784)), data=bytes(31400)),
                   "has shape"),
