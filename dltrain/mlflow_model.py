@@ -1,0 +1,149 @@
+"""The registered model as an MLflow model, so that MLflow's own API loads and serves it:
+
+    mlflow.pyfunc.load_model("models:/mnist-mlp@champion").predict(images)
+    mlflow models serve -m models:/mnist-mlp@champion --env-manager local
+
+register logs it into the training run as an MLflow 3 logged model: a pyfunc "model from code"
+(dltrain/pyfunc_model.py) whose artifacts are the safetensors weights and their card, with the
+dltrain package as its code, a signature (uint8 images (-1, 28, 28) in, float32 probabilities
+(-1, 10) out), an input example, its pip requirements and the markdown model card. No pickle:
+MLflow loads it by running that file, which reads the weights with safetensors.
+
+mlflow is imported inside the functions that log, never at import: `dltrain predict` imports
+this module for `probabilities` and `weights_in`, and must start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dltrain.weights import INPUT_SIZE, NUM_CLASSES, mlp_logits
+
+MODEL_NAME = "model"  # the logged model's name in its run
+ARTIFACT_WEIGHTS = "weights"  # context.artifacts keys in dltrain/pyfunc_model.py
+ARTIFACT_CARD = "card"
+ARTIFACTS_DIR = "artifacts"  # where pyfunc puts them in the model's folder
+MODEL_CARD_FILE = "model_card.md"
+WEIGHTS_SHA256_TAG = "weights_sha256"  # on the logged model: which weights it holds
+IMAGE_SHAPE = (28, 28)
+INPUT_EXAMPLE_SIZE = 2  # test images in the input example (the UI and `serve` show it)
+
+
+def probabilities(state: dict[str, np.ndarray], images: np.ndarray,
+                  batch_size: int = 1000) -> np.ndarray:
+    """Softmax class probabilities (N, 10) float32 of uint8 images (N, 28, 28) or (N, 784):
+    the one computation behind `dltrain predict` and the MLflow model, so both give the same
+    classes."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim < 2 or (
+            int(np.prod(images.shape[1:])) != INPUT_SIZE):
+        raise ValueError(f"expected uint8 images of shape (N, 28, 28) or (N, 784), got "
+                         f"{images.dtype} {images.shape}")
+    logits = mlp_logits(state, images, batch_size)
+    logits -= logits.max(axis=1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=1, keepdims=True)
+    return logits
+
+
+def weights_in(folder: Path) -> Path:
+    """The weights file in a downloaded model version: artifacts/model.safetensors of an MLflow
+    model, or model.safetensors at the top of a version registered as loose files."""
+    folder = Path(folder)
+    for candidate in (folder / ARTIFACTS_DIR / "model.safetensors",
+                      folder / "model.safetensors"):
+        if candidate.is_file():
+            return candidate
+    return folder / ARTIFACTS_DIR / "model.safetensors"  # missing: the loader says so
+
+
+def example_images(processed_dir: Path) -> np.ndarray | None:
+    """The first test images, as the model's input example; None when there are none."""
+    try:
+        images = np.load(Path(processed_dir) / "test_images.npy", mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    return np.array(images[:INPUT_EXAMPLE_SIZE], dtype=np.uint8) if len(images) else None
+
+
+def signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *IMAGE_SHAPE), name=None)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]))
+
+
+def pip_requirements() -> list[str]:
+    """What loading and serving need, at the versions that logged it: no torch."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("mlflow", "numpy", "safetensors")]
+
+
+def run_model(client: Any, run_id: str, weights_sha256: str) -> Any | None:
+    """The READY logged model of `run_id` that holds these weights, if it was logged already
+    (a re-run of register continues the same run: it does not log the model twice)."""
+    from mlflow.entities import LoggedModelStatus
+
+    outputs = client.get_run(run_id).outputs
+    for output in reversed(outputs.model_outputs if outputs else []):
+        model = client.get_logged_model(output.model_id)
+        if (model.status == LoggedModelStatus.READY
+                and model.tags.get(WEIGHTS_SHA256_TAG) == weights_sha256):
+            return model
+    return None
+
+
+def log_model(client: Any, run_id: str, model_path: Path, card_path: Path, card_markdown: str,
+              weights_sha256: str, input_example: np.ndarray | None = None) -> Any:
+    """Log the MLflow model of these weights into run `run_id` (once); return the LoggedModel,
+    whose artifact_location a model version's source points to."""
+    import mlflow.pyfunc
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    existing = run_model(client, run_id, weights_sha256)
+    if existing is not None:
+        return existing
+    run = client.get_run(run_id)
+    model = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME,
+                                       source_run_id=run_id,
+                                       tags={WEIGHTS_SHA256_TAG: weights_sha256},
+                                       model_type="mnist-mlp")
+    try:
+        with tempfile.TemporaryDirectory(prefix="dltrain-mlflow-model-") as tmp:
+            local = Path(tmp) / MODEL_NAME
+            meta = Model(artifact_path=model.artifact_location, model_uuid=model.model_id,
+                         run_id=run_id, model_id=model.model_id)
+            mlflow.pyfunc.save_model(
+                local, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                artifacts={ARTIFACT_WEIGHTS: str(model_path), ARTIFACT_CARD: str(card_path)},
+                code_paths=[str(Path(__file__).parent)], signature=signature(),
+                input_example=input_example, pip_requirements=pip_requirements(), mlflow_model=meta)
+            (local / MODEL_CARD_FILE).write_text(card_markdown)
+            client.log_model_artifacts(model.model_id, str(local))
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    except BaseException:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    return client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+
+
+def link_version(client: Any, model: Any, name: str, version: int | str) -> None:
+    """Record the registered version on the logged model (the tag MLflow's UI reads to show
+    a logged model's versions; a tracking server sets it itself, SQLite leaves it to us)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    current = client.get_logged_model(model.model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    versions = json.loads(current) if current else []
+    if not any(v.get("name") == name and str(v.get("version")) == str(version)
+               for v in versions):
+        versions.append({"name": name, "version": str(version)})
+        client.set_logged_model_tags(model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(versions)})
