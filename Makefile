@@ -11,18 +11,20 @@ PYTEST_ARGS ?=
 # Stage commands in dvc.yaml call `dltrain`, `dvc` calls them: both must come from the venv.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help setup data-package run test lint clean-outputs stack-up stack-down deploy \
+.PHONY: help setup data-package run test lint clean-outputs stack-up stack-down deploy deploy-cluster \
 	cluster-up cluster-down ray-up ray-down mlflow-ui
 
 help:
 	@echo "make run    set up, then run the pipeline (dvc repro)"
 	@echo "make test   set up, then run the whole test suite"
 	@echo "make lint   ruff check"
-	@echo "make stack-up    start a local Prefect server + worker (PREFECT_HOME, PREFECT_SERVER_API_PORT), and ray-up"
-	@echo "make stack-down  stop them, and ray-down"
+	@echo "make stack-up    start a local Prefect server + worker (PREFECT_HOME, PREFECT_SERVER_API_PORT), and ray-up;"
+	@echo "                 its Prefect profile dltrain-local becomes the CLI's active profile"
+	@echo "make stack-down  stop them, and ray-down; the previous Prefect profile is active again"
 	@echo "make ray-up      a warm Ray head with all CPUs that dltrain train reuses (.ray/, DLTRAIN_RAY_DIR)"
 	@echo "make ray-down    stop exactly that head"
-	@echo "make deploy      create the work pools and deploy prefect.yaml's deployments"
+	@echo "make deploy      deploy the on-demand local deployment (and its work pool)"
+	@echo "make deploy-cluster  deploy the weekly scheduled-retraining (its worker: on the Ray head)"
 	@echo "make cluster-up WORKERS=N   a local multi-node Ray cluster (head + N worker nodes)"
 	@echo "make cluster-down           stop exactly that cluster"
 	@echo "make mlflow-ui   browse the MLflow runs and model registry (http://127.0.0.1:$(MLFLOW_PORT))"
@@ -63,8 +65,13 @@ stack-up: setup ray-up
 stack-down: ray-down
 	@$(BIN)/python infra/prefect/stack.py down
 
+# `deploy` is what a laptop needs; the weekly cluster schedule only when asked, from the clone
+# on the Ray head node (deployed elsewhere it would queue runs that no worker takes).
 deploy: setup
-	@infra/prefect/deploy.sh
+	@infra/prefect/deploy.sh local
+
+deploy-cluster: setup
+	@infra/prefect/deploy.sh cluster
 
 # The embedded MLflow store that `dltrain register` writes (git-ignored mlruns/), served on
 # localhost only. Runs keep the artifact location they were logged with (mlruns/artifacts).

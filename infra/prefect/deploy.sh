@@ -1,21 +1,34 @@
 #!/usr/bin/env bash
-# Create the work pools (if missing) and deploy both deployments of prefect.yaml from this
-# clone. Safe to re-run. The API is $PREFECT_API_URL, else the local stack's
-# (`make stack-up`, port $PREFECT_SERVER_API_PORT, default 4200).
+# Deploy prefect.yaml's deployments from this clone, creating their work pools if missing.
+# Safe to re-run.
+#
+#   deploy.sh [local]   the on-demand `local` deployment (pool dltrain-local): `make deploy`
+#   deploy.sh cluster   the weekly `scheduled-retraining` (pool dltrain-ray): `make deploy-cluster`
+#
+# The cluster's schedule is deployed only when asked: deployed from a laptop, it would queue a
+# run every week in a pool that has no worker there.
+#
+# The API is $PREFECT_API_URL, else the active Prefect profile's (`make stack-up` makes its
+# own profile active), else the local stack's (port $PREFECT_SERVER_API_PORT, default 4200).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # prefect.yaml's pull step is `{{ $PWD }}`: make it this clone whatever the caller's shell says.
 PWD="$(pwd -P)"
 export PWD
-export PREFECT_HOME="${PREFECT_HOME:-$PWD/.prefect}"
-export PREFECT_API_URL="${PREFECT_API_URL:-http://127.0.0.1:${PREFECT_SERVER_API_PORT:-4200}/api}"
+if [ -z "${PREFECT_API_URL:-}" ] && ! prefect config view 2>/dev/null | grep -q "^PREFECT_API_URL="; then
+  export PREFECT_API_URL="http://127.0.0.1:${PREFECT_SERVER_API_PORT:-4200}/api"
+fi
 
-for pool in dltrain-local dltrain-ray; do
-  if prefect work-pool inspect "$pool" >/dev/null 2>&1; then
-    echo "work pool $pool: exists"
-  else
-    prefect work-pool create "$pool" --type process >/dev/null
-    echo "work pool $pool: created"
-  fi
-done
-prefect --no-prompt deploy --all
+case "${1:-local}" in
+  local) pool=dltrain-local; deployment=local ;;
+  cluster) pool=dltrain-ray; deployment=scheduled-retraining ;;
+  *) echo "usage: $0 [local|cluster]" >&2; exit 2 ;;
+esac
+
+if prefect work-pool inspect "$pool" >/dev/null 2>&1; then
+  echo "work pool $pool: exists"
+else
+  prefect work-pool create "$pool" --type process >/dev/null
+  echo "work pool $pool: created"
+fi
+prefect --no-prompt deploy --name "$deployment"

@@ -8,6 +8,12 @@
 State lives in $PREFECT_HOME (default: <repo>/.prefect, git-ignored): the server's SQLite
 database, and under stack/ the pid files and logs. The port is $PREFECT_SERVER_API_PORT
 (default 4200). `make stack-up` / `make stack-down` call this.
+
+`up` also makes the Prefect profile `dltrain-local`, with PREFECT_API_URL set to this server,
+the active profile of the caller's `prefect` CLI (its profiles file: $PREFECT_HOME/profiles.toml,
+Prefect's default ~/.prefect), so that `prefect deployment run ...` reaches the stack with no
+export; without it the CLI silently runs against a temporary server of its own, where no worker
+ever sees the run. `down` makes the profile that was active before `up` active again.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
 LOCAL_POOL = "dltrain-local"
+PROFILE = "dltrain-local"
 WORKER_NAME = "dltrain-local-worker"
 # The server's start-up (migrations, UI build check) takes ~20 s on a busy 2-core machine.
 START_TIMEOUT_S = float(os.environ.get("DLTRAIN_STACK_TIMEOUT_S", "180"))
@@ -65,11 +73,19 @@ class Stack:
     def log_path(self, name: str) -> Path:
         return self.state_dir / f"{name}.log"
 
+    @property
+    def previous_profile_path(self) -> Path:
+        return self.state_dir / "previous-profile"
+
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(PREFECT_HOME=str(self.home), PREFECT_API_URL=self.api_url,
                    PREFECT_SERVER_API_HOST=HOST, PREFECT_SERVER_API_PORT=str(self.port),
                    PREFECT_SERVER_ANALYTICS_ENABLED="false")
+        # `prefect deployment run --watch` prints the run's logs (an error's one line among
+        # them) only when the server streams them out; Prefect's default is events only.
+        env.setdefault("PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED", "true")
+        env.setdefault("PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED", "true")
         # The worker's flow runs call `dvc` and `dltrain`: the venv's bin first on PATH.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         return env
@@ -150,11 +166,63 @@ def _wait(what: str, ready, pid_path: Path, log_path: Path) -> None:
     raise StackError(f"the {what} was not healthy after {START_TIMEOUT_S:.0f} s; see {log_path}")
 
 
+def _profile_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`prefect <args>` as the caller's CLI runs it (its PREFECT_HOME or profiles path), less
+    the two variables that would override the active profile."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
+    return subprocess.run([_prefect(), *args], env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120)
+
+
+def active_profile() -> str | None:
+    """The CLI's active profile, from `prefect config view` (its `PREFECT_PROFILE=` line)."""
+    found = re.search(r"^PREFECT_PROFILE='([^']*)'", _profile_cli("config", "view").stdout,
+                      re.MULTILINE)
+    return found.group(1) if found else None
+
+
+def use_stack_profile(stack: Stack) -> None:
+    """Make the profile PROFILE, pointing at this server, the CLI's active one; remember the
+    profile it replaces (once: a second `up` keeps the first one's) for `down`."""
+    previous = active_profile()
+    if previous and previous != PROFILE and not stack.previous_profile_path.exists():
+        stack.state_dir.mkdir(parents=True, exist_ok=True)
+        stack.previous_profile_path.write_text(f"{previous}\n")
+    created = _profile_cli("profile", "create", PROFILE)
+    if created.returncode and "already exists" not in created.stdout + created.stderr:
+        raise StackError(f"`prefect profile create {PROFILE}` failed: "
+                         f"{(created.stderr or created.stdout).strip()}")
+    for args in (("--profile", PROFILE, "config", "set", f"PREFECT_API_URL={stack.api_url}"),
+                 ("profile", "use", PROFILE)):
+        done = _profile_cli(*args)
+        if done.returncode:
+            raise StackError(f"`prefect {' '.join(args)}` failed: "
+                             f"{(done.stderr or done.stdout).strip()}")
+
+
+def restore_profile(stack: Stack) -> str | None:
+    """Make the profile that was active before `up` active again, unless the user has chosen
+    another one since. Returns the profile restored."""
+    try:
+        previous = stack.previous_profile_path.read_text().strip()
+    except OSError:
+        return None
+    restored = None
+    if previous and active_profile() == PROFILE:
+        # `profile use` checks the profile's API and exits 1 when none answers (an ephemeral
+        # profile answers nothing, and exits 0); the switch is made either way.
+        _profile_cli("profile", "use", previous)
+        restored = previous if active_profile() == previous else None
+    stack.previous_profile_path.unlink(missing_ok=True)
+    return restored
+
+
 def up(stack: Stack) -> None:
     server_pid, worker_pid = read_pid(stack.pid_path("server")), read_pid(stack.pid_path("worker"))
     if server_pid and worker_pid and server_healthy(stack) and worker_online(stack):
         print(f"the Prefect stack is already up (server pid {server_pid}, worker pid "
               f"{worker_pid})")
+        use_stack_profile(stack)
         _print_urls(stack)
         return
     if server_pid is None:
@@ -174,6 +242,7 @@ def up(stack: Stack) -> None:
                                      "--install-policy", "never"])
         _wait("worker", lambda: worker_online(stack), stack.pid_path("worker"),
               stack.log_path("worker"))
+        use_stack_profile(stack)
     except StackError:
         down(stack, quiet=True)
         raise
@@ -183,7 +252,9 @@ def up(stack: Stack) -> None:
 
 def _print_urls(stack: Stack) -> None:
     print(f"  UI:  {stack.ui_url}\n  API: {stack.api_url}\n"
-          f"export PREFECT_API_URL={stack.api_url}")
+          f"  Prefect profile {PROFILE} is active (PREFECT_API_URL={stack.api_url}): the "
+          "prefect CLI reaches this stack with no export; make stack-down restores the "
+          "previous profile")
 
 
 def _terminate(pid: int, timeout_s: float = 20.0) -> None:
@@ -217,8 +288,11 @@ def down(stack: Stack, quiet: bool = False) -> None:
             _terminate(pid)
             stopped.append(f"{name} (pid {pid})")
         stack.pid_path(name).unlink(missing_ok=True)
+    restored = restore_profile(stack)
     if not quiet:
         print("stopped " + " and ".join(stopped) if stopped else "the Prefect stack is not running")
+        if restored:
+            print(f"the Prefect profile {restored} is active again")
 
 
 def status(stack: Stack) -> int:
