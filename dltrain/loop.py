@@ -238,8 +238,10 @@ class WeightAverage:
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, split: Split,
                 indices: np.ndarray, batch_size: int,
-                average: WeightAverage | None = None) -> torch.Tensor:
-    """One pass over this worker's shard; returns (loss sum, correct, count) as a tensor."""
+                average: WeightAverage | None = None,
+                on_batch: Callable[[], None] | None = None) -> torch.Tensor:
+    """One pass over this worker's shard; returns (loss sum, correct, count) as a tensor.
+    `on_batch()` is called after each step (a progress bar)."""
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     loss_sum = torch.zeros((), device=split.device)
@@ -257,6 +259,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, split: Split
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         count += len(y)
+        if on_batch is not None:
+            on_batch()
     return torch.tensor([loss_sum.item(), correct.item(), count], dtype=torch.float64)
 
 
@@ -266,11 +270,14 @@ def train_loop(cfg: LoopConfig, *, rank: int = 0, world_size: int = 1,
                allreduce: Allreduce = _identity_sum,
                restored: LoopState | None = None,
                on_epoch_end: Callable[[EpochRecord, Callable[[], LoopState]], None] | None = None,
+               on_epoch_start: Callable[[int, int], Callable[[], None] | None] | None = None,
                ) -> LoopState:
     """Train for cfg.epochs epochs (continuing after `restored`, if given) and return the state.
 
     `on_epoch_end(record, snapshot)` is called on every worker after each epoch; `snapshot()`
-    builds the checkpoint state (call it on rank 0 only).
+    builds the checkpoint state (call it on rank 0 only). `on_epoch_start(epoch, batches)`, if
+    given, is called before each epoch with this worker's number of batches, and may return a
+    function to call after each batch (a progress bar).
     """
     if cfg.batch_size % world_size:
         raise ValueError(f"global batch {cfg.batch_size} does not split across "
@@ -316,7 +323,10 @@ def train_loop(cfg: LoopConfig, *, rank: int = 0, world_size: int = 1,
     for epoch in range(start_epoch, cfg.epochs + 1):
         started = time.perf_counter()
         idx = shard_indices(train.n, rank, world_size, cfg.seed, epoch)
-        sums = allreduce(train_epoch(model, optimizer, train, idx, per_worker_batch, average))
+        on_batch = (on_epoch_start(epoch, -(-len(idx) // per_worker_batch))
+                    if on_epoch_start is not None else None)
+        sums = allreduce(train_epoch(model, optimizer, train, idx, per_worker_batch, average,
+                                     on_batch))
         val_loss, val_acc = evaluate_shard(shipped, val, val_idx, 1024, allreduce)
         record = EpochRecord(epoch=epoch, train_loss=float(sums[0] / sums[2]),
                              train_accuracy=float(sums[1] / sums[2]), val_loss=val_loss,

@@ -40,6 +40,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     cfg = LoopConfig(**config["loop"])
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     node_id = ray.get_runtime_context().get_node_id()
+    # Rank 0's lines: on the driver's terminal with a progress bar, else to stdout (Ray
+    # forwards them to the driver's output: a log, DVC's or Prefect's capture).
+    out = Output.for_rank(rank, config.get("progress"), node_id)
     nodes = [node_id]
     if world > 1:
         nodes = [None] * world
@@ -48,7 +51,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         # The end of the wait the driver announced ("starting N Ray Train workers"): the
         # processes started, imported PyTorch and joined the process group.
         hosts = len(set(nodes))
-        say(f"{world} worker{'s' if world > 1 else ''} ready on {hosts} node"
+        out.line(f"{world} worker{'s' if world > 1 else ''} ready on {hosts} node"
             f"{'s' if hosts > 1 else ''} (PyTorch {torch.__version__.split('+')[0]}, "
             f"{device.type})")
 
@@ -73,8 +76,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             restored = load_state(Path(directory))
         if rank == 0:
             last = restored.history[-1]["epoch"]
-            say(f"resuming from the checkpoint of epoch {last}: epoch {last + 1} of "
-                f"{cfg.epochs} is next")
+            out.line(f"resuming from the checkpoint of epoch {last}: epoch {last + 1} of "
+                     f"{cfg.epochs} is next")
 
     def on_epoch_end(record: EpochRecord, snapshot) -> None:
         # report() is a barrier: every rank reports once per epoch; rank 0 alone attaches the
@@ -83,14 +86,71 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if rank != 0:
             ray.train.report(metrics)
             return
-        say(format_epoch(record, cfg.epochs))
+        out.line(format_epoch(record, cfg.epochs))
         with tempfile.TemporaryDirectory() as directory:
             save_state(snapshot(), Path(directory))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=f"epoch_{record.epoch:04d}")
 
-    train_loop(cfg, rank=rank, world_size=world, device=device, wrap_model=wrap,
-               allreduce=allreduce, restored=restored, on_epoch_end=on_epoch_end)
+    try:
+        train_loop(cfg, rank=rank, world_size=world, device=device, wrap_model=wrap,
+                   allreduce=allreduce, restored=restored, on_epoch_end=on_epoch_end,
+                   on_epoch_start=out.epoch_bar(cfg.epochs))
+    finally:
+        out.close()
+
+
+class Output:
+    """Where a worker's lines go. Off a terminal (or on any rank but 0): stdout, lines only.
+    With the driver's stdout a terminal and rank 0 on the driver's Ray node, rank 0 writes to
+    that terminal itself, with a tqdm bar of the epoch's batches: Ray forwards a worker's
+    output line by line, so a bar sent that way would never move, and a line forwarded late
+    would land in the middle of the next epoch's bar."""
+
+    def __init__(self, terminal: Any = None) -> None:
+        self.terminal, self.bar = terminal, None
+
+    @classmethod
+    def for_rank(cls, rank: int, progress: dict[str, str] | None, node_id: str) -> Output:
+        # The terminal's path names a device of the driver's machine: the node check keeps a
+        # worker elsewhere from writing to a terminal of its own machine.
+        if rank != 0 or not progress or progress.get("node_id") != node_id:
+            return cls()
+        try:
+            return cls(open(progress["tty"], "w", buffering=1))  # noqa: SIM115 (closed by close)
+        except OSError:
+            return cls()
+
+    def line(self, text: str) -> None:
+        if self.terminal is None:
+            say(text)
+            return
+        self._close_bar()
+        self.terminal.write(text + "\n")
+
+    def epoch_bar(self, epochs: int) -> Any:
+        """For train_loop's on_epoch_start: a bar per epoch on the terminal, else nothing."""
+        if self.terminal is None:
+            return None
+        from tqdm import tqdm
+
+        def start(epoch: int, batches: int) -> Any:
+            self._close_bar()
+            self.bar = tqdm(total=batches, desc=f"epoch {epoch}/{epochs}", unit="batch",
+                            file=self.terminal, leave=False, dynamic_ncols=True,
+                            mininterval=0.2)
+            return self.bar.update
+        return start
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()  # leave=False: the bar's line is cleared for the epoch's line
+            self.bar = None
+
+    def close(self) -> None:
+        self._close_bar()
+        if self.terminal is not None:
+            self.terminal.close()
 
 
 def say(line: str) -> None:
