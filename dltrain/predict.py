@@ -9,7 +9,6 @@ wherever it came from.
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 from dltrain.classes import class_names
 from dltrain.errors import DataError
 from dltrain.idx import read_images
-from dltrain.registry import download_version, parse_model_ref, resolve_tracking_uri
+from dltrain.registry import parse_model_ref, resolve_tracking_uri
 
 IMAGE_SIZE = (28, 28)
 
@@ -70,28 +69,27 @@ def load_inputs(paths: list[Path]) -> tuple[list[str], np.ndarray]:
 def predict(state: dict[str, np.ndarray], images: np.ndarray,
             batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
     """Predicted class index and its softmax probability for each uint8 image (N, 28, 28),
-    through the MLP whose checked weights are `state` (dltrain.weights.load_weights)."""
-    from dltrain.weights import mlp_logits
+    through the MLP whose checked weights are `state` (dltrain.weights.load_weights): the
+    registered MLflow model's own computation (dltrain.mlflow_model), so both agree."""
+    from dltrain.mlflow_model import probabilities
 
-    logits = mlp_logits(state, images, batch_size)
-    logits -= logits.max(axis=1, keepdims=True)  # softmax without overflow
-    probs = np.exp(logits)
-    probs /= probs.sum(axis=1, keepdims=True)
+    probs = probabilities(state, images, batch_size)
     index = probs.argmax(axis=1)
     return index, probs[np.arange(len(probs)), index]
 
 
-def resolve_model(model: str, tracking_uri: str | None, workdir: Path,
+def resolve_model(model: str, tracking_uri: str | None,
                   registry_root: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Load `model`: a path to model.safetensors, or models:/<name>@<alias> downloaded into
-    `workdir`; the checked weights and the card."""
+    """Load `model`: a path to model.safetensors, or models:/<name>@<alias> (through the local
+    cache of dltrain.model_cache: MLflow is imported only when the store changed since the
+    alias was last resolved); the checked weights and the card."""
     from dltrain.weights import load_weights
 
     if parse_model_ref(model) is None and not model.startswith("models:/"):
         return load_weights(Path(model))
-    uri = resolve_tracking_uri(tracking_uri, registry_root)
-    folder = download_version(model, uri, workdir)
-    return load_weights(folder / "model.safetensors")
+    from dltrain.model_cache import fetch
+
+    return fetch(model, resolve_tracking_uri(tracking_uri, registry_root))
 
 
 def classify(model: dict[str, np.ndarray], card: dict[str, Any],
@@ -113,8 +111,7 @@ def predict_command(model: str, inputs: list[Path], *, as_json: bool,
     The embedded registry, for models:/ references without a tracking URI, is the one under
     the current directory (the repo), as `dltrain register` writes it.
     """
-    with tempfile.TemporaryDirectory(prefix="dltrain-predict-") as tmp:
-        net, card = resolve_model(model, tracking_uri, Path(tmp), Path.cwd())
+    net, card = resolve_model(model, tracking_uri, Path.cwd())
     results = classify(net, card, inputs)
     if as_json:
         print(json.dumps(results, indent=2))

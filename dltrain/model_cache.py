@@ -1,0 +1,151 @@
+"""A local cache of registered versions' weights, so that `dltrain predict --model
+models:/<name>@<alias>` does not pay for MLflow's import (2-3 s) on every call.
+
+For the embedded SQLite store, what an alias pointed to is remembered together with a stamp of
+the database file (size, mtime, ctime, inode; the same of its -journal and -wal files): while
+the stamp is unchanged, nothing was written to the store, so the alias still points to the
+same version, and the cached weights are used without asking MLflow. Any write to the store
+(an alias moved by dltrain, by MLflow's UI or API, a rollback, a new run) changes the stamp,
+and the next call asks MLflow again. Only file metadata is read, never the store's schema.
+
+A stamp is recorded only when the file's last write is over STAMP_MARGIN_S old when it is
+taken: a later write then always moves the mtime on, even where file timestamps are coarse.
+
+The weights are cached by their sha256, checked again on every load (a cached file that changed
+is fetched again). A tracking server is always asked; only the embedded store is stamped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from dltrain.errors import DiskFullError, ModelError
+from dltrain.io import atomic_dir, read_json, write_json
+
+STAMP_MARGIN_S = 2.0
+CACHE_ENV = "DLTRAIN_MODEL_CACHE"  # where the cache of a tracking server's versions lives
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    return Path(tracking_uri.removeprefix("sqlite:///")) if tracking_uri.startswith(
+        "sqlite:///") else None
+
+
+def cache_root(tracking_uri: str) -> Path:
+    """Beside the SQLite database (git-ignored mlruns/ by default); for a server, under
+    $DLTRAIN_MODEL_CACHE or the user's cache directory, one folder per server."""
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        return db.parent / f".{db.name}.dltrain-cache"
+    from dltrain.registry import display_uri
+
+    base = os.environ.get(CACHE_ENV) or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dltrain" / "registry"
+    return Path(base) / hashlib.sha256(display_uri(tracking_uri).encode()).hexdigest()[:16]
+
+
+def store_stamp(db: Path) -> list[list[int] | None]:
+    """What changes whenever SQLite writes the database: its files' metadata."""
+    stamp: list[list[int] | None] = []
+    for path in (db, db.with_name(db.name + "-journal"), db.with_name(db.name + "-wal")):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            stamp.append(None)
+            continue
+        stamp.append([st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
+    return stamp
+
+
+def _settled(stamp: list[list[int] | None], taken_ns: int) -> bool:
+    """Every file's last change is over STAMP_MARGIN_S before the stamp was taken."""
+    return all(s is None or taken_ns - max(s[1], s[2]) > STAMP_MARGIN_S * 1e9 for s in stamp)
+
+
+def _alias_file(root: Path, name: str, alias: str) -> Path:
+    return root / "aliases" / (hashlib.sha256(f"{name}@{alias}".encode()).hexdigest()[:24]
+                               + ".json")
+
+
+def _weights_dir(root: Path, weights_sha256: str) -> Path:
+    return root / "weights" / weights_sha256
+
+
+def _load(folder: Path, weights_sha256: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The cached weights and card, if present and still the bytes the registry recorded."""
+    from dltrain.weights import load_weights_and_digest
+
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        state, card, digest = load_weights_and_digest(path)
+    except ModelError:
+        return None
+    return (state, card) if digest == weights_sha256 else None
+
+
+def cached(ref_name: str, alias: str, tracking_uri: str
+           ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The weights and card the alias points to, from the cache, when the SQLite store has not
+    been written since the alias was resolved; else None."""
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        return None
+    root = cache_root(tracking_uri)
+    try:
+        entry = read_json(_alias_file(root, ref_name, alias))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entry, dict) or entry.get("stamp") != store_stamp(db):
+        return None
+    return _load(_weights_dir(root, str(entry.get("weights_sha256"))),
+                 str(entry.get("weights_sha256")))
+
+
+def fetch(ref: str, tracking_uri: str, *, attempts: int = 4, backoff_s: float = 1.0
+          ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checked weights and card of the version `ref` (models:/<name>@<alias>) points to:
+    from the cache when the store is unchanged, else resolved through MLflow, downloaded once
+    per weights, and remembered."""
+    from dltrain.registry import download_version, parse_model_ref
+
+    parsed = parse_model_ref(ref)
+    if parsed is not None:
+        hit = cached(*parsed, tracking_uri)
+        if hit is not None:
+            return hit
+    db = sqlite_path(tracking_uri)
+    taken_ns = time.time_ns()
+    before = store_stamp(db) if db is not None else None
+    root = cache_root(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="dltrain-predict-") as tmp:
+        folder = download_version(ref, tracking_uri, Path(tmp), attempts=attempts,
+                                  backoff_s=backoff_s)
+        from dltrain.mlflow_model import weights_in
+        from dltrain.weights import card_path_for, load_weights_and_digest
+
+        weights = weights_in(folder)
+        # Checked as any model file: safetensors against its card, the card's weights_sha256.
+        state, card, digest = load_weights_and_digest(weights)
+        try:
+            target = _weights_dir(root, digest)
+            if _load(target, digest) is None:
+                with atomic_dir(target) as staging:
+                    shutil.copy2(weights, staging / "model.safetensors")
+                    shutil.copy2(card_path_for(weights), staging / "model.json")
+            # Remembered only if nothing wrote to the store meanwhile (an alias moving while
+            # this call resolved it) and the stamp is settled (STAMP_MARGIN_S).
+            if (parsed is not None and db is not None and store_stamp(db) == before
+                    and _settled(before, taken_ns)):
+                write_json(_alias_file(root, *parsed),
+                           {"ref": ref, "stamp": before, "weights_sha256": digest})
+        except (OSError, DiskFullError):
+            pass  # a cache that cannot be written only costs the next call its speed
+    return state, card
