@@ -64,11 +64,18 @@ class LocalStack:
     def pids(self) -> list[int]:
         return [int(p.read_text()) for p in (self.home / "stack").glob("*.pid")]
 
-    def api(self, path: str, body: dict) -> object:
-        req = urllib.request.Request(f"{self.api_url}{path}", data=json.dumps(body).encode(),
+    def api(self, path: str, body: dict | None = None) -> object:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"{self.api_url}{path}", data=data,
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
+
+    def cli_config(self) -> str:
+        """`prefect config view` as the CLI sees it in this environment (no export)."""
+        view = self.run("prefect", "config", "view")
+        assert view.returncode == 0, view.stdout + view.stderr
+        return view.stdout
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +85,24 @@ def local_stack(tmp_path_factory) -> LocalStack:
     home = root / "prefect-home"
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
+    # No PREFECT_API_URL: every `prefect` command of these tests (deploy, run, the workers)
+    # finds the stack through the profile that `up` makes active, as a user's shell would.
+    # A run that finds the deployment's slot taken is offered it again after 5 s, not 30.
     env = venv_env(PREFECT_HOME=str(home), PREFECT_SERVER_API_PORT=str(port),
-                   PREFECT_API_URL=api_url)
+                   PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="5")
+    env.pop("PREFECT_API_URL", None)
+    env.pop("PREFECT_PROFILE", None)
     stack = LocalStack(clone=clone, home=home, env=env, api_url=api_url)
+    profile_before = re.search(r"^PREFECT_PROFILE='(.*)'", stack.cli_config(), re.M).group(1)
     started: list[int] = []
     try:
         up = stack.stack("up")
         started = stack.pids()
         assert up.returncode == 0, up.stdout + up.stderr
-        assert f"export PREFECT_API_URL={api_url}" in up.stdout
+        assert f"Prefect profile dltrain-local is active (PREFECT_API_URL={api_url})" in up.stdout
+        config = stack.cli_config()
+        assert "PREFECT_PROFILE='dltrain-local'" in config, config
+        assert f"PREFECT_API_URL='{api_url}' (from profile)" in config, config
         yield stack
     finally:
         started = started or stack.pids()
@@ -97,6 +113,9 @@ def local_stack(tmp_path_factory) -> LocalStack:
             time.sleep(0.5)
         assert started and not any(_alive(p) for p in started), f"still running: {started}"
         assert not list((home / "stack").glob("*.pid"))
+        # The profile that was active before `up` is active again.
+        assert f"PREFECT_PROFILE='{profile_before}'" in stack.cli_config()
+        assert f"the Prefect profile {profile_before} is active again" in down.stdout
 
 
 def _run_deployment(stack: LocalStack, params: dict, deployment: str = "local"
@@ -106,11 +125,14 @@ def _run_deployment(stack: LocalStack, params: dict, deployment: str = "local"
                      "--watch-timeout", str(RUN_TIMEOUT_S), timeout=RUN_TIMEOUT_S + 60)
 
 
-def _latest_summary(stack: LocalStack) -> str:
-    artifacts = stack.api("/artifacts/filter", {
-        "artifacts": {"key": {"any_": ["mnist-training-summary"]}},
-        "sort": "CREATED_DESC", "limit": 1})
-    return artifacts[0]["data"]
+def _latest_summary(stack: LocalStack, flow_run_id: str | None = None) -> str:
+    """The latest summary artifact (of flow run `flow_run_id`, if given)."""
+    artifacts = {"key": {"any_": ["mnist-training-summary"]}}
+    if flow_run_id:
+        artifacts["flow_run_id"] = {"any_": [flow_run_id]}
+    found = stack.api("/artifacts/filter", {"artifacts": artifacts, "sort": "CREATED_DESC",
+                                            "limit": 1})
+    return found[0]["data"]
 
 
 def _model_versions(clone: Path) -> list[str]:
@@ -129,37 +151,80 @@ def test_stack_up_twice_says_already_up(local_stack):
     assert "healthy" in status.stdout and "online" in status.stdout
 
 
+def _flow_run_info(stack: LocalStack, run_id: str) -> dict:
+    with urllib.request.urlopen(f"{stack.api_url}/flow_runs/{run_id}", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
 @pytest.mark.e2e
 def test_deploy_and_run_the_pipeline_then_rerun_skips(local_stack, tmp_path):
+    """`make deploy` deploys `local` only (not the cluster's schedule), with a concurrency
+    limit of 1; a run with a bad parameter fails with its one line; two runs started at once
+    take turns: the second waits for the first's slot, then runs and skips every stage."""
     deploy = local_stack.run("bash", "infra/prefect/deploy.sh")
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     assert "mnist-training/local" in deploy.stdout
-    assert "mnist-training/scheduled-retraining" in deploy.stdout
+    assert "scheduled-retraining" not in deploy.stdout
     again = local_stack.run("bash", "infra/prefect/deploy.sh")  # idempotent
     assert again.returncode == 0 and "work pool dltrain-local: exists" in again.stdout
+    names = [d["name"] for d in local_stack.api("/deployments/filter", {})]
+    assert names == ["local"], names
+    deployment = local_stack.api("/deployments/name/mnist-training/local")
+    assert deployment["global_concurrency_limit"]["limit"] == 1, deployment
+    assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE", deployment
+
+    # An error of ours: `--watch` shows its one line, and no traceback.
+    bad = _run_deployment(local_stack, {"epochs": -1})
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "train.epochs" in bad.stdout and "Traceback" not in bad.stdout, bad.stdout
+    assert "Flow run finished in state 'Failed'" in bad.stdout + bad.stderr
 
     source = write_raw_dir(tmp_path / "source")
     params = {"epochs": 1, "num_workers": 1, "overrides": {"data.source": source.as_uri()}}
-    first = _run_deployment(local_stack, params)
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "Completed" in first.stdout
-    summary = _latest_summary(local_stack)
+    runs = [_start_deployment(local_stack, params), _start_deployment(local_stack, params)]
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    queued = None
+    while True:
+        info = {run: _flow_run_info(local_stack, run) for run in runs}
+        types = {run: i["state_type"] for run, i in info.items()}
+        waiting = [run for run, i in info.items() if i["state_name"] == "AwaitingConcurrencySlot"]
+        if waiting and "RUNNING" in types.values():
+            queued = waiting[0]  # the slot is taken: it waits instead of failing
+        assert list(types.values()).count("RUNNING") <= 1, info
+        assert "FAILED" not in types.values() and "CRASHED" not in types.values(), info
+        if all(t == "COMPLETED" for t in types.values()):
+            break
+        assert time.monotonic() < deadline, info
+        time.sleep(0.5)
+    assert queued, "the second run never waited for the first's slot"
+    second = queued
+    first = next(run for run in runs if run != second)
+    began = {run: _when(info[run]["start_time"]) for run in runs}
+    ended = _when(info[first]["end_time"])
+    assert began[second] >= ended, info
+    print(f"\nconcurrency limit: the second run waited "
+          f"{(began[second] - began[first]).total_seconds():.0f} s and started "
+          f"{(began[second] - ended).total_seconds():.1f} s after the first ended")
+
+    summary = _latest_summary(local_stack, first)
     for stage in ("download", "preprocess", "train", "evaluate", "register"):
         assert f"| {stage} | ran |" in summary
     versions = _model_versions(local_stack.clone)
     assert versions == ["1"]
-    registration = (local_stack.clone / "reports" / "registration.json").read_text()
-    assert str(json.loads(registration)["version"]) == "1"
-    lock = (local_stack.clone / "dvc.lock").read_text()
-
-    second = _run_deployment(local_stack, params)
-    assert second.returncode == 0, second.stdout + second.stderr
-    summary = _latest_summary(local_stack)
+    registration = json.loads((local_stack.clone / "reports" / "registration.json").read_text())
+    assert str(registration["version"]) == "1"
+    summary = _latest_summary(local_stack, second)
     for stage in ("download", "preprocess", "train", "evaluate", "register"):
         assert f"| {stage} | skipped |" in summary
     assert _model_versions(local_stack.clone) == versions  # nothing new registered
-    assert (local_stack.clone / "reports" / "registration.json").read_text() == registration
-    assert (local_stack.clone / "dvc.lock").read_text() == lock
+    # The MLflow links, read back through the API: the embedded store, where `make
+    # mlflow-ui` serves it (MLFLOW_PORT unset: 5000).
+    links = local_stack.api("/artifacts/filter", {"artifacts": {
+        "key": {"any_": ["mnist-model", "mnist-mlflow-run"]},
+        "flow_run_id": {"any_": [first]}}})
+    assert sorted(a["data"].rsplit("(", 1)[1] for a in links) == [
+        f"http://127.0.0.1:5000/#/models/mnist-mlp/versions/{registration['version']})",
+        f"http://127.0.0.1:5000/#/runs/{registration['run_id']})"], links
 
 
 def _start_deployment(stack: LocalStack, params: dict) -> str:
@@ -265,7 +330,7 @@ def test_worker_killed_mid_train_then_the_rerun_resumes_from_the_dvc_cache(local
         for proc in tree:  # pass or fail, nothing of the stage outlives the test
             if _alive_in({proc}):
                 proc.kill()
-    assert not (clone / "models" / "model.pt").exists()  # the kill interrupted train
+    assert not (clone / "models" / "model.safetensors").exists()  # the kill interrupted train
     _dvc_locks_free(clone)
     # Its worker gone, the flow run ends itself at its next log line (rich's console exits on
     # the broken pipe) and reports Crashed; SIGKILLed, it cannot, and the API keeps showing
@@ -294,7 +359,7 @@ def test_worker_killed_mid_train_then_the_rerun_resumes_from_the_dvc_cache(local
           f"(attempt 0 trained epochs 1-{attempts.count(0)})")
     from dltrain.modelio import load_model
 
-    _model, card = load_model(clone / "models" / "model.pt")
+    _model, card = load_model(clone / "models" / "model.safetensors")
     assert card["params"]["train"]["epochs"] == epochs
     # params.yaml as it was; DVC finds nothing changed but the run's own overrides.
     assert (clone / "params.yaml").read_text() == params_before
@@ -428,8 +493,9 @@ def test_scheduled_retraining_skips_unchanged_data_in_seconds_and_retrains_on_ne
     the directory gets new files, the next run retrains and registers a new version, and the
     run's markdown artifact says which happened and why."""
     clone = local_stack.clone
-    deploy = local_stack.run("bash", "infra/prefect/deploy.sh")  # idempotent
+    deploy = local_stack.run("bash", "infra/prefect/deploy.sh", "cluster")  # make deploy-cluster
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    assert "mnist-training/scheduled-retraining" in deploy.stdout
     source = write_raw_dir(tmp_path / "source", n_train=400, n_test=100, seed=1)
     params = {"epochs": 1, "overrides": {"data.source": str(source)}}
     versions = _model_versions(clone)
