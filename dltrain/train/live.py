@@ -90,12 +90,11 @@ class LiveRun:
 
     def _main(self) -> None:
         while not self._stop.is_set():
-            self._sync(run_storage.read_epochs(self.storage, self.name))
+            self._sync(None)
             self._stop.wait(POLL_S)
         if self._failed_at is not None:
             return  # unreachable: register sends the rest; the end of training does not wait
-        epochs = self._final
-        self._sync(run_storage.read_epochs(self.storage, self.name) if epochs is None else epochs)
+        self._sync(self._final)
         if self.run_id is None or self._failed_at is not None:
             return
         try:
@@ -105,11 +104,14 @@ class LiveRun:
         except Exception as exc:  # noqa: BLE001  (tracking never fails training)
             self._failed(exc)
 
-    def _sync(self, epochs: list[dict[str, Any]]) -> None:
-        """Open the run if need be, then log the epochs it does not hold yet."""
+    def _sync(self, epochs: list[dict[str, Any]] | None) -> None:
+        """Open the run if need be, then log the epochs it does not hold yet (`epochs`, else
+        those in the run directory)."""
         if self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_S:
             return
         try:
+            if epochs is None:
+                epochs = run_storage.read_epochs(self.storage, self.name)
             if self.run_id is None:
                 self._open()
             with self._lock:
