@@ -140,3 +140,17 @@ def fail(method: str, path_end: str, status: int, model: str | None = None) -> R
         return status if model is None or (body or {}).get("name", model) == model else None
 
     return rule
+
+
+def training_runs(ws_root: Path, report: dict) -> tuple[list[str], list[tuple[int, float]]]:
+    """The ids of the runs in the workspace's embedded store, and the val_accuracy history
+    (step, value) of the run that training.json (`report`) names: live tracking's outcome."""
+    from mlflow import MlflowClient
+
+    from dltrain.registry import EXPERIMENT, embedded_tracking_uri
+
+    client = MlflowClient(tracking_uri=embedded_tracking_uri(ws_root))
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = [r.info.run_id for r in client.search_runs([experiment.experiment_id])]
+    history = client.get_metric_history(report["mlflow"]["run_id"], "val_accuracy")
+    return runs, sorted((m.step, m.value) for m in history)

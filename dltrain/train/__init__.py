@@ -6,6 +6,8 @@
     worker.py     the function each Ray Train worker runs around dltrain.loop
     storage.py    the checkpoints' storage path, checked, and finished-run markers
     outputs.py    models/model.safetensors, its card and reports/training.json
+    live.py       live tracking: the run's MLflow run, fed from a thread of the driver
+    epochlog.py   the Train controller's callback that writes each committed epoch for it
     stage.py      train(): the above in order
 
 Every Ray call of the project lives in this package (and the cluster helpers in infra/); the
