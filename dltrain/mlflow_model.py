@@ -30,6 +30,9 @@ ARTIFACT_CARD = "card"
 ARTIFACTS_DIR = "artifacts"  # where pyfunc puts them in the model's folder
 MODEL_CARD_FILE = "model_card.md"
 WEIGHTS_SHA256_TAG = "weights_sha256"  # on the logged model: which weights it holds
+# The logged model's tag listing its registered versions, as MLflow's own register_model
+# writes it and its UI reads it ([{"name": ..., "version": ...}], JSON).
+MLFLOW_MODEL_VERSIONS = "mlflow.modelVersions"
 IMAGE_SHAPE = (28, 28)
 INPUT_EXAMPLE_SIZE = 2  # test images in the input example (the UI and `serve` show it)
 
@@ -139,8 +142,6 @@ def log_model(client: Any, run_id: str, model_path: Path, card_path: Path, card_
 def link_version(client: Any, model: Any, name: str, version: int | str) -> None:
     """Record the registered version on the logged model (the tag MLflow's UI reads to show
     a logged model's versions; a tracking server sets it itself, SQLite leaves it to us)."""
-    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
-
     current = client.get_logged_model(model.model_id).tags.get(MLFLOW_MODEL_VERSIONS)
     versions = json.loads(current) if current else []
     if not any(v.get("name") == name and str(v.get("version")) == str(version)
