@@ -194,14 +194,26 @@ def parse_state_dict(data: bytes, model_path: Path,
     return {name: arrays[name] for name in expected}
 
 
-def read_model_bytes(model_path: Path) -> bytes:
-    """The bytes of a model file, with the errors a user can act on."""
+def max_file_size(expected: dict[str, tuple[int, ...]]) -> int:
+    """The largest a well-formed file of these tensors can be: the length, the largest header
+    allowed, the tensors' bytes."""
+    return 8 + MAX_HEADER_BYTES + sum(math.prod(shape) * _ITEMSIZE[WEIGHTS_DTYPE]
+                                      for shape in expected.values())
+
+
+def read_model_bytes(model_path: Path, max_bytes: int | None = None) -> bytes:
+    """The bytes of a model file, with the errors a user can act on; a file over `max_bytes`
+    is refused before it is read (a huge file cannot fill memory)."""
     model_path = Path(model_path)
     if model_path.is_dir():
         raise ModelError(f"{model_path} is a directory, not a model file")
     if not model_path.is_file():
         raise not_found_error(model_path)
     try:
+        size = model_path.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise corrupt_error(model_path, f"it is {size} bytes, more than the {max_bytes} "
+                                            "that weights of its card's architecture can take")
         return model_path.read_bytes()
     except OSError as exc:
         raise ModelError(f"cannot read {model_path}: {exc.strerror or exc}") from exc
@@ -318,8 +330,9 @@ def load_weights_and_digest(model_path: Path, card_path: Path | None = None
     model_path = Path(model_path)
     card_path = Path(card_path) if card_path else card_path_for(model_path)
     card, hidden_sizes = read_card(card_path)
-    data = read_model_bytes(model_path)
-    state = parse_state_dict(data, model_path, expected_shapes(hidden_sizes),
+    expected = expected_shapes(hidden_sizes)
+    data = read_model_bytes(model_path, max_file_size(expected))
+    state = parse_state_dict(data, model_path, expected,
                              f"{card_path} (hidden_sizes {hidden_sizes})")
     weights_sha256 = hashlib.sha256(data).hexdigest()
     check_pair(model_path, card_path, card, weights_sha256)

@@ -283,6 +283,15 @@ def test_a_header_is_checked_before_anything_is_allocated(crafted: Path) -> None
         load_weights(crafted)
 
 
+def test_a_file_larger_than_its_architecture_allows_is_not_read(crafted: Path) -> None:
+    """A sparse 8 GiB file beside a card of the 784-10 MLP: refused from its size alone."""
+    with open(crafted, "r+b") as fh:
+        fh.truncate(8 << 30)
+    with pytest.raises(ModelError, match=r"it is 8589934592 bytes, more than the \d+ that "
+                                         "weights of its card's architecture can take"):
+        load_weights(crafted)
+
+
 # ------------------------------------------------------------------------- pickles refused
 
 @pytest.mark.parametrize("form", ["torch-save", "bare-pickle"])
