@@ -219,6 +219,39 @@ def test_a_val_fraction_that_leaves_a_split_empty_is_refused(
     assert not (tmp_path / "processed").exists()
 
 
+# --- what a training run is made of ----------------------------------------------------------
+
+def test_another_split_of_the_same_raw_data_is_another_training_run(tmp_path: Path,
+                                                                    raw_dir: Path):
+    """The issue's case: the train stage killed after epoch 1, preprocess re-run with
+    data.val_fraction 0.5, train again. Same raw data, other splits: another run key, so the
+    re-run starts clean (never epoch 1 on 540 samples and epochs 2-3 on 300), and says why."""
+    from dltrain.config import Params
+    from dltrain.train.preflight import fresh_reason, run_inputs, run_key
+    from dltrain.train.storage import swap_last_run
+
+    first = run(raw_dir, tmp_path / "a", val_fraction=0.1)
+    second = run(raw_dir, tmp_path / "b", val_fraction=0.5)
+    assert first["data_checksum"] == second["data_checksum"]  # the raw data did not change
+    params = Params()
+    assert run_key(params, first) == run_key(params, dict(first))
+    assert run_key(params, first) != run_key(params, second)
+    other_params = params.model_copy(update={"train": params.train.model_copy(
+        update={"epochs": 2})})
+    assert run_key(other_params, first) != run_key(params, first)
+
+    storage = tmp_path / "ray_results"
+    storage.mkdir()
+    old, new = f"dltrain-{run_key(params, first)}", f"dltrain-{run_key(params, second)}"
+    assert swap_last_run(str(storage), old, run_inputs(params, first)) is None
+    (storage / old).mkdir()  # its checkpoints, and no complete marker: interrupted
+    previous = swap_last_run(str(storage), new, run_inputs(params, second))
+    reason = fresh_reason(previous, new, run_inputs(params, second))
+    assert reason == (f"starting fresh: the interrupted run {old} is not resumed, it was made "
+                      "of other inputs (data.train, data.val)")
+    assert fresh_reason(previous, old, run_inputs(params, first)) is None  # the same run
+
+
 # --- test labels out of range: one line, not a traceback -------------------------------------
 
 @pytest.mark.parametrize("bad", [10, 255], ids=["10", "-1-as-uint8"])

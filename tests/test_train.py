@@ -67,11 +67,14 @@ def test_cpus_are_split_between_workers(workers: int, cpus: int, per_worker: int
 
 
 def test_run_key_follows_training_params_and_data_only() -> None:
-    base = run_key(params(), "data-a")
-    assert run_key(params(), "data-a") == base
-    assert run_key(params(max_failures=3, storage_path="/x"), "data-a") == base
-    assert run_key(params(epochs=3), "data-a") != base
-    assert run_key(params(), "data-b") != base
+    data_a = {"data_checksum": "raw-a", "train": {"sha256": "t"}, "val": {"sha256": "v"},
+              "test": {"sha256": "e"}}
+    base = run_key(params(), data_a)
+    assert run_key(params(), data_a) == base
+    assert run_key(params(max_failures=3, storage_path="/x"), data_a) == base
+    assert run_key(params(epochs=3), data_a) != base
+    assert run_key(params(), {**data_a, "data_checksum": "raw-b"}) != base
+    assert run_key(params(), {**data_a, "val": {"sha256": "v2"}}) != base  # a re-split
 
 
 def test_unwritable_storage_is_refused_before_training(tmp_path: Path) -> None:
@@ -165,9 +168,15 @@ def test_the_env_file_format_of_make_ray_up(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_two_cpu_workers_train_checkpoint_and_report(processed_ws: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
     ws = Workspace.at(tmp_path)
     shutil.copytree(processed_ws / "data", tmp_path / "data")
+    # An interrupted run of this workspace on another split of the data: not resumed, and
+    # the run says why.
+    (ws.ray_results_dir / "dltrain-0123456789ab").mkdir(parents=True)
+    (ws.ray_results_dir / "dltrain-last-run.json").write_text(json.dumps({
+        "name": "dltrain-0123456789ab", "inputs": {"data": {"val": "another-split"}}}))
     # A short path of its own: Ray's socket paths must stay under ~107 bytes.
     ray_tmpdir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmpdir))
@@ -178,6 +187,8 @@ def test_two_cpu_workers_train_checkpoint_and_report(processed_ws: Path, tmp_pat
     import ray
 
     assert not ray.is_initialized()  # the private Ray is stopped with the run
+    assert ("starting fresh: the interrupted run dltrain-0123456789ab is not resumed"
+            in capsys.readouterr().out)
     assert report["ray"]["where"] == "a private local Ray"
     assert report["world_size"] == 2
     assert len(report["nodes"]) == 2

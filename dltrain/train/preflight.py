@@ -55,14 +55,54 @@ def plan_resources(num_workers: int, use_gpu: bool, cpus: float, gpus: float,
     return max(1, int(cpus // num_workers))
 
 
-def run_key(params: Params, data_checksum: str) -> str:
-    """Identifies a training run: same params and data -> same key -> resumable. The
-    checkpoint format is part of it, so a run of an older dltrain (state.pt checkpoints) is
-    started afresh rather than resumed from files this one does not read."""
+def run_inputs(params: Params, summary: dict[str, Any]) -> dict[str, Any]:
+    """Everything that decides what a run trains on and how: the model and train params (less
+    where and how robustly it runs), the processed splits' checksums (a re-split of the same
+    raw data, e.g. another data.val_fraction, is other training data), the raw data's, and the
+    checkpoint format (a run of an older dltrain, state.pt checkpoints, is not resumed from
+    files this one does not read)."""
     from dltrain.loopspec import CHECKPOINT_STATE
 
-    blob = json.dumps({"model": params.to_dict()["model"], "train": {
-        k: v for k, v in params.to_dict()["train"].items()
-        if k not in ("ray_address", "storage_path", "max_failures")}, "data": data_checksum,
-        "checkpoint": CHECKPOINT_STATE}, sort_keys=True)
+    config = params.to_dict()
+    return {"model": config["model"],
+            "train": {k: v for k, v in config["train"].items()
+                      if k not in ("ray_address", "storage_path", "max_failures")},
+            "data": {"raw": summary.get("data_checksum"),
+                     **{split: (summary.get(split) or {}).get("sha256")
+                        for split in ("train", "val", "test")}},
+            "checkpoint": CHECKPOINT_STATE}
+
+
+def run_key(params: Params, summary: dict[str, Any]) -> str:
+    """Identifies a training run: the same run_inputs -> the same key -> resumable; anything
+    else is another run, which starts clean."""
+    blob = json.dumps(run_inputs(params, summary), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def what_changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The keys of run_inputs that differ, as `train.epochs 5 -> 3` or `data.val` (a
+    checksum), in sorted order."""
+    changes = []
+    for section in sorted(set(before) | set(after)):
+        old, new = before.get(section), after.get(section)
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            if old != new:
+                changes.append(section)
+            continue
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                shown = "" if section == "data" else f" {old.get(key)!r} -> {new.get(key)!r}"
+                changes.append(f"{section}.{key}{shown}")
+    return changes
+
+
+def fresh_reason(previous: dict[str, Any] | None, name: str,
+                 inputs: dict[str, Any]) -> str | None:
+    """Why run `name` starts clean although an interrupted run (`previous`, from
+    storage.swap_last_run) is there: what differs between the two; None when nothing to say."""
+    if not previous or previous.get("name") == name:
+        return None
+    changed = what_changed(previous.get("inputs") or {}, inputs)
+    return (f"starting fresh: the interrupted run {previous.get('name')} is not resumed, it "
+            f"was made of other inputs ({', '.join(changed) or 'unknown'})")

@@ -32,8 +32,21 @@ from dltrain.loopspec import LoopConfig
 from dltrain.paths import Workspace
 from dltrain.train import connect, rayenv
 from dltrain.train.outputs import read_final_checkpoint, write_outputs
-from dltrain.train.preflight import check_processed, local_cpus, plan_resources, run_key
-from dltrain.train.storage import check_storage, mark_complete, prepare_run_dir, resolve_storage
+from dltrain.train.preflight import (
+    check_processed,
+    fresh_reason,
+    local_cpus,
+    plan_resources,
+    run_inputs,
+    run_key,
+)
+from dltrain.train.storage import (
+    check_storage,
+    mark_complete,
+    prepare_run_dir,
+    resolve_storage,
+    swap_last_run,
+)
 
 
 def say(message: str) -> None:
@@ -53,8 +66,14 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto") -> dict[str, A
         plan_resources(t.num_workers, False, local_cpus(), 0, "this machine")
     storage = resolve_storage(t.storage_path, ws)
     check_storage(storage)
-    name = f"dltrain-{run_key(params, str(summary.get('data_checksum')))}"
+    # The processed splits, the model and the train params decide the run: a re-run resumes
+    # only a run made of exactly these, and says why it does not resume another.
+    name = f"dltrain-{run_key(params, summary)}"
     resuming = prepare_run_dir(storage, name, resume)
+    reason = fresh_reason(swap_last_run(storage, name, run_inputs(params, summary)), name,
+                          run_inputs(params, summary))
+    if reason and not resuming:
+        say(reason)
 
     connect.export_env(target)
     rayenv.set_driver_env()

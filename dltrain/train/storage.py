@@ -15,6 +15,7 @@ from dltrain.errors import TrainingError
 from dltrain.paths import Workspace
 
 COMPLETE_MARKER = "dltrain-complete.json"
+LAST_RUN = "dltrain-last-run.json"  # beside the run directories: the latest run's inputs
 # Which MLflow run is this training run's: {"training_id": <uuid>}, the value of the run's
 # dltrain.training_id tag. Kept with the checkpoints, so it goes when they go (a finished run,
 # `--resume never`) and stays when the run is resumed.
@@ -76,6 +77,33 @@ def prepare_run_dir(storage: str, name: str, resume: str) -> bool:
         fs.delete_dir(run_dir)
         return False
     return True
+
+
+def swap_last_run(storage: str, name: str, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """Record run `name` (and what it is made of: preflight.run_inputs) as the latest of this
+    storage; return the record of the one before when that run was interrupted (its directory
+    is there, without the complete marker), so that a new run can say why it does not resume
+    it. Best effort: a record that cannot be read or written only costs that sentence."""
+    import pyarrow.fs
+
+    fs, root = _filesystem(storage)
+    path = f"{root.rstrip('/')}/{LAST_RUN}"
+    previous = None
+    try:
+        with fs.open_input_stream(path) as fh:
+            record = json.loads(fh.read())
+        run_dir = f"{root.rstrip('/')}/{record['name']}"
+        if fs.get_file_info(run_dir).type != pyarrow.fs.FileType.NotFound and fs.get_file_info(
+                f"{run_dir}/{COMPLETE_MARKER}").type == pyarrow.fs.FileType.NotFound:
+            previous = record
+    except Exception:  # noqa: BLE001 - none yet, or unreadable: nothing to compare
+        pass
+    try:
+        with fs.open_output_stream(path) as fh:
+            fh.write(json.dumps({"name": name, "inputs": inputs}, sort_keys=True).encode())
+    except Exception:  # noqa: BLE001 - the run itself does not need it
+        pass
+    return previous
 
 
 def mark_complete(storage: str, name: str, report: dict[str, Any]) -> None:
