@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,11 @@ MISCLASSIFIED_PNG = "misclassified.png"
 
 
 def load_test_split(processed_dir: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """The test images (N, 28, 28) uint8, labels (N,) and data/processed/summary.json."""
+    """The test images (N, 28, 28) uint8, labels (N,) and data/processed/summary.json.
+
+    The bytes parsed are the bytes hashed: a split changed since preprocess wrote it (its
+    sha256 is in summary.json) is refused, so no figure is ever stamped with the checksum of a
+    split it was not measured on. evaluate and the register stage's re-score both read here."""
     processed_dir = Path(processed_dir)
     paths = [processed_dir / n for n in ("test_images.npy", "test_labels.npy", "summary.json")]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -41,17 +46,30 @@ def load_test_split(processed_dir: Path) -> tuple[np.ndarray, np.ndarray, dict[s
         raise DataError(f"processed data missing: {', '.join(missing)} "
                         "(run `dltrain preprocess` first)")
     try:
+        payloads = [paths[0].read_bytes(), paths[1].read_bytes()]
         # allow_pickle=False: a .npy holding objects would run code when loaded.
-        images = np.load(paths[0], allow_pickle=False)
-        labels = np.load(paths[1], allow_pickle=False)
+        images = np.load(io.BytesIO(payloads[0]), allow_pickle=False)
+        labels = np.load(io.BytesIO(payloads[1]), allow_pickle=False)
         summary = read_json(paths[2])
     except ValueError as exc:
         raise DataError(f"{processed_dir}: unreadable processed test split: {exc}") from exc
+    recorded = (summary.get("test") or {}).get("sha256") if isinstance(summary, dict) else None
+    if recorded:
+        read = hashlib.sha256(payloads[0] + payloads[1]).hexdigest()
+        if read != recorded:
+            raise DataError(f"{paths[0]} / {paths[1].name} are not the test split preprocess "
+                            f"wrote (sha256 {read[:12]}, {paths[2].name} records "
+                            f"{str(recorded)[:12]}): it was changed since; re-run "
+                            "`dvc repro preprocess` (or `dltrain preprocess`)")
     if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
         raise DataError(f"{processed_dir}: test images {images.shape} and labels {labels.shape} "
                         "do not match (expected (N, 28, 28) and (N,)); re-run preprocess")
     if labels.size == 0:
         raise DataError(f"{processed_dir}: the test split is empty")
+    if labels.dtype.kind not in "ui" or labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise DataError(f"{paths[1]}: labels must be integers in 0..{NUM_CLASSES - 1}, found "
+                        f"{labels.dtype} from {labels.min()} to {labels.max()}; re-run "
+                        "`dvc repro preprocess`")
     return images, labels, summary
 
 

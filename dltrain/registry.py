@@ -14,6 +14,7 @@ import urllib.parse
 from pathlib import Path
 
 from dltrain.errors import ModelError, RegistryError
+from dltrain.urls import redact_text, redact_url
 
 EXPERIMENT = "mnist-training"
 MODEL_ARTIFACT_DIR = "model"  # run artifact folder holding model.pt, model.json, README.md
@@ -36,22 +37,12 @@ def resolve_tracking_uri(configured: str | None, root: Path) -> str:
 
 def display_uri(uri: str) -> str:
     """The URI without a password, for messages and reports."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password:
-        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-    return uri
+    return redact_url(uri)
 
 
 def redact(text: str, uri: str) -> str:
     """`text` (an error message that may quote the URI) without the URI's password."""
-    password = urllib.parse.urlsplit(uri).password
-    if not password:
-        return text
-    # As written in the URI (percent-encoded) and as sent (decoded): either may be quoted.
-    for form in {password, urllib.parse.unquote(password)}:
-        text = text.replace(form, "***")
-    return text
+    return redact_text(text, uri)
 
 
 def quiet_mlflow() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import http.server
 import json
 import re
@@ -14,6 +15,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers_models import evaluated_workspace
@@ -21,7 +23,14 @@ from helpers_models import evaluated_workspace
 from dltrain.cli import main
 from dltrain.config import params_from_dict
 from dltrain.download import download
-from dltrain.errors import ConfigError, DltrainError, DownloadError, ModelError, RegistryError
+from dltrain.errors import (
+    ConfigError,
+    DataError,
+    DltrainError,
+    DownloadError,
+    ModelError,
+    RegistryError,
+)
 from dltrain.evaluate import evaluate
 from dltrain.freshness import check
 from dltrain.loop import CHECKPOINT_HISTORY, CHECKPOINT_STATE, load_state
@@ -347,3 +356,53 @@ def test_a_source_behind_a_login_takes_it_from_netrc_and_writes_it_nowhere(
     out = capsys.readouterr()
     written = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*.json"))
     assert PLANTED not in out.out + out.err + written
+
+
+# --- a tampered test split ------------------------------------------------------------------------
+
+def test_a_tampered_test_split_is_refused_by_evaluate_and_by_the_champion_re_score(
+        tmp_path: Path, evaluated: Workspace, capsys) -> None:
+    """Test labels relabelled after preprocess (the issue's case: replaced by the model's own
+    predictions, accuracy 1.0 if trusted): evaluate hashes the arrays it reads, finds they are
+    not what summary.json records, and fails in one line naming the files and the fix;
+    metrics.json is untouched. The register stage's champion re-score reads the split through
+    the same function."""
+    from dltrain.evaluate import score_model
+
+    ws = Workspace.at(tmp_path / "ws")
+    shutil.copytree(evaluated.root, ws.root)
+    labels_path = ws.processed_dir / "test_labels.npy"
+    labels = np.load(labels_path)
+    labels[:20] = (labels[:20] + 1) % 10
+    np.save(labels_path, labels, allow_pickle=False)
+    metrics_before = ws.metrics_path.read_bytes()
+
+    assert main(["evaluate", "--workspace", str(ws.root)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "test_labels.npy" in err and "dvc repro preprocess" in err
+    assert "not the test split preprocess wrote" in err
+    assert ws.metrics_path.read_bytes() == metrics_before
+    with pytest.raises(DataError, match="not the test split preprocess wrote"):
+        score_model(ws.model_path, ws.processed_dir, batch_size=256)
+
+
+@pytest.mark.parametrize("bad", [10, -1])
+def test_out_of_range_test_labels_are_one_line_even_with_a_matching_summary(
+        tmp_path: Path, evaluated: Workspace, capsys, bad: int) -> None:
+    """Labels 10 or -1 in test_labels.npy, with summary.json edited to match them: a DataError
+    naming the file, not numpy's "cannot reshape" traceback."""
+    ws = Workspace.at(tmp_path / "ws")
+    shutil.copytree(evaluated.root, ws.root)
+    labels = np.load(ws.processed_dir / "test_labels.npy").astype(np.int64)
+    labels[0] = bad
+    np.save(ws.processed_dir / "test_labels.npy", labels, allow_pickle=False)
+    summary_path = ws.processed_dir / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["test"]["sha256"] = hashlib.sha256(
+        (ws.processed_dir / "test_images.npy").read_bytes()
+        + (ws.processed_dir / "test_labels.npy").read_bytes()).hexdigest()
+    summary_path.write_text(json.dumps(summary))
+    assert main(["evaluate", "--workspace", str(ws.root)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "test_labels.npy" in err and "0..9" in err
