@@ -110,12 +110,12 @@ class LiveRun:
         if self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_S:
             return
         try:
-            if epochs is None:
-                epochs = run_storage.read_epochs(self.storage, self.name)
             if self.run_id is None:
                 self._open()
             with self._lock:
                 logged = set(self._logged)
+            if epochs is None:
+                epochs = run_storage.read_epochs(self.storage, self.name, logged)
             sent = tracking.log_epochs(self._client, self.run_id, epochs, logged)
             with self._lock:
                 self._logged.update(sent)

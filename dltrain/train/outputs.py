@@ -1,5 +1,5 @@
-"""What the train stage leaves behind: models/model.pt with its card (models/model.json) and
-reports/training.json, from the run's last checkpoint."""
+"""What the train stage leaves behind: models/model.safetensors with its card
+(models/model.json) and reports/training.json, from the run's last checkpoint."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ def git_commit(root: Path) -> str | None:
 
 def read_final_checkpoint(directory: Path, hidden_sizes: tuple[int, ...]
                           ) -> tuple[list[dict[str, Any]], bytes]:
-    """The epochs so far and the model.pt bytes (the best epoch's weights, serialised by rank
-    0) of the run's last checkpoint, checked to be plain weights of the configured shapes."""
+    """The epochs so far and the model.safetensors bytes (the best epoch's weights, serialised
+    by rank 0) of the run's last checkpoint, checked to be float32 weights of the configured
+    shapes."""
     from dltrain.weights import expected_shapes, parse_state_dict
 
     model_file = directory / CHECKPOINT_MODEL
@@ -35,18 +36,16 @@ def read_final_checkpoint(directory: Path, hidden_sizes: tuple[int, ...]
         raise TrainingError(f"the run's last checkpoint ({directory}) has no {CHECKPOINT_MODEL}: "
                             "it was written by an older dltrain; re-run with `--resume never`")
     weights = model_file.read_bytes()
-    shapes = {k: v.shape for k, v in parse_state_dict(weights, model_file).items()}
-    if shapes != expected_shapes(hidden_sizes):
-        raise TrainingError(f"{model_file} holds tensors {shapes}, not the MLP of "
-                            f"model.hidden_sizes {list(hidden_sizes)}")
+    parse_state_dict(weights, model_file, expected_shapes(hidden_sizes),
+                     f"model.hidden_sizes {list(hidden_sizes)}")
     return json.loads((directory / CHECKPOINT_HISTORY).read_text()), weights
 
 
 def write_outputs(epochs: list[dict[str, Any]], weights: bytes, params: Params, ws: Workspace,
                   summary: dict[str, Any], *, world_size: int, device: str, nodes: list[str],
-                  wall_s: float, name: str, storage: str, ray: dict[str, Any]
-                  ) -> dict[str, Any]:
-    """models/model.pt (`weights`) with its card, and reports/training.json."""
+                  wall_s: float, name: str, storage: str, ray: dict[str, Any],
+                  mlflow: dict[str, Any] | None = None) -> dict[str, Any]:
+    """models/model.safetensors (`weights`) with its card, and reports/training.json."""
     from dltrain.weights import architecture, write_model_pair
 
     best_epoch_number = best_epoch(epochs)
@@ -62,12 +61,15 @@ def write_outputs(epochs: list[dict[str, Any]], weights: bytes, params: Params, 
         "wall_time_s": wall_s,
         "ray_overhead_s": wall_s - sum(e["epoch_time_s"] for e in epochs),
         "resumed": any(e.get("attempt", 0) for e in epochs),
-        # models/model.pt holds the weights of this epoch (best validation accuracy).
+        # models/model.safetensors holds the weights of this epoch (best validation accuracy).
         "best_epoch": best_epoch_number,
         "run_name": name,
         "storage_path": storage,
         # Which Ray ran it: {"where": ..., "version": ..., "connect_s": ...}.
         "ray": ray,
+        # Its MLflow run (dltrain.train.live): {"run_id", "training_id", "tracking_uri" (no
+        # password), "unsent_epochs"}, which register completes; None without live tracking.
+        "mlflow": mlflow,
     }
     card = {
         "architecture": architecture(params.model.hidden_sizes),

@@ -19,6 +19,8 @@ ray.init waits for Ray's processes, so that on two cores the import costs the st
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from dataclasses import asdict
@@ -30,7 +32,7 @@ from dltrain.config import Params
 from dltrain.errors import TrainingError
 from dltrain.loopspec import LoopConfig
 from dltrain.paths import Workspace
-from dltrain.train import connect, rayenv
+from dltrain.train import connect, live, rayenv
 from dltrain.train.outputs import read_final_checkpoint, write_outputs
 from dltrain.train.preflight import (
     check_processed,
@@ -54,7 +56,7 @@ def say(message: str) -> None:
 
 
 def train(params: Params, ws: Workspace, *, resume: str = "auto") -> dict[str, Any]:
-    """Train with Ray Train and write models/model.pt, models/model.json and
+    """Train with Ray Train and write models/model.safetensors, models/model.json and
     reports/training.json; returns the training report."""
     started = time.perf_counter()
     t = params.train
@@ -83,7 +85,12 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto") -> dict[str, A
     connect_s = connect.connect(target, local_cpus(), rayenv.runtime_env())
     import ray
 
+    tracker = None
     try:
+        # The run's MLflow run opens now, from a thread of this process (dltrain.train.live).
+        if live.enabled():
+            tracker = live.LiveRun(params, ws, summary, storage=storage, name=name,
+                                   say=say).start()
         cpus_per_worker = _plan(params, target)
         threads = t.threads_per_worker or cpus_per_worker
         loop_cfg = LoopConfig(processed_dir=str(ws.processed_dir.resolve()),
@@ -96,19 +103,29 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto") -> dict[str, A
             f"{'GPU' if t.use_gpu else 'CPU'}, {t.epochs} epochs, global batch {t.batch_size}"
             + (f"; resuming run {name} from its latest checkpoint" if resuming else ""))
         trainer_import.join()
-        result = _fit(params, loop_cfg, cpus_per_worker, storage, name)
+        # The longest silent wait of a run: new processes each import PyTorch and join the
+        # process group; rank 0 says "N workers ready" when they have (dltrain.train.worker).
+        say(f"starting {t.num_workers} Ray Train worker{'s' if t.num_workers > 1 else ''} "
+            "(each a new process that loads PyTorch)")
+        result = _fit(params, loop_cfg, cpus_per_worker, storage, name, _progress_terminal())
         if result.checkpoint is None:
             raise TrainingError("training finished without a checkpoint")
         with result.checkpoint.as_directory() as directory:
             epochs, weights = read_final_checkpoint(Path(directory), loop_cfg.hidden_sizes)
         metrics = result.metrics or {}
+        mlflow_run = tracker.finish(epochs) if tracker else None
         report = write_outputs(
             epochs, weights, params, ws, summary, world_size=t.num_workers,
             device="cuda" if t.use_gpu else "cpu", nodes=list(metrics.get("nodes", [])),
             wall_s=time.perf_counter() - started, name=name, storage=storage,
             ray={"where": target.where, "version": ray.__version__,
-                 "connect_s": round(connect_s, 3)})
+                 "connect_s": round(connect_s, 3)}, mlflow=mlflow_run)
         mark_complete(storage, name, report)
+    except BaseException as exc:
+        if tracker is not None:
+            tracker.abort("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit))
+                          else "FAILED")
+        raise
     finally:
         # A private Ray stops here; a warm Ray or a cluster is only disconnected from.
         ray.shutdown()
@@ -142,17 +159,35 @@ def _plan(params: Params, target: connect.RayTarget) -> int:
     return per_worker
 
 
+def _progress_terminal() -> dict[str, str] | None:
+    """The terminal that this process' stdout is, and this process' Ray node: rank 0 draws its
+    progress bar there when it runs on that node (dltrain.train.worker.Output). None off a
+    terminal: lines only, no escape codes."""
+    import ray
+
+    if not sys.stdout.isatty():
+        return None
+    try:
+        tty = os.ttyname(sys.stdout.fileno())
+    except OSError:
+        return None
+    return {"tty": tty, "node_id": ray.get_runtime_context().get_node_id()}
+
+
 def _fit(params: Params, loop_cfg: LoopConfig, cpus_per_worker: int, storage: str,
-         name: str) -> Any:
+         name: str, progress: dict[str, str] | None = None) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from dltrain.train.worker import train_fn_per_worker
 
     t = params.train
+    from dltrain.train.epochlog import EpochLog
+
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"loop": asdict(loop_cfg), "use_gpu": t.use_gpu},
+        train_loop_config={"loop": asdict(loop_cfg), "use_gpu": t.use_gpu,
+                           "progress": progress},
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu,
             resources_per_worker={"CPU": cpus_per_worker},
@@ -161,6 +196,8 @@ def _fit(params: Params, loop_cfg: LoopConfig, cpus_per_worker: int, storage: st
             name=name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Each committed epoch into the run directory, for live tracking to send.
+            callbacks=[EpochLog(storage, name)],
             logging_config=ray.train.LoggingConfig(log_level=rayenv.RAY_TRAIN_LOG_LEVEL)),
     )
     try:

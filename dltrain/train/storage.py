@@ -137,8 +137,10 @@ def write_epoch(storage: str, name: str, record: dict[str, Any]) -> None:
     _write(fs, f"{folder}/epoch_{int(record['epoch']):04d}.json", record)
 
 
-def read_epochs(storage: str, name: str) -> list[dict[str, Any]]:
-    """The epochs written so far, in order; a file still being written is left for later."""
+def read_epochs(storage: str, name: str, known: set[int] | frozenset[int] = frozenset()
+                ) -> list[dict[str, Any]]:
+    """The epochs written so far, in order, less those numbered in `known` (their files are not
+    read again); a file still being written is left for later."""
     import pyarrow.fs
 
     fs, root = _filesystem(storage)
@@ -146,7 +148,10 @@ def read_epochs(storage: str, name: str) -> list[dict[str, Any]]:
                                        allow_not_found=True)
     records = []
     for info in fs.get_file_info(selector):
-        if not (info.base_name.startswith("epoch_") and info.base_name.endswith(".json")):
+        stem = info.base_name.removesuffix(".json")
+        if not (stem.startswith("epoch_") and stem[6:].isdigit() and stem != info.base_name):
+            continue
+        if int(stem[6:]) in known:
             continue
         try:
             with fs.open_input_stream(info.path) as fh:
