@@ -17,7 +17,6 @@ from dltrain.errors import ModelError, RegistryError
 from dltrain.urls import redact_text, redact_url
 
 EXPERIMENT = "mnist-training"
-MODEL_ARTIFACT_DIR = "model"  # run artifact folder holding model.pt, model.json, README.md
 _MODEL_REF = re.compile(r"^models:/(?P<name>[^@/]+)@(?P<alias>[\w-]+)$")
 
 
@@ -111,11 +110,11 @@ def parse_model_ref(ref: str) -> tuple[str, str] | None:
 def download_version(ref: str, tracking_uri: str, dst: Path, *, attempts: int = 4,
                      backoff_s: float = 1.0) -> Path:
     """Download the files of the version that `models:/<name>@<alias>` points to into `dst`;
-    return the folder holding model.pt and model.json."""
+    return the folder: an MLflow model (dltrain.mlflow_model.weights_in finds its weights)."""
     parsed = parse_model_ref(ref)
     if parsed is None:
         raise ModelError(f"invalid model reference {ref!r}; expected models:/<name>@<alias>, "
-                         "e.g. models:/mnist-mlp@champion, or a path to model.pt")
+                         "e.g. models:/mnist-mlp@champion, or a path to model.safetensors")
     name, alias = parsed
     if tracking_uri.startswith("sqlite:///") and not Path(
             tracking_uri.removeprefix("sqlite:///")).is_file():
