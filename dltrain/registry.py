@@ -17,6 +17,7 @@ from dltrain.errors import ModelError, RegistryError
 from dltrain.urls import redact_text, redact_url
 
 EXPERIMENT = "mnist-training"
+MODEL_ARTIFACT_DIR = "model"  # the run folder of the loose files of versions registered before
 _MODEL_REF = re.compile(r"^models:/(?P<name>[^@/]+)@(?P<alias>[\w-]+)$")
 
 
