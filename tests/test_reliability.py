@@ -27,6 +27,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers_mlflow import training_runs
 from safetensors.torch import load_file
 
 import dltrain.download as download_module
@@ -497,3 +498,7 @@ def test_killed_driver_then_rerun_resumes_cleanly_and_the_model_loads(tmp_path: 
     assert report["epochs"][-1]["val_accuracy"] >= 0.9
     run_dir = Path(report["storage_path"]) / report["run_name"]
     assert (run_dir / "dltrain-complete.json").is_file()
+    # One MLflow run for the killed driver and the re-run, every epoch in it once.
+    runs, history = training_runs(ws, report)
+    assert runs == [report["mlflow"]["run_id"]]
+    assert history == [(e["epoch"], pytest.approx(e["val_accuracy"])) for e in report["epochs"]]
