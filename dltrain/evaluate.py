@@ -22,15 +22,23 @@ from typing import Any
 
 import numpy as np
 
-from dltrain.classes import class_names
+from dltrain.classes import class_key, class_names
 from dltrain.errors import DataError
 from dltrain.io import atomic_open, read_json, write_json
 from dltrain.weights import NUM_CLASSES, load_weights_and_digest, mlp_logits
 
 METRICS_FILE = "metrics.json"
+PER_CLASS_FILE = "per_class.json"
 CONFUSION_CSV = "confusion.csv"
 CONFUSION_PNG = "confusion_matrix.png"
 MISCLASSIFIED_PNG = "misclassified.png"
+CURVES_PNG = "training_curves.png"
+TRAINING_REPORT = "training.json"  # the train stage's, in the same reports directory
+# metrics.json's checksums are this many hex digits (as git shortens a commit's): enough to
+# tell which weights and test split were measured, short enough that `dvc metrics show` fits
+# a 100-column terminal. per_class.json carries them in full.
+SHORT_SHA = 12
+HEADLINE = ("accuracy", "loss", "macro_f1", "n")
 
 
 def load_test_split(processed_dir: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -173,16 +181,42 @@ def _measure(model_path: Path, processed_dir: Path, batch_size: int
     return metrics, images, labels, logits
 
 
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What reports/metrics.json holds: the figures `dvc metrics show` and `diff` compare, and
+    the short checksums of what was measured (the register stage checks them)."""
+    return {**{key: metrics[key] for key in HEADLINE},
+            "test_sha256": metrics["test_sha256"][:SHORT_SHA],
+            "weights_sha256": metrics["weights_sha256"][:SHORT_SHA]}
+
+
+def per_class_report(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What reports/per_class.json holds: one row per class, in label order, with its display
+    name and its metric-safe key (dltrain.classes.class_key), for `dvc plots` and the register
+    stage; and the full checksums of what was measured."""
+    rows = [{"index": index, "class": name, "key": class_key(index, name), **figures}
+            for index, (name, figures) in enumerate(metrics["per_class"].items())]
+    return {"dataset": metrics["dataset"], "test_sha256": metrics["test_sha256"],
+            "weights_sha256": metrics["weights_sha256"], "classes": rows}
+
+
+def matches(recorded: Any, sha256: str) -> bool:
+    """True if `recorded` (a checksum in metrics.json: full, or its first SHORT_SHA digits)
+    is `sha256`."""
+    return isinstance(recorded, str) and len(recorded) >= SHORT_SHA and sha256.startswith(recorded)
+
+
 def evaluate(model_path: Path, processed_dir: Path, reports_dir: Path, *,
              batch_size: int) -> dict[str, Any]:
-    """Evaluate the model on the test split; write metrics.json, the confusion matrix (CSV for
-    `dvc plots`, PNG) and a grid of misclassified images into `reports_dir`; return the metrics.
+    """Evaluate the model on the test split; write metrics.json (the headline figures),
+    per_class.json, the confusion matrix (CSV for `dvc plots`, PNG), a grid of misclassified
+    images and the training curves (from training.json in `reports_dir`, when the train stage
+    wrote one) into `reports_dir`; return the metrics with the per-class figures.
 
     metrics.json carries the sha256 of the weights and of the test split it measured, so that
     the register stage can refuse metrics of another model or data (a skipped evaluate)."""
     # Imported here, not at the top: matplotlib costs 0.5 s, and the register stage imports
     # this module only to re-score a champion.
-    from dltrain.plots import plot_confusion_matrix, plot_misclassified
+    from dltrain.plots import plot_confusion_matrix, plot_misclassified, plot_training_curves
 
     metrics, images, labels, logits = _measure(model_path, processed_dir, batch_size)
     names = class_names(metrics["dataset"])
@@ -194,8 +228,25 @@ def evaluate(model_path: Path, processed_dir: Path, reports_dir: Path, *,
                           reports_dir / CONFUSION_PNG)
     plot_misclassified(images, labels, predictions, top_probability(logits), names,
                        reports_dir / MISCLASSIFIED_PNG)
+    epochs = _training_epochs(reports_dir / TRAINING_REPORT)
+    if epochs:
+        plot_training_curves(epochs, reports_dir / CURVES_PNG)
+    else:  # never leave the curves of another model beside these reports
+        (reports_dir / CURVES_PNG).unlink(missing_ok=True)
+        print(f"evaluate: no epochs in {reports_dir / TRAINING_REPORT}: no training curves")
+    write_json(reports_dir / PER_CLASS_FILE, per_class_report(metrics))
     # metrics.json last: its presence means every report of this run is complete.
-    write_json(reports_dir / METRICS_FILE, metrics)
+    write_json(reports_dir / METRICS_FILE, headline(metrics))
     print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f} "
           f"on {metrics['n']} images -> {reports_dir / METRICS_FILE}")
     return metrics
+
+
+def _training_epochs(path: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of the train stage's report; none when there is no readable one
+    (a model trained elsewhere): the curves are then left out, not the evaluation."""
+    try:
+        epochs = read_json(path).get("epochs") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [e for e in epochs or [] if isinstance(e, dict) and "epoch" in e]

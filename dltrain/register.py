@@ -28,7 +28,7 @@ from typing import Any
 from dltrain import promotion
 from dltrain.config import Params
 from dltrain.errors import DataError, ModelError, RegistryError
-from dltrain.evaluate import score_model, split_checksum
+from dltrain.evaluate import PER_CLASS_FILE, matches, score_model, split_checksum
 from dltrain.gate import CHAMPION, EPS, Member, Score
 from dltrain.io import read_json, write_json
 from dltrain.paths import Workspace
@@ -83,7 +83,7 @@ def read_candidate(ws: Workspace) -> Candidate:
     if missing:
         raise DataError(f"{ws.metrics_path} has no {', '.join(missing)} (written by an older "
                         "evaluate): re-run `dltrain evaluate`")
-    if metrics["weights_sha256"] != weights_sha256:
+    if not matches(metrics["weights_sha256"], weights_sha256):
         raise DataError(f"{ws.metrics_path} is stale: it measured weights "
                         f"{str(metrics['weights_sha256'])[:12]}, but {ws.model_path} holds "
                         f"{weights_sha256[:12]}; re-run `dltrain evaluate` (or `dvc repro`)")
@@ -91,12 +91,29 @@ def read_candidate(ws: Workspace) -> Candidate:
     if not summary_path.is_file():
         raise DataError(f"{summary_path} not found (run `dltrain preprocess` first)")
     current = split_checksum(ws.processed_dir, read_json(summary_path))
-    if metrics["test_sha256"] != current:
+    if not matches(metrics["test_sha256"], current):
         raise DataError(f"{ws.metrics_path} is stale: it measured test split "
                         f"{str(metrics['test_sha256'])[:12]}, but {ws.processed_dir} holds "
                         f"{current[:12]}; re-run `dltrain evaluate` (or `dvc repro`)")
     training = read_json(ws.training_report_path) if ws.training_report_path.is_file() else {}
+    # metrics.json keeps short checksums: the candidate carries the full ones just checked.
+    metrics = {**metrics, "weights_sha256": weights_sha256, "test_sha256": current,
+               "per_class": _per_class(ws, weights_sha256, current)}
     return Candidate(card, metrics, training, weights_sha256)
+
+
+def _per_class(ws: Workspace, weights_sha256: str, test_sha256: str) -> list[dict[str, Any]]:
+    """The per-class rows of reports/per_class.json, checked to be of the same evaluation."""
+    path = ws.reports_dir / PER_CLASS_FILE
+    if not path.is_file():
+        raise DataError(f"{path} not found (written by evaluate since the per-class figures "
+                        "left metrics.json): re-run `dltrain evaluate`")
+    report = read_json(path)
+    if not isinstance(report, dict) or (report.get("weights_sha256"), report.get(
+            "test_sha256")) != (weights_sha256, test_sha256):
+        raise DataError(f"{path} is stale: it is not the evaluation of {ws.model_path} on "
+                        f"{ws.processed_dir}; re-run `dltrain evaluate` (or `dvc repro`)")
+    return list(report.get("classes") or [])
 
 
 class ChampionScorer:

@@ -49,8 +49,9 @@ def model_card_markdown(name: str, cand: Candidate, run_id: str) -> str:
     data = cand.card.get("data", {})
     epochs = cand.training.get("epochs") or []
     last = epochs[-1] if epochs else {}
-    rows = "\n".join(f"| {cls} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | "
-                     f"{m['support']} |" for cls, m in cand.metrics.get("per_class", {}).items())
+    rows = "\n".join(f"| {m['class']} | `{m['key']}` | {m['precision']:.4f} | "
+                     f"{m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |"
+                     for m in cand.metrics.get("per_class", []))
     params = json.dumps(cand.card.get("params", {}), indent=2, sort_keys=True)
     return f"""# {name}
 
@@ -73,8 +74,8 @@ A multi-layer perceptron ({layers}, ReLU, logits) classifying 28x28 grey images.
 - last epoch ({last.get('epoch')}): train accuracy {last.get('train_accuracy')},
   validation accuracy {last.get('val_accuracy')}
 
-| class | precision | recall | F1 | support |
-| --- | --- | --- | --- | --- |
+| class | MLflow key (`test_f1/...`) | precision | recall | F1 | support |
+| --- | --- | --- | --- | --- | --- |
 {rows}
 
 ## Parameters
@@ -132,18 +133,23 @@ def log_run(client: Any, tracking_uri: str, ws: Workspace, params: Params, cand:
         metrics.append(Metric("samples_per_s", float(cand.training["samples_per_s"]), now, 0))
     metrics += [Metric(f"test_{key}", float(cand.metrics[key]), now, 0)
                 for key in ("accuracy", "loss", "macro_f1") if key in cand.metrics]
-    metrics += [Metric(f"test_f1/{cls}", float(m["f1"]), now, 0)
-                for cls, m in cand.metrics.get("per_class", {}).items()]
+    # Safe keys (test_f1/class_0_tshirt_top): a class name's own "/" would split the UI's
+    # metric groups. The display names are a tag, and in the model card.
+    per_class = cand.metrics.get("per_class", [])
+    metrics += [Metric(f"test_f1/{m['key']}", float(m["f1"]), now, 0) for m in per_class]
     client.log_batch(run_id, metrics=metrics,
                      params=[Param(k, v) for k, v in flatten(params.to_dict()).items()],
-                     tags=[RunTag("dltrain.nodes", json.dumps(cand.card.get("nodes")))])
+                     tags=[RunTag("dltrain.nodes", json.dumps(cand.card.get("nodes"))),
+                           RunTag("dltrain.class_names",
+                                  json.dumps({m["key"]: m["class"] for m in per_class}))])
     for path in (ws.model_path, ws.model_card_path):
         client.log_artifact(run_id, str(path), MODEL_ARTIFACT_DIR)
     with tempfile.TemporaryDirectory() as tmp:
         card_md = Path(tmp) / MODEL_CARD_FILE
         card_md.write_text(model_card_markdown(model_name, cand, run_id))
         client.log_artifact(run_id, str(card_md), MODEL_ARTIFACT_DIR)
-    for name in ("metrics.json", "training.json", "confusion_matrix.png", "misclassified.png"):
+    for name in ("metrics.json", "per_class.json", "training.json", "confusion_matrix.png",
+                 "misclassified.png", "training_curves.png"):
         if (ws.reports_dir / name).is_file():
             client.log_artifact(run_id, str(ws.reports_dir / name), "reports")
     client.set_terminated(run_id)

@@ -116,9 +116,9 @@ def evaluated_workspace(root: Path, seed: int = 0) -> Workspace:
 
 
 def replace_weights(ws: Workspace, seed: int, accuracy: float | None = None) -> str:
-    """New weights (the old ones plus a little noise) and reports/metrics.json as if evaluate had
-    measured them (their sha256), with `accuracy` written in when given. Returns the new
-    weights' sha256."""
+    """New weights (the old ones plus a little noise) and reports/metrics.json and
+    per_class.json as if evaluate had measured them (their sha256), with `accuracy` written in
+    when given. Returns the new weights' sha256."""
     from dltrain.modelio import load_model
 
     model, card = load_model(ws.model_path)
@@ -132,6 +132,8 @@ def replace_weights(ws: Workspace, seed: int, accuracy: float | None = None) -> 
     if accuracy is not None:
         metrics["accuracy"] = accuracy
     write_json(ws.metrics_path, metrics)
+    per_class = ws.reports_dir / "per_class.json"
+    write_json(per_class, {**read_json(per_class), "weights_sha256": sha})
     return sha
 
 

@@ -5,6 +5,7 @@ source directory whose files change is downloaded, preprocessed and trained on a
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -167,3 +168,29 @@ def test_a_changed_source_directory_is_downloaded_preprocessed_and_trained_on_ag
         assert (clone / "data" / "raw" / name).read_bytes() == (source / name).read_bytes()
     # And once more: nothing new, nothing after the check.
     assert stages_run(repro(clone, "train")) == ["check"]
+
+
+def test_evaluate_reports_read_well_in_dvc(trained_clone: tuple[Path, Path]):
+    """`dvc metrics show` of the evaluated model fits a 100-column terminal (the per-class
+    figures are in reports/per_class.json, a plot), and `dvc plots show` renders every plot
+    dvc.yaml declares, the offline training curves PNG among them."""
+    clone, _source = trained_clone
+    assert stages_run(repro(clone, "evaluate")) == ["check", "evaluate"]
+    env = venv_env(COLUMNS="100")
+    shown = subprocess.run(["dvc", "metrics", "show"], cwd=clone, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    print("\n" + shown.stdout)
+    assert len(lines) == 2 and lines[1].startswith("reports/metrics.json"), shown.stdout
+    assert max(len(line) for line in lines) <= 100, shown.stdout
+    assert lines[0].split() == ["Path", "accuracy", "loss", "macro_f1", "n", "test_sha256",
+                                "weights_sha256"]
+    plots = subprocess.run(["dvc", "plots", "show", "--json"], cwd=clone, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert plots.returncode == 0, plots.stderr
+    rendered = json.loads(plots.stdout)
+    assert not rendered.get("errors"), rendered["errors"]
+    for name in ("reports/per_class.json", "reports/training_curves.png",
+                 "reports/confusion_matrix.png"):
+        assert name in rendered["data"], sorted(rendered["data"])

@@ -18,7 +18,7 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from torch.nn import functional as F
 
-from dltrain.classes import FASHION_MNIST, MNIST
+from dltrain.classes import FASHION_MNIST, MNIST, class_key
 from dltrain.cli import main
 from dltrain.errors import DataError, ModelError
 from dltrain.evaluate import (
@@ -64,6 +64,18 @@ def test_metrics_match_hand_computed_values() -> None:
     right = -math.log(math.exp(2) / (math.exp(2) + 9))
     wrong = -math.log(1 / (math.exp(2) + 9))
     assert metrics["loss"] == pytest.approx((4 * right + 2 * wrong) / 6, rel=1e-5)
+
+
+def test_class_keys_are_metric_safe_and_distinct() -> None:
+    """MLflow metric keys of the per-class figures: [a-z0-9_] only, one per class, in label
+    order, readable (Fashion-MNIST's "T-shirt/top" -> class_0_tshirt_top)."""
+    fashion = [class_key(i, n) for i, n in enumerate(FASHION_MNIST)]
+    assert fashion == ["class_0_tshirt_top", "class_1_trouser", "class_2_pullover",
+                       "class_3_dress", "class_4_coat", "class_5_sandal", "class_6_shirt",
+                       "class_7_sneaker", "class_8_bag", "class_9_ankle_boot"]
+    assert [class_key(i, n) for i, n in enumerate(MNIST)] == [f"class_{i}" for i in range(10)]
+    assert class_key(3, "Odd / name -- here!") == "class_3_odd_name_here"
+    assert class_key(4, "///") == "class_4"
 
 
 def test_confusion_rows_are_actual_and_columns_predicted() -> None:
@@ -124,15 +136,28 @@ def _evaluate(ws: Workspace) -> dict:
 def test_evaluate_writes_metrics_plots_and_csv(trained_ws: Workspace) -> None:
     returned = _evaluate(trained_ws)
     metrics = json.loads(trained_ws.metrics_path.read_text())
-    assert metrics == returned
+    # metrics.json: the headline figures only (`dvc metrics show` fits 100 columns), and short
+    # checksums of what was measured (register refuses metrics of other weights or data).
+    assert set(metrics) == {"accuracy", "loss", "macro_f1", "n", "test_sha256", "weights_sha256"}
+    assert {k: metrics[k] for k in ("accuracy", "loss", "macro_f1", "n")} == {
+        k: returned[k] for k in ("accuracy", "loss", "macro_f1", "n")}
     summary = json.loads((trained_ws.processed_dir / "summary.json").read_text())
     assert metrics["accuracy"] >= 0.9 and 0 < metrics["loss"] < 1.0
     assert metrics["n"] == summary["test"]["n"] == 200
-    assert metrics["test_sha256"] == summary["test"]["sha256"]
-    # What was measured: register refuses metrics of other weights (a skipped evaluate).
+    assert metrics["test_sha256"] == summary["test"]["sha256"][:12] == returned["test_sha256"][:12]
     card = json.loads(trained_ws.model_card_path.read_text())
-    assert metrics["weights_sha256"] == card["weights_sha256"]
-    assert set(metrics["per_class"]) == set(FASHION_MNIST)  # names from summary's dataset
+    assert metrics["weights_sha256"] == card["weights_sha256"][:12]
+    # per_class.json: every class in label order, its display name (from summary's dataset),
+    # a metric-safe key, the figures; and the full checksums.
+    per_class = json.loads((trained_ws.reports_dir / "per_class.json").read_text())
+    assert (per_class["test_sha256"], per_class["weights_sha256"]) == (
+        summary["test"]["sha256"], card["weights_sha256"])
+    assert [row["class"] for row in per_class["classes"]] == list(FASHION_MNIST)
+    assert [row["index"] for row in per_class["classes"]] == list(range(10))
+    for row in per_class["classes"]:
+        assert {k: row[k] for k in ("precision", "recall", "f1", "support")} == \
+            returned["per_class"][row["class"]]
+    assert per_class["classes"][0]["key"] == "class_0_tshirt_top"
 
     with open(trained_ws.reports_dir / "confusion.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -142,9 +167,37 @@ def test_evaluate_writes_metrics_plots_and_csv(trained_ws: Workspace) -> None:
     agree = sum(r["actual"] == r["predicted"] for r in rows)
     assert agree / len(rows) == pytest.approx(metrics["accuracy"])
 
-    for name in ("confusion_matrix.png", "misclassified.png"):
+    for name in ("confusion_matrix.png", "misclassified.png", "training_curves.png"):
         with Image.open(trained_ws.reports_dir / name) as image:
             assert image.format == "PNG" and image.width > 300 and image.height > 300
+
+
+def test_training_curves_are_drawn_from_training_json(trained_ws: Workspace) -> None:
+    """reports/training_curves.png: loss and accuracy curves that show offline (`dvc plots
+    show` draws its own with Vega from a CDN). Read back: a picture, not a blank canvas."""
+    from matplotlib.image import imread
+
+    _evaluate(trained_ws)
+    pixels = imread(trained_ws.reports_dir / "training_curves.png")[..., :3]
+    non_white = (pixels < 0.9).any(axis=-1).mean()
+    assert 0.02 < non_white < 0.5, non_white  # axes, ticks, labels and four curves
+    # Coloured pixels: the curves themselves (the axes and the text are black or grey).
+    colour = pixels.max(axis=-1) - pixels.min(axis=-1)
+    assert (colour > 0.3).mean() > 0.001
+    assert pixels.std() > 0.05
+
+
+def test_without_training_json_the_curves_are_left_out(trained_ws: Workspace, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    ws = Workspace.at(tmp_path)
+    shutil.copytree(trained_ws.root, ws.root, dirs_exist_ok=True)
+    _evaluate(ws)
+    ws.training_report_path.unlink()
+    assert (ws.reports_dir / "training_curves.png").exists()  # of training.json, until now
+    _evaluate(ws)
+    assert "no training curves" in capsys.readouterr().out
+    assert not (ws.reports_dir / "training_curves.png").exists()
+    assert ws.metrics_path.is_file()
 
 
 def test_metrics_are_the_torch_models(trained_ws: Workspace) -> None:

@@ -4,6 +4,7 @@ aliases, refusals, idempotence, and a tracking server that is down."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -15,13 +16,14 @@ from helpers_mlflow import free_port, serve_mlflow
 from helpers_models import evaluated_workspace, new_test_split, plant_model, replace_weights
 from PIL import Image
 
+from dltrain.classes import FASHION_MNIST, class_key
 from dltrain.cli import main
 from dltrain.config import Params, params_from_dict
 from dltrain.errors import DataError, ModelError, RegistryError
 from dltrain.paths import Workspace
-from dltrain.register import LINEAGE_TAGS, register
+from dltrain.register import LINEAGE_TAGS, read_candidate, register
 from dltrain.registry import embedded_tracking_uri
-from dltrain.tracking import flatten
+from dltrain.tracking import flatten, model_card_markdown
 
 
 def test_flatten_params() -> None:
@@ -92,6 +94,27 @@ def test_first_model_is_champion_with_lineage_weights_and_card(ws: Workspace) ->
     for needle in ("## Data", "## Lineage", "## Metrics", "## How to load it",
                    card["git_commit"], summary["data_checksum"], "weights_only=True"):
         assert needle in markdown
+
+
+@pytest.mark.integration
+def test_per_class_metrics_are_logged_under_safe_keys(ws: Workspace) -> None:
+    """test_f1/class_0_tshirt_top, not test_f1/T-shirt/top (whose own "/" splits the UI's
+    metric groups); the display names are a run tag and a column of the model card."""
+    outcome = register(ws, _params())
+    client = _client(ws)
+    run = client.get_run(outcome["run_id"])
+    per_class = json.loads((ws.reports_dir / "per_class.json").read_text())["classes"]
+    keys = sorted(k for k in run.data.metrics if k.startswith("test_f1/"))
+    assert keys == sorted(f"test_f1/{class_key(i, n)}" for i, n in enumerate(FASHION_MNIST))
+    assert all(re.fullmatch(r"test_f1/[a-z0-9_]+", k) for k in keys), keys
+    for row in per_class:
+        assert run.data.metrics[f"test_f1/{row['key']}"] == pytest.approx(row["f1"])
+    names = json.loads(run.data.tags["dltrain.class_names"])
+    assert names == {class_key(i, n): n for i, n in enumerate(FASHION_MNIST)}
+    local = Path(client.download_artifacts(outcome["run_id"], "reports", str(ws.root / "dl")))
+    assert {"per_class.json", "training_curves.png"} <= {p.name for p in local.iterdir()}
+    card = model_card_markdown("mnist-mlp", read_candidate(ws), outcome["run_id"])
+    assert "| T-shirt/top | `class_0_tshirt_top` |" in card
 
 
 def _aliases(ws: Workspace) -> dict[str, str]:
