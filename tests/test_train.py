@@ -266,6 +266,24 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(tmp_path: Path) -> Non
     assert attempts[0] == 0 and attempts[-1] >= 1 and attempts == sorted(attempts)
     assert report["epochs"][-1]["val_accuracy"] >= 0.9
     assert "resuming from the checkpoint of epoch" in done.stdout
+    # Output that is not a terminal (a log, DVC's or Prefect's capture): a line at each step a
+    # user waits on, in order, and no colour codes.
+    assert "\x1b[" not in done.stdout
+    _in_order(done.stdout, "starting a private local Ray", "Ray ready in",
+              "starting 2 Ray Train workers", "2 workers ready on 1 node", "epoch 1/8  loss",
+              "epoch 2/8  loss", "2 workers ready on 1 node",
+              "resuming from the checkpoint of epoch", "epoch 8/8  loss")
+    assert "\ntrained 8 epochs in" in done.stdout
+
+
+def _in_order(output: str, *starts: str) -> None:
+    """Each of `starts` begins a line of `output`, in this order."""
+    lines = output.splitlines()
+    at = 0
+    for start in starts:
+        found = next((i for i in range(at, len(lines)) if lines[i].startswith(start)), None)
+        assert found is not None, f"no line starting {start!r} after line {at}:\n{output}"
+        at = found + 1
 
 
 @pytest.mark.integration
@@ -427,3 +445,55 @@ def test_a_cluster_that_refuses_the_token_is_one_line(users_ray: UsersRay, tmp_p
         f"dltrain train: error: cannot use the Ray cluster at {users_ray.address} (RAY_ADDRESS)")
     assert "RAY_AUTH_TOKEN_PATH" in errors[0] and "Traceback" not in done.stdout
     assert not (tmp_path / "models").exists()
+
+
+# ----------------------------------------------------------------------------- progress output
+
+def test_rank_0_draws_a_progress_bar_on_the_drivers_terminal(capsys) -> None:
+    """The driver's stdout a terminal and rank 0 on its Ray node: a tqdm bar of the epoch's
+    batches on that terminal, cleared for the epoch's line, and nothing sent through Ray's
+    line-by-line forwarding (stdout)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    from dltrain.train.worker import Output
+
+    master, slave = pty.openpty()
+    # 30 rows x 100 columns: a new pseudo-terminal has no size, and tqdm draws nothing in 0.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    try:
+        out = Output.for_rank(0, {"tty": os.ttyname(slave), "node_id": "n1"}, "n1")
+        start = out.epoch_bar(2)
+        step = start(1, 40)
+        for _ in range(40):
+            step()
+            time.sleep(0.01)
+        out.line("epoch 1/2  loss 0.5")
+        out.close()
+        shown = b""
+        while select.select([master], [], [], 0.5)[0]:
+            shown += os.read(master, 65536)
+    finally:
+        os.close(master)
+        os.close(slave)
+    text = shown.decode()
+    assert "epoch 1/2:" in text and "/40 [" in text and "\r" in text
+    assert text.rstrip().endswith("epoch 1/2  loss 0.5")
+    assert capsys.readouterr().out == ""
+
+
+def test_off_a_terminal_or_on_another_node_there_are_lines_only(capsys) -> None:
+    from dltrain.train.stage import _progress_terminal
+    from dltrain.train.worker import Output
+
+    assert _progress_terminal() is None  # pytest's captured stdout is no terminal
+    for out in (Output.for_rank(0, None, "n1"), Output.for_rank(1, {"tty": "/dev/tty",
+                                                                    "node_id": "n1"}, "n1"),
+                Output.for_rank(0, {"tty": "/dev/tty", "node_id": "n1"}, "n2")):
+        assert out.epoch_bar(2) is None
+        out.line("epoch 1/2  loss 0.5")
+        out.close()
+    assert capsys.readouterr().out == "epoch 1/2  loss 0.5\n" * 3
