@@ -26,6 +26,7 @@ from dltrain.evaluate import (
     compute_metrics,
     cross_entropy,
     evaluate,
+    matches,
     score_model,
     top_probability,
 )
@@ -76,6 +77,13 @@ def test_class_keys_are_metric_safe_and_distinct() -> None:
     assert [class_key(i, n) for i, n in enumerate(MNIST)] == [f"class_{i}" for i in range(10)]
     assert class_key(3, "Odd / name -- here!") == "class_3_odd_name_here"
     assert class_key(4, "///") == "class_4"
+
+
+def test_a_recorded_checksum_matches_in_full_or_by_its_first_12_digits() -> None:
+    sha = "0123456789abcdef" * 4
+    assert matches(sha, sha) and matches(sha[:12], sha)
+    assert not matches(sha[:11], sha)  # too short to tell weights apart
+    assert not matches("f" * 12, sha) and not matches(None, sha)
 
 
 def test_confusion_rows_are_actual_and_columns_predicted() -> None:

@@ -117,6 +117,20 @@ def test_per_class_metrics_are_logged_under_safe_keys(ws: Workspace) -> None:
     assert "| T-shirt/top | `class_0_tshirt_top` |" in card
 
 
+def test_per_class_figures_of_another_evaluation_are_refused(ws: Workspace) -> None:
+    """reports/per_class.json must be of the evaluation metrics.json is (its full checksums):
+    else the MLflow run would get another model's per-class figures."""
+    path = ws.reports_dir / "per_class.json"
+    report = json.loads(path.read_text())
+    path.write_text(json.dumps({**report, "weights_sha256": "0" * 64}))
+    with pytest.raises(DataError, match=r"per_class.json is stale: .*dltrain evaluate"):
+        register(ws, _params())
+    path.unlink()
+    with pytest.raises(DataError, match=r"per_class.json not found .*dltrain evaluate"):
+        register(ws, _params())
+    assert not (ws.root / "mlruns").exists()  # MLflow was never touched
+
+
 def _aliases(ws: Workspace) -> dict[str, str]:
     return {k: str(v) for k, v in _client(ws).get_registered_model("mnist-mlp").aliases.items()}
 
