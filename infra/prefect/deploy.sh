@@ -15,8 +15,13 @@ cd "$(dirname "$0")/../.."
 # prefect.yaml's pull step is `{{ $PWD }}`: make it this clone whatever the caller's shell says.
 PWD="$(pwd -P)"
 export PWD
-if [ -z "${PREFECT_API_URL:-}" ] && ! prefect config view 2>/dev/null | grep -q "^PREFECT_API_URL="; then
-  export PREFECT_API_URL="http://127.0.0.1:${PREFECT_SERVER_API_PORT:-4200}/api"
+if [ -z "${PREFECT_API_URL:-}" ]; then
+  # Read whole before grep looks at it: with pipefail, `grep -q` leaving a pipe early could
+  # fail the pipeline and hide the profile's URL.
+  view="$(prefect config view 2>/dev/null || true)"
+  if ! grep -q "^PREFECT_API_URL=" <<<"$view"; then
+    export PREFECT_API_URL="http://127.0.0.1:${PREFECT_SERVER_API_PORT:-4200}/api"
+  fi
 fi
 
 case "${1:-local}" in
