@@ -1,4 +1,4 @@
-"""The evaluate stage: test-set metrics of models/model.pt, for DVC metrics and plots.
+"""The evaluate stage: test-set metrics of models/model.safetensors, for DVC metrics and plots.
 
 The classification metrics are read off the confusion matrix with numpy (scikit-learn's
 definitions, zero_division=0; tests/test_evaluate.py checks them against scikit-learn on random
@@ -6,7 +6,7 @@ input): importing sklearn.metrics would cost this stage a second of its ~4 s.
 
 No torch either: `import torch` was half of this stage's time (1.4 of 2.9 s), for a forward
 pass that numpy does as fast. The weights are read by dltrain.weights (the same checks as
-dltrain.modelio.load_model: plain weights only, the card's pair, every shape), the forward pass
+dltrain.modelio.load_model: safetensors, the card's pair, every shape), the forward pass
 is its numpy twin of dltrain.model.MLP, and the cross-entropy is computed here with the same
 definition as torch's F.cross_entropy (mean of -log softmax at the true class; tests check both
 against torch).

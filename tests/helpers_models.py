@@ -74,7 +74,8 @@ def train_tiny(processed_dir: Path, epochs: int = 3, seed: int = 0,
 
 def save_workspace_model(ws: Workspace, model: MLP, records: list[dict],
                          params: Params | None = None) -> str:
-    """models/model.pt + model.json and reports/training.json as the train stage writes them."""
+    """models/model.safetensors + model.json and reports/training.json as the train stage
+    writes them."""
     params = params or Params()
     summary = read_json(ws.processed_dir / "summary.json")
     card = {"architecture": architecture(model.hidden_sizes), "params": params.to_dict(),

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from helpers_models import evaluated_workspace
+from safetensors.torch import load, save_file
 
 from dltrain.cli import main
 from dltrain.config import params_from_dict
@@ -33,7 +34,7 @@ from dltrain.errors import (
 )
 from dltrain.evaluate import evaluate
 from dltrain.freshness import check
-from dltrain.loop import CHECKPOINT_HISTORY, CHECKPOINT_STATE, load_state
+from dltrain.loop import CHECKPOINT_HISTORY, CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, load_state
 from dltrain.paths import Workspace
 from dltrain.register import register
 from dltrain.registry import display_uri, redact
@@ -61,12 +62,13 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
 
 @pytest.fixture
 def poisoned(tmp_path: Path, evaluated: Workspace) -> tuple[Workspace, Path]:
-    """A copy of the evaluated workspace whose models/model.pt carries a pickle payload next
-    to the real weights (same card, same shapes): only unpickling would tell."""
+    """A copy of the evaluated workspace whose models/model.safetensors is replaced by a
+    torch.save of the real weights plus a pickle payload (same card, same shapes): only
+    unpickling would run it."""
     ws = Workspace.at(tmp_path / "ws")
     shutil.copytree(evaluated.root, ws.root)
     marker = tmp_path / "payload-ran"
-    state = torch.load(ws.model_path, weights_only=True)
+    state = load(ws.model_path.read_bytes())  # not load_file: its arrays map the file
     torch.save({**state, "extra": Payload(marker)}, ws.model_path)
     return ws, marker
 
@@ -105,21 +107,24 @@ def test_training_checkpoint_with_a_payload_is_refused(tmp_path: Path) -> None:
     checkpoint = tmp_path / "epoch_0002"
     checkpoint.mkdir()
     marker = tmp_path / "payload-ran"
-    torch.save({"model": {"w": torch.zeros(2)}, "optimizer": {"extra": Payload(marker)},
-                "best_model": None}, checkpoint / CHECKPOINT_STATE)
+    # The tensors are safetensors (no pickle at all); the optimizer's state is torch's format.
+    save_file({"model/w": torch.zeros(2)}, checkpoint / CHECKPOINT_STATE)
+    torch.save({"state": {}, "param_groups": [], "extra": Payload(marker)},
+               checkpoint / CHECKPOINT_OPTIMIZER)
     (checkpoint / CHECKPOINT_HISTORY).write_text(json.dumps([{"epoch": 2}]))
-    with pytest.raises(ModelError, match="not plain weights") as info:
+    with pytest.raises(ModelError, match="would run code when loaded") as info:
         load_state(checkpoint)
-    assert str(checkpoint / CHECKPOINT_STATE) in str(info.value)
+    assert str(checkpoint / CHECKPOINT_OPTIMIZER) in str(info.value)
     assert not marker.exists()
 
 
 def test_a_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     checkpoint = tmp_path / "epoch_0001"
     checkpoint.mkdir()
-    torch.save({"model": {"w": torch.zeros(1000)}, "optimizer": {}}, checkpoint / "full.pt")
-    data = (checkpoint / "full.pt").read_bytes()
+    save_file({"model/w": torch.zeros(1000)}, checkpoint / "full.safetensors")
+    data = (checkpoint / "full.safetensors").read_bytes()
     (checkpoint / CHECKPOINT_STATE).write_bytes(data[:len(data) // 2])
+    torch.save({"state": {}, "param_groups": []}, checkpoint / CHECKPOINT_OPTIMIZER)
     (checkpoint / CHECKPOINT_HISTORY).write_text("[]")
     with pytest.raises(ModelError, match="corrupt or incomplete"):
         load_state(checkpoint)
@@ -142,7 +147,8 @@ def test_only_the_cluster_deployment_configs_bind_all_interfaces() -> None:
     offenders = []
     for path in tracked_files():
         rel = str(path.relative_to(REPO_ROOT))
-        if rel.startswith(("tests/", "RELIABILITY.md")) or path.suffix in (".png", ".pt"):
+        if (rel.startswith(("tests/", "RELIABILITY.md"))
+                or path.suffix in (".png", ".pt", ".safetensors")):
             continue
         text = path.read_text(errors="replace")
         if re.search(r"0\.0\.0\.0|--host[= ]+(::|\[::\])", text) and rel not in \
@@ -193,7 +199,7 @@ URL_WITH_PASSWORD = SECRET_PATTERNS[-1]
 def test_no_credentials_in_any_tracked_file() -> None:
     hits = []
     for path in tracked_files():
-        if path.suffix in (".png", ".pt", ".gz"):
+        if path.suffix in (".png", ".pt", ".safetensors", ".gz"):
             continue
         text = path.read_text(errors="replace")
         for pattern in SECRET_PATTERNS:
