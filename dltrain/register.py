@@ -1,4 +1,5 @@
-"""The register stage: log the run to MLflow, register the model and move its aliases.
+"""The register stage: complete the training's MLflow run (dltrain.tracking), register the
+model and move its aliases.
 
 What it registers must be what evaluate measured: reports/metrics.json carries the sha256 of the
 weights and of the test split it scored, and the stage refuses metrics of another model (a
@@ -31,8 +32,9 @@ from dltrain.errors import DataError, ModelError, RegistryError
 from dltrain.evaluate import PER_CLASS_FILE, matches, score_model, split_checksum
 from dltrain.gate import CHAMPION, EPS, Member, Score
 from dltrain.io import read_json, write_json
+from dltrain.mlflow_model import link_version, run_model, weights_in
 from dltrain.paths import Workspace
-from dltrain.registry import MODEL_ARTIFACT_DIR, connect, display_uri, redact, resolve_tracking_uri
+from dltrain.registry import connect, display_uri, redact, resolve_tracking_uri
 from dltrain.tracking import log_run
 from dltrain.weights import load_weights_and_digest
 
@@ -158,8 +160,8 @@ class ChampionScorer:
             with tempfile.TemporaryDirectory(prefix="dltrain-champion-") as tmp:
                 folder = download_artifacts(artifact_uri=version.source, dst_path=tmp,
                                             tracking_uri=self.tracking_uri)
-                metrics = score_model(Path(folder) / self.ws.model_path.name, self.ws.processed_dir,
-                                batch_size=self.batch_size)
+                metrics = score_model(weights_in(Path(folder)), self.ws.processed_dir,
+                                      batch_size=self.batch_size)
         except (ModelError, OSError) as exc:
             return Score(number, None, True, own_accuracy, error=str(exc))
         except MlflowException as exc:
@@ -249,10 +251,17 @@ def _register_new(client: Any, tracking_uri: str, ws: Workspace, params: Params,
 
     promotion.ensure_registered_model(client, name)
     tags = {**cand.tags(), **promotion.gate_tags(base, cfg.min_improvement, promote_unloadable)}
+    # The version is the MLflow model that log_run logged into the run (its artifact location:
+    # a `models:/<model_id>` source would be resolved against the process's default store).
+    logged = run_model(client, run_id, cand.weights_sha256)
+    if logged is None:
+        raise RegistryError(f"run {run_id} holds no MLflow model of weights "
+                            f"{cand.weights_sha256[:12]}: it was not logged; re-run register")
     version = client.create_model_version(
-        name, f"runs:/{run_id}/{MODEL_ARTIFACT_DIR}", run_id=run_id, tags=tags,
+        name, logged.artifact_location, run_id=run_id, model_id=logged.model_id, tags=tags,
         description=f"test accuracy {cand.accuracy:.4f} on {tags.get('dataset')}")
     number = int(version.version)
+    link_version(client, logged, name, number)
     client.set_tag(run_id, "dltrain.registered", "true")
     resolution, moved = promotion.settle(client, name, scorer, own=number, serialised=serialised)
     step = resolution.step_for(number)
