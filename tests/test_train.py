@@ -19,7 +19,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
+from helpers_mlflow import training_runs
+from safetensors.torch import load_file
 
 from dltrain.config import params_from_dict
 from dltrain.errors import TrainingError
@@ -207,7 +208,7 @@ def test_two_cpu_workers_train_checkpoint_and_report(processed_ws: Path, tmp_pat
     assert sorted(p.name for p in run_dir.glob("epoch_*")) == ["epoch_0002", "epoch_0003"]
     model, card = load_model(ws.model_path)
     assert card["world_size"] == 2 and card["architecture"]["hidden_sizes"] == [64]
-    assert torch.load(ws.model_path, weights_only=True).keys() == model.state_dict().keys()
+    assert load_file(ws.model_path).keys() == model.state_dict().keys()
 
 
 def _train_workers(driver_pid: int) -> list[psutil.Process]:
@@ -266,6 +267,10 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(tmp_path: Path) -> Non
     assert attempts[0] == 0 and attempts[-1] >= 1 and attempts == sorted(attempts)
     assert report["epochs"][-1]["val_accuracy"] >= 0.9
     assert "resuming from the checkpoint of epoch" in done.stdout
+    # Live tracking went on in the same MLflow run: one run, every epoch in it once.
+    runs, history = training_runs(ws, report)
+    assert runs == [report["mlflow"]["run_id"]]
+    assert history == [(e["epoch"], pytest.approx(e["val_accuracy"])) for e in report["epochs"]]
     # Output that is not a terminal (a log, DVC's or Prefect's capture): a line at each step a
     # user waits on, in order, and no colour codes.
     assert "\x1b[" not in done.stdout
@@ -291,7 +296,7 @@ def test_worker_failure_without_retries_fails_clearly(tmp_path: Path) -> None:
     done, ws = _kill_a_worker_after("epoch_0001", tmp_path, max_failures=0)
     assert done.returncode != 0
     assert "training failed after 0 allowed worker failure(s) (train.max_failures)" in done.stdout
-    assert not (ws / "models" / "model.pt").exists()
+    assert not (ws / "models" / "model.safetensors").exists()
 
 
 # ----------------------------------------------------------------------------- beside a user's Ray
