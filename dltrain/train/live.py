@@ -173,8 +173,23 @@ class LiveRun:
         if self._warned:
             return
         self._warned = True
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         self.say(f"note: MLflow at {display_uri(self.tracking_uri)} cannot be reached "
-                 f"({redact(first, self.tracking_uri)[:200]}); training goes on, its epochs "
+                 f"({_reason(exc, self.tracking_uri)}); training goes on, its epochs "
                  f"wait in {self.storage}/{self.name} and reports/training.json, and "
                  "`dltrain register` sends them")
+
+
+# What a failed request comes down to, in the words of the error that MLflow wraps it in.
+_CAUSES = ("Connection refused", "timed out", "Name or service not known",
+           "Temporary failure in name resolution", "No route to host", "database is locked")
+
+
+def _reason(exc: BaseException, uri: str) -> str:
+    """A short cause for the note: MLflow's message quotes the whole request (and the URI,
+    whose password must not show)."""
+    text = str(exc)
+    for cause in _CAUSES:
+        if cause in text:
+            return cause.lower()
+    first = (text.strip().splitlines() or [type(exc).__name__])[0]
+    return redact(first, uri)[:160]
