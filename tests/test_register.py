@@ -12,8 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from helpers_mlflow import free_port, serve_mlflow
 from helpers_models import evaluated_workspace, new_test_split, plant_model, replace_weights
+from mlflow.artifacts import download_artifacts
+from mlflow.models import Model
 from PIL import Image
 
 from dltrain.classes import FASHION_MNIST, class_key
@@ -86,13 +89,37 @@ def test_first_model_is_champion_with_lineage_weights_and_card(ws: Workspace) ->
     history = client.get_metric_history(outcome["run_id"], "val_accuracy")
     assert [m.step for m in history] == [1, 2, 3]
 
-    files = {a.path for a in client.list_artifacts(outcome["run_id"], "model")}
-    assert files == {"model/model.pt", "model/model.json", "model/model_card.md"}  # no MLmodel
-    local = Path(client.download_artifacts(outcome["run_id"], "model", str(ws.root / "dl")))
-    assert (local / "model.pt").read_bytes() == ws.model_path.read_bytes()
+    # The version is the run's MLflow model: a pyfunc model from code over the weights and
+    # their card, with its signature, input example, requirements and model card; no pickle.
+    [output] = run.outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert version.source == logged.artifact_location and str(logged.status) == "READY"
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [
+        {"name": "mnist-mlp", "version": "1"}]  # the UI's link from the model to the version
+    local = Path(download_artifacts(
+        artifact_uri=client.get_model_version_download_uri("mnist-mlp", "1"),
+        dst_path=str(ws.root / "dl"), tracking_uri=embedded_tracking_uri(ws.root)))
+    assert (local / "artifacts" / "model.safetensors").read_bytes() == ws.model_path.read_bytes()
+    assert (local / "artifacts" / "model.json").read_bytes() == ws.model_card_path.read_bytes()
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert (local / flavor["model_code_path"]).name == "pyfunc_model.py"
+    assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle", ".pt")]
+    requirements = (local / "requirements.txt").read_text()
+    assert all(f"{lib}==" in requirements for lib in ("mlflow", "numpy", "safetensors"))
+    assert "torch" not in requirements
+    signature = Model.load(str(local)).signature
+    assert signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {
+        "dtype": "uint8", "shape": (-1, 28, 28)}}]
+    assert signature.outputs.to_dict() == [{"type": "tensor", "tensor-spec": {
+        "dtype": "float32", "shape": (-1, 10)}}]
+    example = json.loads((local / "serving_input_example.json").read_text())
+    assert np.asarray(example["inputs"]).shape == (2, 28, 28)
     markdown = (local / "model_card.md").read_text()
     for needle in ("## Data", "## Lineage", "## Metrics", "## How to load it",
-                   card["git_commit"], summary["data_checksum"], "weights_only=True"):
+                   card["git_commit"], summary["data_checksum"],
+                   'mlflow.pyfunc.load_model("models:/mnist-mlp@champion")',
+                   "mlflow models serve -m models:/mnist-mlp@champion"):
         assert needle in markdown
 
 
@@ -198,12 +225,12 @@ def test_a_worse_model_on_a_new_test_set_stays_challenger(ws: Workspace, tmp_pat
     # The oracle: evaluate the champion's own files on the new test set, independently.
     oracle = tmp_path / "oracle"
     (oracle / "models").mkdir(parents=True)
-    (oracle / "models" / "model.pt").write_bytes(champion_model[0])
+    (oracle / "models" / "model.safetensors").write_bytes(champion_model[0])
     (oracle / "models" / "model.json").write_bytes(champion_model[1])
     from dltrain.evaluate import evaluate
 
-    rescored = evaluate(oracle / "models" / "model.pt", ws.processed_dir, oracle / "reports",
-                        batch_size=256)["accuracy"]
+    rescored = evaluate(oracle / "models" / "model.safetensors", ws.processed_dir,
+                        oracle / "reports", batch_size=256)["accuracy"]
     assert rescored > planted["accuracy"] + 0.3
     assert (outcome["version"], outcome["aliases"]) == (2, ["challenger"])
     assert outcome["champion_accuracy"] == rescored and outcome["champion_rescored"] is True
@@ -224,17 +251,16 @@ def test_a_worse_model_on_a_new_test_set_stays_challenger(ws: Workspace, tmp_pat
 
 
 def _artifact_files(ws: Workspace, version: str) -> Path:
-    client = _client(ws)
-    run_id = client.get_model_version("mnist-mlp", version).run_id
-    root = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://"))
-    return root / "model"
+    """The folder of the version's weights in the store (an MLflow model's artifacts/)."""
+    uri = _client(ws).get_model_version_download_uri("mnist-mlp", version)
+    return Path(uri.removeprefix("file://")) / "artifacts"
 
 
 @pytest.mark.integration
 def test_a_champion_that_cannot_be_loaded_is_an_error_or_an_explicit_promotion(
         ws: Workspace, capsys) -> None:
     register(ws, _params(min_accuracy=0.0))
-    (_artifact_files(ws, "1") / "model.pt").unlink()  # the registry lost its weights
+    (_artifact_files(ws, "1") / "model.safetensors").unlink()  # the registry lost its weights
     new_test_split(ws, seed=43)
     plant_model(ws, seed=5, epochs=0)
     runs_before = len(_client(ws).search_runs([_client(ws).get_experiment_by_name(
