@@ -12,7 +12,8 @@ A stamp is recorded only when the file's last write is over STAMP_MARGIN_S old w
 taken: a later write then always moves the mtime on, even where file timestamps are coarse.
 
 The weights are cached by their sha256, checked again on every load (a cached file that changed
-is fetched again). A tracking server is always asked; only the embedded store is stamped.
+is fetched again). A tracking server is always asked which version the alias names, with one
+request of its REST API (no MLflow import); its weights come from the cache when they are there.
 """
 
 from __future__ import annotations
@@ -91,13 +92,46 @@ def _load(folder: Path, weights_sha256: str) -> tuple[dict[str, Any], dict[str, 
     return (state, card) if digest == weights_sha256 else None
 
 
+# MLflow's client settings for reaching a server (auth, TLS): with any of them set, the server
+# is asked through MLflow's own client, which applies them.
+_CLIENT_SETTINGS = ("MLFLOW_TRACKING_AUTH", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                    "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS",
+                    "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH")
+
+
+def served_weights_sha256(name: str, alias: str, tracking_uri: str) -> str | None:
+    """The weights_sha256 tag of the version `alias` points to on a tracking server, asked with
+    one request of MLflow's public REST API (GET registered-models/alias); None when that
+    cannot answer (another store, client settings to apply, any error: MLflow's client then
+    asks, with its retries and its messages)."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    if (urllib.parse.urlsplit(tracking_uri).scheme not in ("http", "https")
+            or any(os.environ.get(k) for k in _CLIENT_SETTINGS)):
+        return None
+    url = (tracking_uri.rstrip("/") + "/api/2.0/mlflow/registered-models/alias?"
+           + urllib.parse.urlencode({"name": name, "alias": alias}))
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            version = json.load(response)["model_version"]
+        tags = {t["key"]: t["value"] for t in version.get("tags", [])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    sha = tags.get("weights_sha256")
+    return sha if isinstance(sha, str) else None
+
+
 def cached(ref_name: str, alias: str, tracking_uri: str
            ) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """The weights and card the alias points to, from the cache, when the SQLite store has not
-    been written since the alias was resolved; else None."""
+    """The weights and card the alias points to, from the cache: for the SQLite store when it
+    has not been written since the alias was resolved, for a server when it names weights
+    that are cached; else None."""
     db = sqlite_path(tracking_uri)
     if db is None:
-        return None
+        sha = served_weights_sha256(ref_name, alias, tracking_uri)
+        return None if sha is None else _load(_weights_dir(cache_root(tracking_uri), sha), sha)
     root = cache_root(tracking_uri)
     try:
         entry = read_json(_alias_file(root, ref_name, alias))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -363,7 +365,9 @@ def test_server_down_then_up_registers_once(ws: Workspace, tmp_path: Path, capsy
 
 @pytest.mark.integration
 def test_register_and_predict_through_an_mlflow_server(ws: Workspace, mlflow_server: str,
-                                                       capsys) -> None:
+                                                       capsys, monkeypatch,
+                                                       tmp_path: Path) -> None:
+    monkeypatch.setenv("DLTRAIN_MODEL_CACHE", str(tmp_path / "cache"))  # not ~/.cache
     outcome = register(ws, _params(tracking_uri=mlflow_server))
     assert outcome["version"] == 1 and outcome["aliases"] == ["champion"]
     assert register(ws, _params(tracking_uri=mlflow_server))["new_version"] is False
@@ -376,3 +380,12 @@ def test_register_and_predict_through_an_mlflow_server(ws: Workspace, mlflow_ser
     assert main(["predict", "--model", "models:/mnist-mlp@champion", "--tracking-uri",
                  mlflow_server, "--json", str(png)]) == 0
     assert json.loads(capsys.readouterr().out)[0]["class"] == label
+    # Again: the server is asked with one REST request, the weights come from the cache, and
+    # MLflow is not imported.
+    script = ("import sys; from dltrain.cli import main; code = main(sys.argv[1:]); "
+              "print('mlflow' in sys.modules); sys.exit(code)")
+    out = subprocess.run([sys.executable, "-c", script, "predict", "--model",
+                          "models:/mnist-mlp@champion", "--tracking-uri", mlflow_server, str(png)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
