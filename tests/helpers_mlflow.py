@@ -142,15 +142,19 @@ def fail(method: str, path_end: str, status: int, model: str | None = None) -> R
     return rule
 
 
-def training_runs(ws_root: Path, report: dict) -> tuple[list[str], list[tuple[int, float]]]:
-    """The ids of the runs in the workspace's embedded store, and the val_accuracy history
-    (step, value) of the run that training.json (`report`) names: live tracking's outcome."""
+def training_runs(ws_root: Path, report: dict | None) -> tuple[list, list[tuple[int, float]]]:
+    """The runs in the workspace's embedded store (their ids; the runs themselves without a
+    `report`), and the val_accuracy history (step, value) of the run that training.json
+    (`report`) names: live tracking's outcome."""
     from mlflow import MlflowClient
 
     from dltrain.registry import EXPERIMENT, embedded_tracking_uri
 
     client = MlflowClient(tracking_uri=embedded_tracking_uri(ws_root))
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    runs = [r.info.run_id for r in client.search_runs([experiment.experiment_id])]
+    runs = client.search_runs([experiment.experiment_id])
+    if report is None:
+        return runs, []
+    runs = [r.info.run_id for r in runs]
     history = client.get_metric_history(report["mlflow"]["run_id"], "val_accuracy")
     return runs, sorted((m.step, m.value) for m in history)

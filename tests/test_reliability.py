@@ -445,6 +445,10 @@ def test_a_signalled_driver_stops_its_ray_and_says_interrupted(tmp_path: Path, s
     _wait_gone(tree, f"after {sig.name}")
     assert "dltrain train: interrupted" in (tmp_path / "train.log").read_text()
     assert not (ws / "models" / "model.safetensors").exists()
+    # Its MLflow run stays, marked interrupted, with the epochs it finished.
+    runs, _ = training_runs(ws, None)
+    assert [(r.info.status, r.data.tags["dltrain.training"]) for r in runs] == [
+        ("KILLED", "interrupted")]
 
 
 @pytest.mark.integration
