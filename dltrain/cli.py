@@ -63,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     ws, params = _load(args)
     try:
-        train(params, ws, resume=args.resume)
+        train(params, ws, resume=args.resume, reload=lambda: _load(args)[1])
     except SystemExit as exc:
         # Ray's own handlers end a signalled driver with SystemExit (ray.init's for SIGTERM;
         # Ray Train's for SIGINT, after aborting the run), with status 0 or 1 and no message;

@@ -26,6 +26,11 @@ class TrainingError(DltrainError):
     """Training could not start (pre-flight check) or failed."""
 
 
+class CertainTrainingError(TrainingError):
+    """A training failure that a retry would only repeat (a non-finite loss, a model that does
+    not fit in memory): the worker records it and the run ends without Ray Train's retries."""
+
+
 class ModelError(DltrainError):
     """A model file is missing, corrupt, not plain weights, or does not match its description."""
 

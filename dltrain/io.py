@@ -107,6 +107,19 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp_path.unlink(missing_ok=True)
 
 
+def check_writable(path: Path) -> None:
+    """Fail now, with the NotWritableError or DiskFullError the write would give, when `path`
+    could not be written later (a stage checks its outputs before long work, not after):
+    creates its directory and a temporary file there, then removes the file."""
+    path = Path(path)
+    with _disk_full_as_error(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe.tmp",
+                                     dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield an empty staging directory beside `path`; if the block succeeds, it replaces

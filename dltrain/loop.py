@@ -13,6 +13,7 @@ once, as uint8, and batches are cut there.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import resource
 import struct
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dltrain.errors import ModelError
+from dltrain.errors import CertainTrainingError, ModelError
 from dltrain.loopspec import (
     CHECKPOINT_HISTORY,
     CHECKPOINT_MODEL,
@@ -332,6 +333,17 @@ def train_loop(cfg: LoopConfig, *, rank: int = 0, world_size: int = 1,
                              train_accuracy=float(sums[1] / sums[2]), val_loss=val_loss,
                              val_accuracy=val_acc, epoch_time_s=time.perf_counter() - started,
                              samples=int(sums[2]), attempt=attempt)
+        # The figures are all-reduced, so every worker stops here together. The epoch is not
+        # reported: the checkpoint before it stays the run's latest.
+        if not (math.isfinite(record.train_loss) and math.isfinite(record.val_loss)):
+            raise CertainTrainingError(
+                f"the loss is not finite at epoch {epoch} (train loss {record.train_loss}, "
+                f"val loss {record.val_loss}): training diverged; lower train.learning_rate "
+                f"(now {cfg.learning_rate:g}). The checkpoint of epoch {epoch - 1} is kept"
+                if epoch > 1 else
+                f"the loss is not finite at epoch 1 (train loss {record.train_loss}, val loss "
+                f"{record.val_loss}): training diverged; lower train.learning_rate (now "
+                f"{cfg.learning_rate:g})")
         best_so_far = max((e["val_accuracy"] for e in history), default=-1.0)
         record.peak_rss_mb = _peak_rss_mb(rank, world_size, allreduce)
         history.append(asdict(record))

@@ -141,3 +141,31 @@ def test_the_best_validation_epoch_is_kept(processed_ws: Path) -> None:
     stopped = train_loop(config(processed_ws, epochs=best["epoch"], learning_rate=3e-3))
     for key in stopped.model:
         torch.testing.assert_close(state.best_model[key], stopped.model[key])
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss(processed_ws: Path) -> None:
+    """learning_rate 1e30 makes the loss inf/nan in the first epoch: the loop raises the
+    certain failure there (no epoch reported), naming the key to change."""
+    from dltrain.errors import CertainTrainingError
+
+    records = []
+    with pytest.raises(CertainTrainingError, match=r"not finite at epoch 1 .*train.learning_rate"):
+        train_loop(config(processed_ws, learning_rate=1e30, optimizer="sgd"),
+                   on_epoch_end=lambda r, snap: records.append(r))
+    assert records == []
+
+
+def test_a_run_that_diverges_later_keeps_the_epochs_before(processed_ws: Path) -> None:
+    """A restored run whose next epoch diverges: the epochs before were reported, the failing
+    one is not, and the message names the checkpoint that is kept."""
+    from dltrain.errors import CertainTrainingError
+
+    records = []
+    state = train_loop(config(processed_ws, epochs=1), on_epoch_end=lambda r, s: records.append(r))
+    with torch.no_grad():
+        for tensor in state.model.values():
+            tensor.fill_(float("nan"))
+    with pytest.raises(CertainTrainingError, match="epoch 2 .*checkpoint of epoch 1 is kept"):
+        train_loop(config(processed_ws, epochs=2), restored=state,
+                   on_epoch_end=lambda r, s: records.append(r))
+    assert [r.epoch for r in records] == [1]

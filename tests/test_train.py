@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +23,25 @@ import pytest
 from helpers_mlflow import training_runs
 from safetensors.torch import load_file
 
-from dltrain.config import params_from_dict
-from dltrain.errors import TrainingError
+from dltrain.config import load_params, params_from_dict
+from dltrain.errors import (
+    CertainTrainingError,
+    ConfigError,
+    NotWritableError,
+    TrainingError,
+)
 from dltrain.modelio import load_model
 from dltrain.paths import Workspace
 from dltrain.train import train
 from dltrain.train.connect import RayTarget, read_env_file, resolve
-from dltrain.train.preflight import check_processed, plan_resources, run_key
-from dltrain.train.storage import check_storage
+from dltrain.train.preflight import (
+    changed_params,
+    check_memory,
+    check_processed,
+    plan_resources,
+    run_key,
+)
+from dltrain.train.storage import FAILURE_FILE, check_storage
 
 from conftest import make_processed, venv_env
 
@@ -94,6 +106,57 @@ def test_too_many_workers_fail_before_ray_starts(processed_ws: Path, tmp_path: P
     import ray
 
     assert not ray.is_initialized()
+
+
+def test_a_model_too_big_for_memory_is_a_config_error_before_ray_starts(
+        processed_ws: Path, tmp_path: Path) -> None:
+    """hidden_sizes [100000, 100000] (10 billion weights) used to fail after 61 s and two
+    retries; the pre-flight estimate refuses it naming the key, before any Ray process."""
+    ws = Workspace.at(tmp_path)
+    shutil.copytree(processed_ws / "data", tmp_path / "data")
+    big = params_from_dict({"model": {"hidden_sizes": [100000, 100000]},
+                            "train": {"epochs": 1, "batch_size": 32, "max_failures": 2}})
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"model.hidden_sizes \[100000, 100000\] is "
+                       r"10,079,600,010 weights: at least \d+\.\d GiB .* available"):
+        train(big, ws)
+    assert time.monotonic() - started < 5
+    import ray
+
+    assert not ray.is_initialized()
+    check_memory(params(), 2**30, "here")  # the default-sized model fits in 1 GiB
+
+
+@pytest.mark.parametrize("how", ["read-only mount", "a file named models"])
+def test_an_unwritable_models_dir_fails_before_ray_starts(processed_ws: Path, tmp_path: Path,
+                                                          how: str) -> None:
+    ws = Workspace.at(tmp_path)
+    shutil.copytree(processed_ws / "data", tmp_path / "data")
+    if how == "a file named models":
+        ws.models_dir.write_text("not a directory")
+    else:
+        ws.models_dir.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs",
+                               str(ws.models_dir)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+    try:
+        with pytest.raises(NotWritableError, match=r"cannot write .*models/model.safetensors"):
+            train(params(), ws)
+    finally:
+        if how == "read-only mount":
+            subprocess.run(["umount", "-l", str(ws.models_dir)], check=False)
+    import ray
+
+    assert not ray.is_initialized()
+    assert not ws.training_report_path.exists()
+
+
+def test_changed_params_name_each_key_that_differs() -> None:
+    assert changed_params(params(), params()) == []
+    assert changed_params(params(), params(ray_address="local")) == []  # not the model's
+    assert changed_params(params(epochs=5), params(epochs=2, learning_rate=0.5)) == [
+        "train.epochs 5 -> 2", "train.learning_rate 0.001 -> 0.5"]
 
 
 # ----------------------------------------------------------------------------- which Ray
@@ -211,6 +274,69 @@ def test_two_cpu_workers_train_checkpoint_and_report(processed_ws: Path, tmp_pat
     assert load_file(ws.model_path).keys() == model.state_dict().keys()
 
 
+@pytest.fixture
+def private_ray_tmpdir(monkeypatch: pytest.MonkeyPatch):
+    # A short path of its own: Ray's socket paths must stay under ~107 bytes.
+    ray_tmpdir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmpdir))
+    yield ray_tmpdir
+    shutil.rmtree(ray_tmpdir, ignore_errors=True)
+
+
+def test_a_non_finite_loss_stops_the_run_without_retries(processed_ws: Path, tmp_path: Path,
+                                                         private_ray_tmpdir: Path) -> None:
+    """learning_rate 1e30 diverges in epoch 1: one clear error naming the key, although
+    train.max_failures allows 2 retries (a retry would only diverge again), and no model."""
+    ws = Workspace.at(tmp_path)
+    shutil.copytree(processed_ws / "data", tmp_path / "data")
+    diverging = params(learning_rate=1e30, optimizer="sgd", max_failures=2,
+                       ray_address="local")
+    with pytest.raises(CertainTrainingError,
+                       match=r"^training stopped: the loss is not finite at epoch 1 .*lower "
+                             r"train.learning_rate \(now 1e\+30\)") as caught:
+        train(diverging, ws)
+    assert "\n" not in str(caught.value)
+    assert not ws.model_path.exists() and not ws.training_report_path.exists()
+    summary = check_processed(ws.processed_dir, "fashion-mnist")
+    run_dir = ws.ray_results_dir / f"dltrain-{run_key(diverging, summary)}"
+    assert not list(run_dir.glob("epoch_*"))  # the diverged epoch was never reported
+    assert not (run_dir / FAILURE_FILE).exists()  # read and removed by the driver
+    # Ray Train never restarted the worker group: its controller logs each failure decision.
+    logs = "".join(p.read_text(errors="replace") for p in private_ray_tmpdir.rglob("*.log")
+                   if p.is_file())
+    assert "[FailurePolicy] RETRY" not in logs
+
+
+def test_params_edited_while_training_runs_fail_without_outputs(
+        processed_ws: Path, tmp_path: Path, private_ray_tmpdir: Path) -> None:
+    """train.epochs edited from 3 to 2 in params.yaml while the run trains: it fails naming
+    the key and writes neither models/ nor reports/training.json (DVC would record them
+    against epochs 2)."""
+    ws = Workspace.at(tmp_path)
+    shutil.copytree(processed_ws / "data", tmp_path / "data")
+    ws.params_path.write_text("model:\n  hidden_sizes: [64]\ntrain:\n  epochs: 3\n"
+                              "  batch_size: 32\n  num_workers: 1\n  ray_address: local\n")
+    started = load_params(ws.params_path)
+
+    def edit_after_the_first_checkpoint() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if list(ws.ray_results_dir.glob("dltrain-*/epoch_0001")):
+                ws.params_path.write_text(ws.params_path.read_text().replace(
+                    "epochs: 3", "epochs: 2"))
+                return
+            time.sleep(0.05)
+
+    editor = threading.Thread(target=edit_after_the_first_checkpoint, daemon=True)
+    editor.start()
+    with pytest.raises(TrainingError, match=r"params.yaml changed while training ran "
+                       r"\(train.epochs 3 -> 2\).* re-run `dvc repro train`"):
+        train(started, ws, reload=lambda: load_params(ws.params_path))
+    editor.join()
+    assert not ws.model_path.exists() and not ws.model_card_path.exists()
+    assert not ws.training_report_path.exists()
+
+
 def _train_workers(driver_pid: int) -> list[psutil.Process]:
     """The live Ray Train workers of the run driven by `driver_pid`: its private Ray's raylet is
     the driver's child and the workers are the raylet's, so another Ray on the machine (a
@@ -297,6 +423,9 @@ def test_worker_failure_without_retries_fails_clearly(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "training failed after 0 allowed worker failure(s) (train.max_failures)" in done.stdout
     assert not (ws / "models" / "model.safetensors").exists()
+    runs, _ = training_runs(ws, None)  # the MLflow run stays, marked failed
+    assert [(r.info.status, r.data.tags["dltrain.training"]) for r in runs] == [
+        ("FAILED", "failed")]
 
 
 # ----------------------------------------------------------------------------- beside a user's Ray

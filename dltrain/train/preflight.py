@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dltrain.config import Params
-from dltrain.errors import TrainingError
+from dltrain.errors import ConfigError, TrainingError
 from dltrain.io import read_json
 from dltrain.preprocess import split_paths
 
@@ -53,6 +53,50 @@ def plan_resources(num_workers: int, use_gpu: bool, cpus: float, gpus: float,
         raise TrainingError(f"train.use_gpu is true with {num_workers} workers, but {where} has "
                             f"{have}; set train.use_gpu: false or lower train.num_workers")
     return max(1, int(cpus // num_workers))
+
+
+# Float32 copies of the weights a worker holds at once, besides the optimizer's: the model, its
+# gradients, the best epoch's copy and the checkpoint snapshot. A floor, not an estimate of
+# the peak: a model refused by it cannot train here.
+_WEIGHT_COPIES = 4
+_OPTIMIZER_COPIES = {"sgd": 0, "rmsprop": 1, "adam": 2}
+
+
+def available_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(params: Params, available_bytes: int, where: str) -> None:
+    """A model whose weights alone (with their gradients, copies and optimizer state) cannot
+    fit in `where`'s available memory is a ConfigError naming model.hidden_sizes now, not an
+    out-of-memory error in every worker after Ray has started."""
+    sizes = [784, *params.model.hidden_sizes, 10]
+    count = sum(a * b + b for a, b in zip(sizes, sizes[1:], strict=False))
+    copies = (_WEIGHT_COPIES + _OPTIMIZER_COPIES.get(params.train.optimizer, 2)
+              + (1 if params.train.ema_decay else 0))
+    workers = params.train.num_workers
+    need = count * 4 * copies * workers
+    if need > available_bytes:
+        raise ConfigError(
+            f"model.hidden_sizes {list(params.model.hidden_sizes)} is {count:,} weights: "
+            f"at least {need / 2**30:.1f} GiB for {workers} worker(s) (weights, gradients, "
+            f"copies and {params.train.optimizer} state), but {where} has "
+            f"{available_bytes / 2**30:.1f} GiB available; use smaller model.hidden_sizes")
+
+
+def changed_params(started: Params, now: Params) -> list[str]:
+    """The model and train params that differ between the two, as `train.epochs 5 -> 2`
+    (train.ray_address aside: where the run trains does not change the model)."""
+    before, after = started.to_dict(), now.to_dict()
+    changes = []
+    for section in ("model", "train"):
+        old, new = before.get(section) or {}, after.get(section) or {}
+        for key in sorted(set(old) | set(new)):
+            if key != "ray_address" and old.get(key) != new.get(key):
+                changes.append(f"{section}.{key} {old.get(key)!r} -> {new.get(key)!r}")
+    return changes
 
 
 def run_inputs(params: Params, summary: dict[str, Any]) -> dict[str, Any]:

@@ -23,18 +23,23 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 from dltrain.config import Params
-from dltrain.errors import TrainingError
+from dltrain.errors import CertainTrainingError, TrainingError
+from dltrain.io import check_writable
 from dltrain.loopspec import LoopConfig
 from dltrain.paths import Workspace
 from dltrain.train import connect, live, rayenv
 from dltrain.train.outputs import read_final_checkpoint, write_outputs
 from dltrain.train.preflight import (
+    available_memory,
+    changed_params,
+    check_memory,
     check_processed,
     fresh_reason,
     local_cpus,
@@ -46,6 +51,7 @@ from dltrain.train.storage import (
     check_storage,
     mark_complete,
     prepare_run_dir,
+    read_failure,
     resolve_storage,
     swap_last_run,
 )
@@ -55,17 +61,25 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def train(params: Params, ws: Workspace, *, resume: str = "auto") -> dict[str, Any]:
+def train(params: Params, ws: Workspace, *, resume: str = "auto",
+          reload: Callable[[], Params] | None = None) -> dict[str, Any]:
     """Train with Ray Train and write models/model.safetensors, models/model.json and
-    reports/training.json; returns the training report."""
+    reports/training.json; returns the training report.
+
+    `reload()` reads the params again (params.yaml with the run's overrides): when the model or
+    train params it gives differ at the end from those the run started with, nothing is
+    written, since DVC would record the outputs against params they were not made with."""
     started = time.perf_counter()
     t = params.train
     summary = check_processed(ws.processed_dir, params.data.dataset)
+    for output in (ws.model_path, ws.model_card_path, ws.training_report_path):
+        check_writable(output)  # a read-only models/ now, not after the training
     target, note = connect.resolve(t.ray_address, ws)
     if note:
         say(note)
     if target.local:  # before any Ray process starts (the GPUs are counted once Ray is up)
         plan_resources(t.num_workers, False, local_cpus(), 0, "this machine")
+        check_memory(params, available_memory(), "this machine")
     storage = resolve_storage(t.storage_path, ws)
     check_storage(storage)
     # The processed splits, the model and the train params decide the run: a re-run resumes
@@ -113,6 +127,13 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto") -> dict[str, A
         with result.checkpoint.as_directory() as directory:
             epochs, weights = read_final_checkpoint(Path(directory), loop_cfg.hidden_sizes)
         metrics = result.metrics or {}
+        if reload is not None:
+            changed = changed_params(params, reload())
+            if changed:
+                raise TrainingError(
+                    f"params.yaml changed while training ran ({'; '.join(changed)}): the "
+                    "model was trained with the old values, so models/ and "
+                    "reports/training.json were not written; re-run `dvc repro train`")
         mlflow_run = tracker.finish(epochs) if tracker else None
         report = write_outputs(
             epochs, weights, params, ws, summary, world_size=t.num_workers,
@@ -187,7 +208,7 @@ def _fit(params: Params, loop_cfg: LoopConfig, cpus_per_worker: int, storage: st
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"loop": asdict(loop_cfg), "use_gpu": t.use_gpu,
-                           "progress": progress},
+                           "progress": progress, "storage": storage, "name": name},
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu,
             resources_per_worker={"CPU": cpus_per_worker},
@@ -200,11 +221,21 @@ def _fit(params: Params, loop_cfg: LoopConfig, cpus_per_worker: int, storage: st
             callbacks=[EpochLog(storage, name)],
             logging_config=ray.train.LoggingConfig(log_level=rayenv.RAY_TRAIN_LOG_LEVEL)),
     )
+    read_failure(storage, name, remove=True)  # one of an earlier attempt of this run
     try:
-        return trainer.fit()
+        result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
+        certain = read_failure(storage, name, remove=True)
+        if certain:
+            raise CertainTrainingError(f"training stopped: {certain}") from exc
         raise TrainingError(f"training failed after {t.max_failures} allowed worker "
                             f"failure(s) (train.max_failures): {_root_cause(exc)}") from exc
+    # A worker that met a certain failure records it and ends (dltrain.train.worker), so that
+    # Ray Train does not retry it: the run "finished", the failure is here.
+    certain = read_failure(storage, name, remove=True)
+    if certain:
+        raise CertainTrainingError(f"training stopped: {certain}")
+    return result
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -23,6 +23,10 @@ IDENTITY_FILE = "dltrain-mlflow.json"
 # One JSON file per epoch that Ray Train committed (dltrain.train.epochlog): what the driver
 # sends to MLflow live, and what waits there while MLflow is unreachable.
 EPOCHS_DIR = "dltrain-epochs"
+# A failure that a retry would only repeat (dltrain.errors.CertainTrainingError), written by the
+# worker that met it: a restarted worker group finds it and ends at once, and the driver reads it
+# (and removes it) to fail with its message instead of Ray Train's retries.
+FAILURE_FILE = "dltrain-certain-failure.json"
 
 
 def resolve_storage(storage_path: str | None, ws: Workspace) -> str:
@@ -159,6 +163,28 @@ def read_epochs(storage: str, name: str, known: set[int] | frozenset[int] = froz
         except (FileNotFoundError, ValueError):
             continue
     return sorted(records, key=lambda r: r["epoch"])
+
+
+def write_failure(storage: str, name: str, message: str) -> None:
+    fs, root = _filesystem(storage)
+    run_dir = f"{root.rstrip('/')}/{name}"
+    fs.create_dir(run_dir, recursive=True)
+    _write(fs, f"{run_dir}/{FAILURE_FILE}", {"message": message})
+
+
+def read_failure(storage: str, name: str, *, remove: bool = False) -> str | None:
+    """The certain failure recorded in run `name`'s directory, if any (removed with `remove`,
+    so that a re-run after a fix starts without it)."""
+    fs, root = _filesystem(storage)
+    path = f"{root.rstrip('/')}/{name}/{FAILURE_FILE}"
+    try:
+        with fs.open_input_stream(path) as fh:
+            message = str(json.loads(fh.read())["message"])
+    except (FileNotFoundError, KeyError, ValueError, TypeError):
+        return None
+    if remove:
+        fs.delete_file(path)
+    return message
 
 
 def _write(fs: Any, path: str, data: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
+    from dltrain.errors import CertainTrainingError
     from dltrain.loop import (
         EpochRecord,
         LoopConfig,
@@ -31,10 +32,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         save_state,
         train_loop,
     )
+    from dltrain.train.storage import read_failure, write_failure
 
     # Ray Train points the worker's root logger at the console at INFO, and logs every
     # report() there (a long line per epoch); the epoch's own line says what matters.
     logging.getLogger().setLevel(logging.WARNING)
+    if config.get("storage") and read_failure(config["storage"], config["name"]):
+        return  # restarted after a certain failure: the driver reports it, nothing to retry
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = LoopConfig(**config["loop"])
@@ -96,6 +100,22 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         train_loop(cfg, rank=rank, world_size=world, device=device, wrap_model=wrap,
                    allreduce=allreduce, restored=restored, on_epoch_end=on_epoch_end,
                    on_epoch_start=out.epoch_bar(cfg.epochs))
+    except (CertainTrainingError, MemoryError, torch.OutOfMemoryError) as exc:
+        # Certain: a non-finite loss (every rank sees the same all-reduced figures, so all stop
+        # together), or memory that the first attempt already lacked. Ray Train retries any
+        # worker error (FailureConfig has no per-error policy), so the failure is recorded for
+        # the driver, and a worker group started again for it ends at once (above).
+        certain = exc
+        if not isinstance(exc, CertainTrainingError):
+            if restored is not None:
+                raise  # a later attempt: the memory may have been taken by something else
+            certain = CertainTrainingError(
+                f"out of memory on worker {rank} in the first attempt: model.hidden_sizes "
+                f"{list(cfg.hidden_sizes)} with global batch {cfg.batch_size} does not fit "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+        write_failure(config["storage"], config["name"], str(certain))
+        if certain is not exc and world > 1:
+            raise  # the other ranks wait in a collective: end the group; its restart stops
     finally:
         out.close()
 
