@@ -21,6 +21,7 @@ move is recorded in the registry's alias history (`dltrain registry history`).
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -98,10 +99,32 @@ def read_candidate(ws: Workspace) -> Candidate:
                         f"{str(metrics['test_sha256'])[:12]}, but {ws.processed_dir} holds "
                         f"{current[:12]}; re-run `dltrain evaluate` (or `dvc repro`)")
     training = read_json(ws.training_report_path) if ws.training_report_path.is_file() else {}
+    # A diverged model (NaN or infinite loss) is not a model, whatever min_accuracy says.
+    for source, figures in ((ws.metrics_path, metrics), (ws.model_card_path, card.get("final")),
+                            (ws.training_report_path, training.get("epochs"))):
+        where = _non_finite(figures)
+        if where:
+            raise DataError(f"{source} has a non-finite figure ({where}): the training "
+                            "diverged, so it is not registered whatever register.min_accuracy "
+                            "says; lower train.learning_rate and re-run `dvc repro`")
     # metrics.json keeps short checksums: the candidate carries the full ones just checked.
     metrics = {**metrics, "weights_sha256": weights_sha256, "test_sha256": current,
                "per_class": _per_class(ws, weights_sha256, current)}
     return Candidate(card, metrics, training, weights_sha256)
+
+
+def _non_finite(value: Any, at: str = "") -> str | None:
+    """Where in `value` (a JSON document) the first NaN or infinity is, as `epochs[2].val_loss
+    = nan`; None when there is none."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{at or 'value'} = {value}"
+    if isinstance(value, dict):
+        items = ((f"{at}.{k}" if at else str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{at}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    return next((found for key, v in items if (found := _non_finite(v, key))), None)
 
 
 def _per_class(ws: Workspace, weights_sha256: str, test_sha256: str) -> list[dict[str, Any]]:

@@ -211,6 +211,30 @@ def test_stale_metrics_are_refused_and_nothing_is_registered(ws: Workspace, caps
         register(ws, _params())
 
 
+@pytest.mark.parametrize("where", ["metrics", "card", "training"])
+def test_non_finite_figures_are_refused_whatever_min_accuracy(ws: Workspace, capsys,
+                                                              where: str) -> None:
+    """A diverged training (loss NaN) is not a model: with min_accuracy 0 it used to become
+    champion with "loss": NaN in metrics.json. Refused before MLflow is touched."""
+    path = {"metrics": ws.metrics_path, "card": ws.model_card_path,
+            "training": ws.training_report_path}[where]
+    doc = json.loads(path.read_text())
+    if where == "metrics":
+        doc["loss"] = float("nan")
+    elif where == "card":
+        doc.setdefault("final", {})["val_loss"] = float("inf")
+    else:
+        doc.setdefault("epochs", [{"epoch": 1}])[-1]["train_loss"] = float("nan")
+    path.write_text(json.dumps(doc))
+    with pytest.raises((DataError, ModelError), match="non-finite|not finite|nan|inf"):
+        register(ws, _params(min_accuracy=0.0))
+    assert main(["register", "--workspace", str(ws.root), "-S", "register.min_accuracy=0"]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not ws.registration_path.exists()
+    assert not (ws.root / "mlruns").exists()  # MLflow was never touched
+
+
 @pytest.mark.integration
 def test_a_worse_model_on_a_new_test_set_stays_challenger(ws: Workspace, tmp_path: Path) -> None:
     """The gate with new data: the champion's weights are fetched from the registry and scored
