@@ -101,7 +101,7 @@ def test_a_resumed_training_continues_its_run_and_logs_every_epoch_once(tmp_path
     for n in (3, 4):
         write_epoch(storage, "dltrain-x", _epoch(n))
     record = second.finish([_epoch(n) for n in range(1, 5)])
-    assert record["run_id"] == run_id and record["unsent_epochs"] == []
+    assert record["run_id"] == run_id and record["unsent_epochs"] is None
     assert record["training_id"] == json.loads(
         (tmp_path / ".ray_results" / "dltrain-x" / IDENTITY_FILE).read_text())["training_id"]
     run = client.get_run(run_id)
@@ -197,7 +197,7 @@ def test_epochs_reach_mlflow_while_training_runs_and_register_completes_that_run
 
     report = json.loads((ws / "reports" / "training.json").read_text())
     tracked = report["mlflow"]
-    assert tracked["tracking_uri"] == uri and tracked["unsent_epochs"] == []
+    assert tracked["tracking_uri"] == uri and tracked["unsent_epochs"] is None
     run = client.get_run(tracked["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags[TRAINING_STATE_TAG] == "complete"
     assert run.data.tags[TRAINING_ID_TAG] == tracked["training_id"]

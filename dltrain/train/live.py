@@ -78,8 +78,10 @@ class LiveRun:
     def record(self, epochs: list[dict[str, Any]]) -> dict[str, Any]:
         with self._lock:
             unsent = [e["epoch"] for e in epochs if e["epoch"] not in self._logged]
+        # None, not [], when all were sent: `dvc plots` reads every list in training.json as a
+        # candidate series, and fails on an empty one.
         return {"run_id": self.run_id, "training_id": self.training_id,
-                "tracking_uri": display_uri(self.tracking_uri), "unsent_epochs": unsent}
+                "tracking_uri": display_uri(self.tracking_uri), "unsent_epochs": unsent or None}
 
     # ------------------------------------------------------------------ the thread
 

@@ -68,7 +68,8 @@ def write_outputs(epochs: list[dict[str, Any]], weights: bytes, params: Params, 
         # Which Ray ran it: {"where": ..., "version": ..., "connect_s": ...}.
         "ray": ray,
         # Its MLflow run (dltrain.train.live): {"run_id", "training_id", "tracking_uri" (no
-        # password), "unsent_epochs"}, which register completes; None without live tracking.
+        # password), "unsent_epochs" (None when all were sent)}, which register completes; None
+        # without live tracking.
         "mlflow": mlflow,
     }
     card = {
