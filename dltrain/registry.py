@@ -96,10 +96,53 @@ def connect(uri: str, *, attempts: int = 4, backoff_s: float = 1.0):
     from mlflow import MlflowClient
 
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        database = Path(uri.removeprefix("sqlite:///"))
+        if database.exists():
+            check_sqlite_store(database)
+        else:
+            database.parent.mkdir(parents=True, exist_ok=True)
     # An explicit client, never mlflow.set_tracking_uri: that one also exports
     # MLFLOW_TRACKING_URI, which would leak this store into every later resolution.
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def check_sqlite_store(database: Path) -> None:
+    """An existing SQLite store must be an MLflow store that SQLite can read whole: MLflow
+    would otherwise fail with a SQLAlchemy traceback (a corrupt file), or, for a 0-byte file,
+    silently make a fresh registry in it, and the next model would be "version 1 (champion)"
+    of a registry that lost its history. A missing file is a new registry, as before."""
+    import sqlite3
+
+    fix = ("restore it from a backup, or move it away to start a new registry "
+           "(its versions and aliases are then lost)")
+    try:
+        size = database.stat().st_size
+        if not database.is_file():
+            raise RegistryError(f"MLflow store {database} is not a file; {fix}")
+        if size == 0:
+            raise RegistryError(f"MLflow store {database} is empty (0 bytes), not a registry; "
+                                f"{fix}")
+        with open(database, "rb"):
+            pass  # unreadable (permissions): the open says so
+        connection = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            check = connection.execute("PRAGMA quick_check").fetchone()
+            tables = {row[0] for row in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            connection.close()
+    except OSError as exc:
+        raise RegistryError(f"MLflow store {database} cannot be read "
+                            f"({(exc.strerror or str(exc)).lower()}); {fix}") from exc
+    except sqlite3.Error as exc:
+        raise RegistryError(f"MLflow store {database} is corrupt: SQLite says \"{exc}\"; "
+                            f"{fix}") from exc
+    if not check or check[0] != "ok":
+        raise RegistryError(f"MLflow store {database} is corrupt: SQLite's check says "
+                            f"\"{check[0] if check else 'nothing'}\"; {fix}")
+    if not {"experiments", "alembic_version"} <= tables:
+        raise RegistryError(f"{database} is an SQLite file but not an MLflow store (no "
+                            f"experiments or alembic_version table); {fix}")
 
 
 def parse_model_ref(ref: str) -> tuple[str, str] | None:

@@ -139,8 +139,16 @@ class LiveRun:
             self.training_id = run_storage.training_id(self.storage, self.name)
         if self._client is None:
             if self.tracking_uri.startswith("sqlite:///"):
-                os.makedirs(os.path.dirname(self.tracking_uri.removeprefix("sqlite:///")),
-                            exist_ok=True)
+                database = self.tracking_uri.removeprefix("sqlite:///")
+                if os.path.exists(database):
+                    # A damaged store is left alone (a note; register names it), never made
+                    # into a fresh registry by MLflow's table set-up.
+                    from pathlib import Path
+
+                    from dltrain.registry import check_sqlite_store
+
+                    check_sqlite_store(Path(database))
+                os.makedirs(os.path.dirname(database), exist_ok=True)
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         client = self._client
         experiment_id = tracking._experiment_id(client, self.tracking_uri, self.ws.root)
