@@ -6,6 +6,7 @@ never an error: the summary describes what exists.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from dltrain.evaluate import CURVES_PNG
 from dltrain.freshness import changed_files
 from dltrain.paths import Workspace
 from dltrain.registry import embedded_tracking_uri
@@ -83,7 +85,26 @@ def training_section(ws: Workspace) -> list[str]:
             f"| {e.get('epoch')} | {_fmt(e.get('train_loss'))} | "
             f"{_fmt(e.get('train_accuracy'))} | {_fmt(e.get('val_loss'))} | "
             f"{_fmt(e.get('val_accuracy'))} | {_fmt(e.get('epoch_time_s'), 2)} |")
-    return lines
+    return lines + curves_lines(ws)
+
+
+# The curves PNG is about 60 KB; a larger file (a changed plot) is linked by path instead of
+# growing every summary artifact in Prefect's database.
+CURVES_EMBED_MAX = 256 * 1024
+
+
+def curves_lines(ws: Workspace) -> list[str]:
+    """The evaluate stage's loss and accuracy curves, embedded in the summary as a data URI:
+    the Prefect UI then shows them with no file server and no CDN (offline clusters)."""
+    path = ws.reports_dir / CURVES_PNG
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return []
+    if not data.startswith(b"\x89PNG") or len(data) > CURVES_EMBED_MAX:
+        return ["", f"Training curves: `{_rel(ws, path)}`"]
+    encoded = base64.b64encode(data).decode("ascii")
+    return ["", f"![training curves: loss and accuracy per epoch](data:image/png;base64,{encoded})"]
 
 
 def metrics_section(ws: Workspace) -> list[str]:

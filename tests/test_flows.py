@@ -418,6 +418,29 @@ def test_summary_from_reports(tmp_path):
     assert "registered a new version: **mnist-mlp** version **3**, aliases: champion" in md
 
 
+def test_the_summary_embeds_the_curves_png_so_the_ui_shows_them_offline(tmp_path):
+    import base64
+
+    from dltrain.io import write_json
+    from dltrain.paths import Workspace
+    from dltrain.plots import plot_training_curves
+
+    ws = Workspace.at(tmp_path)
+    epochs = [{"epoch": e, "train_loss": 1 / e, "train_accuracy": 1 - 0.1 / e,
+               "val_loss": 1.1 / e, "val_accuracy": 1 - 0.12 / e, "epoch_time_s": 1.0}
+              for e in (1, 2, 3)]
+    write_json(ws.training_report_path, {"epochs": epochs})
+    assert "data:image/png" not in run_summary(ws, {}, {})  # no PNG yet: nothing to show
+    plot_training_curves(epochs, ws.reports_dir / "training_curves.png")
+    md = run_summary(ws, {}, {})
+    embedded = md.split("(data:image/png;base64,", 1)[1].split(")", 1)[0]
+    assert base64.b64decode(embedded) == (ws.reports_dir / "training_curves.png").read_bytes()
+    # Too large to embed (or not a PNG): named by its path instead.
+    (ws.reports_dir / "training_curves.png").write_bytes(b"\x89PNG" + b"\0" * 300_000)
+    md = run_summary(ws, {}, {})
+    assert "data:image/png" not in md and "Training curves: `reports/training_curves.png`" in md
+
+
 REG = {"model_name": "mnist mlp", "version": 2, "run_id": "0123abcd"}
 
 
