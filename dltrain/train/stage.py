@@ -173,6 +173,8 @@ def _plan(params: Params, target: connect.RayTarget) -> int:
         # placement strategy puts it; the check counts the whole cluster.
         per_worker = t.threads_per_worker or 1
         plan_resources(t.num_workers * per_worker, t.use_gpu, cpus, gpus, where)
+        if resources.get("memory"):  # the whole cluster's: a model over it cannot train
+            check_memory(params, int(resources["memory"]), where)
     free = ray.available_resources().get("CPU", 0.0)
     if free < t.num_workers * per_worker:
         say(f"note: {where} has {free:g} of its {cpus:g} CPUs free; the run waits until "
