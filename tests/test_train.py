@@ -283,6 +283,7 @@ def private_ray_tmpdir(monkeypatch: pytest.MonkeyPatch):
     shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
 
+@pytest.mark.integration
 def test_a_non_finite_loss_stops_the_run_without_retries(processed_ws: Path, tmp_path: Path,
                                                          private_ray_tmpdir: Path) -> None:
     """learning_rate 1e30 diverges in epoch 1: one clear error naming the key, although
@@ -309,6 +310,7 @@ def test_a_non_finite_loss_stops_the_run_without_retries(processed_ws: Path, tmp
     assert "[FailurePolicy]" not in logs
 
 
+@pytest.mark.integration
 def test_params_edited_while_training_runs_fail_without_outputs(
         processed_ws: Path, tmp_path: Path, private_ray_tmpdir: Path) -> None:
     """train.epochs edited from 3 to 2 in params.yaml while the run trains: it fails naming
