@@ -43,11 +43,19 @@ def _prefect_texts() -> list[str]:
     run's parameters and state message."""
     from prefect.client.orchestration import get_client
 
+    def every(read) -> list:  # the API answers a page at a time
+        items, page = [], 100
+        while True:
+            got = read(limit=page, offset=len(items))
+            items += got
+            if len(got) < page:
+                return items
+
     with get_client(sync_client=True) as client:
-        texts = [log.message for log in client.read_logs()]
-        texts += [f"{a.key} {a.description} {a.data}" for a in client.read_artifacts()]
+        texts = [log.message for log in every(client.read_logs)]
+        texts += [f"{a.key} {a.description} {a.data}" for a in every(client.read_artifacts)]
         texts += [f"{r.parameters} {r.state.message if r.state else ''}"
-                  for r in client.read_flow_runs()]
+                  for r in every(client.read_flow_runs)]
     return texts
 
 
@@ -93,6 +101,7 @@ def test_a_planted_password_is_nowhere_at_rest(prefect_api, fresh_clone: Path,
     assert _files_holding(tmp_path / "mlflow-store", secret) == []  # runs, params, artifacts
     texts = _prefect_texts()
     assert any("params for this run" in t for t in texts)  # the logs did arrive
+    assert any("mnist-training-summary" in t for t in texts)  # and the summary artifact
     assert [t for t in texts if planted in t] == []
     out = capsys.readouterr()
     assert planted not in out.out + out.err
