@@ -110,12 +110,24 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def check_writable(path: Path) -> None:
     """Fail now, with the NotWritableError or DiskFullError the write would give, when `path`
     could not be written later (a stage checks its outputs before long work, not after):
-    creates its directory and a temporary file there, then removes the file."""
+    creates a temporary file in its directory, or in the nearest existing folder above it (the
+    write would create the rest), then removes it. Leaves nothing behind: a stage that fails
+    after the check (Ray refused, say) must not leave an empty output folder."""
     path = Path(path)
     with _disk_full_as_error(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe.tmp",
-                                     dir=path.parent)
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            if not folder.is_dir():
+                # A file where a folder must be: the error the write would give.
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+            fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe.tmp",
+                                         dir=folder)
+        except OSError as exc:
+            if exc.errno in _NOT_WRITABLE:
+                raise not_writable_error(path, exc) from exc
+            raise
         os.close(fd)
         os.unlink(probe)
 
