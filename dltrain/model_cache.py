@@ -28,14 +28,11 @@ from typing import Any
 
 from dltrain.errors import DiskFullError, ModelError
 from dltrain.io import atomic_dir, read_json, write_json
+from dltrain.registry import sqlite_path
 
 STAMP_MARGIN_S = 2.0
 CACHE_ENV = "DLTRAIN_MODEL_CACHE"  # where the cache of a tracking server's versions lives
 
-
-def sqlite_path(tracking_uri: str) -> Path | None:
-    return Path(tracking_uri.removeprefix("sqlite:///")) if tracking_uri.startswith(
-        "sqlite:///") else None
 
 
 def cache_root(tracking_uri: str) -> Path:

@@ -30,12 +30,12 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from dltrain import history
 from dltrain.errors import RegistryError
 from dltrain.gate import CHALLENGER, CHAMPION, EPS, Member, Resolution, Score, Step, resolve
+from dltrain.registry import sqlite_path
 
 ANCHOR_TAG = "dltrain.gate.anchor"
 # Version tags written at registration: the champion the version was compared with, and how.
@@ -48,13 +48,6 @@ DESCRIPTION = "dltrain MLP on MNIST-style images (weights + model card)"
 def error_code(exc: BaseException) -> str | None:
     """MLflow's documented error code of an MlflowException (e.g. RESOURCE_DOES_NOT_EXIST)."""
     return getattr(exc, "error_code", None)
-
-
-def sqlite_path(tracking_uri: str) -> Path | None:
-    """The database file of an sqlite:/// URI, else None."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    return Path(tracking_uri.removeprefix("sqlite:///"))
 
 
 @contextlib.contextmanager

@@ -89,14 +89,21 @@ def wait_for_server(uri: str, attempts: int, backoff_s: float) -> None:
         "Nothing is lost: the model stays in models/ and a later `dvc repro` registers it.")
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of an sqlite:/// URI, else None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri.removeprefix("sqlite:///"))
+
+
 def connect(uri: str, *, attempts: int = 4, backoff_s: float = 1.0):
     """An MlflowClient on `uri` (tracking and registry), once the store is reachable."""
     quiet_mlflow()
     wait_for_server(uri, attempts, backoff_s)
     from mlflow import MlflowClient
 
-    if uri.startswith("sqlite:///"):
-        database = Path(uri.removeprefix("sqlite:///"))
+    database = sqlite_path(uri)
+    if database is not None:
         if database.exists():
             check_sqlite_store(database)
         else:
@@ -160,8 +167,8 @@ def download_version(ref: str, tracking_uri: str, dst: Path, *, attempts: int = 
         raise ModelError(f"invalid model reference {ref!r}; expected models:/<name>@<alias>, "
                          "e.g. models:/mnist-mlp@champion, or a path to model.safetensors")
     name, alias = parsed
-    if tracking_uri.startswith("sqlite:///") and not Path(
-            tracking_uri.removeprefix("sqlite:///")).is_file():
+    database = sqlite_path(tracking_uri)
+    if database is not None and not database.is_file():
         raise ModelError(f"no MLflow registry at {tracking_uri} (run `dltrain register` first, "
                          "or pass --tracking-uri)")
     client = connect(tracking_uri, attempts=attempts, backoff_s=backoff_s)

@@ -12,12 +12,12 @@ from dltrain import history, promotion
 from dltrain.config import Params
 from dltrain.errors import RegistryError
 from dltrain.paths import Workspace
-from dltrain.registry import connect, display_uri, redact, resolve_tracking_uri
+from dltrain.registry import connect, display_uri, redact, resolve_tracking_uri, sqlite_path
 
 
 def _client(ws: Workspace, params: Params) -> tuple[Any, str]:
     uri = resolve_tracking_uri(params.register.tracking_uri, ws.root)
-    database = promotion.sqlite_path(uri)
+    database = sqlite_path(uri)
     if database is not None and not Path(database).is_file():
         raise RegistryError(f"no MLflow registry at {uri} (run `dltrain register` first, or set "
                             "register.tracking_uri / MLFLOW_TRACKING_URI)")
