@@ -61,8 +61,8 @@ def read_raw_once(raw_dir: Path) -> float:
 def evaluate_floor(ws: Path) -> float:
     import torch
 
-    from dltrain.model import normalize
-    from dltrain.modelio import load_model
+    from dltrain.model.mlp import normalize
+    from dltrain.model.torchio import load_model
 
     started = time.perf_counter()
     model, _ = load_model(ws / "models" / "model.safetensors")
@@ -193,7 +193,8 @@ def startup() -> str:
     wall = min(timed([str(BIN / "dltrain"), "--help"], REPO)[0] for _ in range(3))
     rows.append(("`dltrain --help`", wall, "target <= 1 s"))
     base = min(timed([py, "-c", "pass"], REPO)[0] for _ in range(3))
-    for module in ("download", "preprocess", "train", "evaluate", "register", "predict"):
+    for module in ("data.download", "data.preprocess", "train.stage", "evaluate.stage",
+                   "registry.register", "registry.predict"):
         wall = min(timed([py, "-c", f"import dltrain.{module}"], REPO)[0] for _ in range(2))
         rows.append((f"import dltrain.{module}", wall - base, "interpreter start excluded"))
     # A private Ray started and stopped (what `train.ray_address: local` does for each run)

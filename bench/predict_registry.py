@@ -2,9 +2,10 @@
 command on the model file itself (the floor: no registry at all).
 
 A scratch SQLite store gets one registered version, logged as register logs it (the MLflow
-pyfunc model of dltrain.mlflow_model) with random weights of the default 784-512-10 shape. The
+pyfunc model of dltrain.registry.mlflow_model) with random weights of the default 784-512-10 shape.
+The
 first registry call after the store was written resolves the alias through MLflow (MLflow's
-import and store); later calls use dltrain.model_cache while the store is unchanged.
+import and store); later calls use dltrain.registry.cache while the store is unchanged.
 Target: a cached registry call <= 1.5 s.
 """
 
@@ -38,9 +39,9 @@ def make_store(root: Path) -> tuple[str, Path, Path]:
     from PIL import Image
     from safetensors.numpy import save
 
-    from dltrain import mlflow_model
-    from dltrain.registry import connect, embedded_artifact_uri
-    from dltrain.weights import architecture, expected_shapes, write_model_pair
+    from dltrain.model.weights import architecture, expected_shapes, write_model_pair
+    from dltrain.registry import mlflow_model
+    from dltrain.tracking.store import connect, embedded_artifact_uri
 
     rng = np.random.default_rng(0)
     state = {k: rng.normal(0, 0.05, shape).astype(np.float32)
@@ -93,7 +94,7 @@ def main() -> None:
              f"| `--model models/model.safetensors` (floor) | {f:.2f} | 1.00 |",
              f"| `--model {ref}`, first call after a write to the store (MLflow resolves "
              f"the alias) | {cold:.2f} | {cold / f:.2f} |",
-             f"| `--model {ref}`, store unchanged (dltrain.model_cache) | {c:.2f} | "
+             f"| `--model {ref}`, store unchanged (dltrain.registry.cache) | {c:.2f} | "
              f"{c / f:.2f} |"]
     verdict = "met" if c <= TARGET_S else "NOT met"
     table = "\n".join(lines) + (f"\n\nTarget: a registry call <= {TARGET_S} s ({c:.2f} s: "

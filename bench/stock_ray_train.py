@@ -20,7 +20,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer, prepare_model
 
-from dltrain.loop import LoopConfig, train_loop
+from dltrain.train.loop import LoopConfig, train_loop
 
 
 def train_func(config: dict) -> None:

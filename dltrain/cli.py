@@ -28,7 +28,7 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_check(args: argparse.Namespace) -> None:
-    from dltrain.freshness import check
+    from dltrain.data.freshness import check
 
     ws, params = _load(args)
     # The stat cache lives in DVC's .dvc/tmp: never create .dvc where there is none (that
@@ -39,8 +39,8 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    from dltrain.download import download
-    from dltrain.io import read_json
+    from dltrain.atomic import read_json
+    from dltrain.data.download import download
 
     ws, params = _load(args)
     try:  # what the freshness check found at the source: lets unchanged files be kept
@@ -51,7 +51,7 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
-    from dltrain.preprocess import preprocess
+    from dltrain.data.preprocess import preprocess
 
     ws, params = _load(args)
     preprocess(ws.raw_dir, ws.processed_dir, dataset=params.data.dataset,
@@ -59,7 +59,7 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from dltrain.train import train
+    from dltrain.train.stage import train
 
     ws, params = _load(args)
     try:
@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from dltrain.evaluate import evaluate
+    from dltrain.evaluate.stage import evaluate
 
     ws, params = _load(args)
     evaluate(ws.model_path, ws.processed_dir, ws.reports_dir,
@@ -80,28 +80,28 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_register(args: argparse.Namespace) -> None:
-    from dltrain.register import register
+    from dltrain.registry.register import register
 
     ws, params = _load(args)
     register(ws, params, if_champion_unloadable=args.if_champion_unloadable)
 
 
 def cmd_registry_history(args: argparse.Namespace) -> None:
-    from dltrain.registry_commands import show_history
+    from dltrain.registry.commands import show_history
 
     ws, params = _load(args)
     show_history(ws, params, as_json=args.json)
 
 
 def cmd_registry_rollback(args: argparse.Namespace) -> None:
-    from dltrain.registry_commands import rollback
+    from dltrain.registry.commands import rollback
 
     ws, params = _load(args)
     rollback(ws, params, to=args.to, reason=args.reason)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from dltrain.predict import predict_command
+    from dltrain.registry.predict import predict_command
 
     predict_command(args.model, [Path(p) for p in args.inputs], as_json=args.json,
                     tracking_uri=args.tracking_uri)
@@ -232,7 +232,7 @@ def run() -> None:
     first atexit handler registered is one that ends the process: atexit runs handlers last
     registered first, so every handler that a library registers during the command (Ray's and
     MLflow's shutdown, logging's flush) still runs before it; only the teardown is skipped.
-    Outputs are never left to it: every file is written, synced and renamed by dltrain.io
+    Outputs are never left to it: every file is written, synced and renamed by dltrain.atomic
     before a stage returns."""
     code: int | str | None = 1  # what an uncaught exception (a bug) exits with
 

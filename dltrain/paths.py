@@ -28,7 +28,8 @@ class Workspace:
 
     @property
     def source_fingerprint_path(self) -> Path:
-        """The freshness check's output: the data source's fingerprint (dltrain/freshness.py)."""
+        """The freshness check's output: the data source's fingerprint
+        (dltrain/data/freshness.py)."""
         return self.root / "data" / "source.json"
 
     @property

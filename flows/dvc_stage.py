@@ -46,7 +46,7 @@ import psutil
 
 from dltrain.cli import STAGE_RAN_FILE_ENV
 from dltrain.errors import DltrainError
-from dltrain.history import FLOW_RUN_ID_ENV
+from dltrain.registry.history import FLOW_RUN_ID_ENV
 
 Outcome = Literal["ran", "skipped", "restored"]
 
@@ -93,7 +93,7 @@ def stage_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
-    from prefect.runtime import flow_run  # recorded with each alias move (dltrain.history)
+    from prefect.runtime import flow_run  # recorded with each alias move (dltrain.registry.history)
     env[FLOW_RUN_ID_ENV] = str(flow_run.id or "")
     return env
 

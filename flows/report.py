@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from dltrain.evaluate import CURVES_PNG
-from dltrain.freshness import changed_files
+from dltrain.data.freshness import changed_files
+from dltrain.evaluate.stage import CURVES_PNG
 from dltrain.paths import Workspace
-from dltrain.registry import embedded_tracking_uri
+from dltrain.tracking.store import embedded_tracking_uri
 
 SKIPPED_UNCHANGED = "skipped: data unchanged"
 # Where `make mlflow-ui` serves the embedded store unless MLFLOW_PORT says otherwise.

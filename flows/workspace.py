@@ -24,9 +24,9 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
+from dltrain.atomic import atomic_path
 from dltrain.config import Params, apply_overrides, params_from_dict, read_params_file
 from dltrain.errors import ConfigError, DltrainError
-from dltrain.io import atomic_path
 
 # Inside .dvc/tmp: git-ignored by DVC's own .gitignore, and never a DVC dependency.
 LOCK_RELPATH = Path(".dvc") / "tmp" / "dltrain-flow.lock"

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dltrain.idx import write_idx
+from dltrain.data.idx import write_idx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RAW_FILES = {
@@ -99,8 +99,8 @@ def make_processed(root: Path, n_train: int = 600, n_test: int = 200,
                    dataset: str = "fashion-mnist") -> Path:
     """A workspace under `root` with data/raw and data/processed made by the real download and
     preprocess stages from a tiny synthetic source."""
-    from dltrain.download import download
-    from dltrain.preprocess import preprocess
+    from dltrain.data.download import download
+    from dltrain.data.preprocess import preprocess
 
     source = write_raw_dir(root / "source", n_train=n_train, n_test=n_test)
     ws = root / "ws"

@@ -148,7 +148,7 @@ def training_runs(ws_root: Path, report: dict | None) -> tuple[list, list[tuple[
     (`report`) names: live tracking's outcome."""
     from mlflow import MlflowClient
 
-    from dltrain.registry import EXPERIMENT, embedded_tracking_uri
+    from dltrain.tracking.store import EXPERIMENT, embedded_tracking_uri
 
     client = MlflowClient(tracking_uri=embedded_tracking_uri(ws_root))
     experiment = client.get_experiment_by_name(EXPERIMENT)

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 import yaml
 
+from dltrain.atomic import read_json, write_json
 from dltrain.config import Params
-from dltrain.io import read_json, write_json
-from dltrain.model import MLP, architecture, normalize
-from dltrain.modelio import save_model
+from dltrain.model.mlp import MLP, architecture, normalize
+from dltrain.model.torchio import save_model
 from dltrain.paths import Workspace
 
 from conftest import synthetic_split
@@ -109,7 +109,7 @@ def make_trained_workspace(root: Path, epochs: int = 3, seed: int = 0,
 
 def evaluated_workspace(root: Path, seed: int = 0) -> Workspace:
     """make_trained_workspace + the evaluate stage's reports."""
-    from dltrain.evaluate import evaluate
+    from dltrain.evaluate.stage import evaluate
 
     ws = make_trained_workspace(root, seed=seed)
     evaluate(ws.model_path, ws.processed_dir, ws.reports_dir, batch_size=256)
@@ -120,7 +120,7 @@ def replace_weights(ws: Workspace, seed: int, accuracy: float | None = None) -> 
     """New weights (the old ones plus a little noise) and reports/metrics.json and
     per_class.json as if evaluate had measured them (their sha256), with `accuracy` written in
     when given. Returns the new weights' sha256."""
-    from dltrain.modelio import load_model
+    from dltrain.model.torchio import load_model
 
     model, card = load_model(ws.model_path)
     generator = torch.Generator().manual_seed(seed)
@@ -157,7 +157,7 @@ def new_test_split(ws: Workspace, seed: int, n_test: int = 200) -> str:
 def plant_model(ws: Workspace, seed: int, epochs: int = 3) -> dict:
     """Train a new tiny model (epochs=0: its random initial weights) on the workspace's data,
     save it as the train stage would and evaluate it for real; returns the metrics."""
-    from dltrain.evaluate import evaluate
+    from dltrain.evaluate.stage import evaluate
 
     model, records = train_tiny(ws.processed_dir, epochs=epochs, seed=seed)
     save_workspace_model(ws, model, records)

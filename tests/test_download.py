@@ -1,4 +1,5 @@
-"""dltrain/download.py: sources, mirrors, verification, retries, and data/raw left exactly as it
+"""dltrain/data/download.py: sources, mirrors, verification, retries, and data/raw left exactly as
+it
 was when anything fails. No network: mirrors are directories, file:// URLs and an HTTP server
 on 127.0.0.1 that the tests start and stop."""
 
@@ -18,18 +19,18 @@ from pathlib import Path
 
 import pytest
 
-import dltrain.download as download_module
+import dltrain.data.download as download_module
 from dltrain import cli
-from dltrain.datasets import (
+from dltrain.atomic import read_json, write_json
+from dltrain.data.datasets import (
     DEBIAN_FASHION_MNIST_DIR,
     MANIFEST_NAME,
     DatasetSpec,
     RawFile,
     get_spec,
 )
-from dltrain.download import data_checksum, download
+from dltrain.data.download import data_checksum, download
 from dltrain.errors import ConfigError, DownloadError
-from dltrain.io import read_json, write_json
 
 from conftest import RAW_FILES, write_raw_dir
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dltrain.datasets import DEBIAN_FASHION_MNIST_DIR
-from dltrain.io import read_json
+from dltrain.atomic import read_json
+from dltrain.data.datasets import DEBIAN_FASHION_MNIST_DIR
 
 from conftest import RAW_FILES, make_clone, venv_env, write_raw_dir
 

@@ -18,10 +18,9 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from torch.nn import functional as F
 
-from dltrain.classes import FASHION_MNIST, MNIST, class_key
 from dltrain.cli import main
 from dltrain.errors import DataError, ModelError
-from dltrain.evaluate import (
+from dltrain.evaluate.stage import (
     compute_confusion,
     compute_metrics,
     cross_entropy,
@@ -30,8 +29,9 @@ from dltrain.evaluate import (
     score_model,
     top_probability,
 )
-from dltrain.model import normalize
-from dltrain.modelio import load_model
+from dltrain.model.classes import FASHION_MNIST, MNIST, class_key
+from dltrain.model.mlp import normalize
+from dltrain.model.torchio import load_model
 from dltrain.paths import Workspace
 
 # A tiny fixed prediction set: 6 samples, classes 0..2 (7 classes absent), predictions

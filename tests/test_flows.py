@@ -368,7 +368,7 @@ def test_the_verdict_says_what_the_run_did_and_why(before, after, stale, words):
 
 
 def test_summary_of_a_skipped_run_registers_nothing_and_says_why(tmp_path):
-    from dltrain.io import write_json
+    from dltrain.atomic import write_json
     from dltrain.paths import Workspace
 
     ws = Workspace.at(tmp_path)
@@ -398,7 +398,7 @@ def test_summary_tolerates_missing_reports(tmp_path):
 
 
 def test_summary_from_reports(tmp_path):
-    from dltrain.io import write_json
+    from dltrain.atomic import write_json
     from dltrain.paths import Workspace
 
     ws = Workspace.at(tmp_path)
@@ -421,9 +421,9 @@ def test_summary_from_reports(tmp_path):
 def test_the_summary_embeds_the_curves_png_so_the_ui_shows_them_offline(tmp_path):
     import base64
 
-    from dltrain.io import write_json
+    from dltrain.atomic import write_json
+    from dltrain.evaluate.plots import plot_training_curves
     from dltrain.paths import Workspace
-    from dltrain.plots import plot_training_curves
 
     ws = Workspace.at(tmp_path)
     epochs = [{"epoch": e, "train_loss": 1 / e, "train_accuracy": 1 - 0.1 / e,
@@ -479,9 +479,9 @@ def test_mlflow_links(monkeypatch, registration, uri, port, run, version):
 
 def test_the_summary_links_the_run_and_the_version_and_says_how_to_open_them(tmp_path,
                                                                              monkeypatch):
-    from dltrain.io import write_json
+    from dltrain.atomic import write_json
     from dltrain.paths import Workspace
-    from dltrain.registry import embedded_tracking_uri
+    from dltrain.tracking.store import embedded_tracking_uri
 
     monkeypatch.setenv("MLFLOW_PORT", "5123")
     ws = Workspace.at(tmp_path)

@@ -1,4 +1,5 @@
-"""dltrain/freshness.py, the freshness check, with the download that follows it: a source that did
+"""dltrain/data/freshness.py, the freshness check, with the download that follows it: a source that
+did
 not change costs no download (and no body over HTTP), a changed one is noticed, and only the
 files that changed are fetched. No network: directories, file:// URLs and an HTTP(S) server on
 127.0.0.1 that each test starts and stops."""
@@ -23,13 +24,13 @@ from pathlib import Path
 
 import pytest
 
-import dltrain.freshness as freshness_module
+import dltrain.data.freshness as freshness_module
 from dltrain import cli
-from dltrain.datasets import MANIFEST_NAME, content_md5s
-from dltrain.download import download
+from dltrain.atomic import read_json
+from dltrain.data.datasets import MANIFEST_NAME, content_md5s
+from dltrain.data.download import download
+from dltrain.data.freshness import changed_files, check
 from dltrain.errors import DataError, DownloadError
-from dltrain.freshness import changed_files, check
-from dltrain.io import read_json
 
 from conftest import RAW_FILES, REPO_ROOT, write_raw_dir
 

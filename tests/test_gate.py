@@ -9,9 +9,9 @@ from dataclasses import asdict
 
 import pytest
 
-from dltrain import history
-from dltrain.gate import CHALLENGER, CHAMPION, Member, Score, decide, resolve
-from dltrain.promotion import previous_champion
+from dltrain.registry import history
+from dltrain.registry.gate import CHALLENGER, CHAMPION, Member, Score, decide, resolve
+from dltrain.registry.promotion import previous_champion
 
 SHA = "a" * 64
 

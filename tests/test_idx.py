@@ -1,4 +1,5 @@
-"""dltrain/idx.py: round trips, and each malformed file gives a DataError naming file and defect."""
+"""dltrain/data/idx.py: round trips, and each malformed file gives a DataError naming file and
+defect."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from dltrain.data.idx import read_idx, read_images, read_labels, read_split, write_idx
 from dltrain.errors import DataError
-from dltrain.idx import read_idx, read_images, read_labels, read_split, write_idx
 
 from conftest import synthetic_split
 

@@ -20,11 +20,11 @@ import pytest
 from helpers_mlflow import free_port, serve_mlflow
 
 from dltrain.config import params_from_dict
-from dltrain.evaluate import evaluate
+from dltrain.evaluate.stage import evaluate
 from dltrain.paths import Workspace
-from dltrain.register import register
-from dltrain.registry import EXPERIMENT, embedded_tracking_uri
-from dltrain.tracking import EPOCH_KEYS, RUN_NAME_TAG, TRAINING_ID_TAG, TRAINING_STATE_TAG
+from dltrain.registry.register import register
+from dltrain.tracking.runs import EPOCH_KEYS, RUN_NAME_TAG, TRAINING_ID_TAG, TRAINING_STATE_TAG
+from dltrain.tracking.store import EXPERIMENT, embedded_tracking_uri
 from dltrain.train import live
 from dltrain.train.epochlog import EpochLog
 from dltrain.train.storage import EPOCHS_DIR, IDENTITY_FILE, read_epochs, write_epoch

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dltrain.loop import (
+from dltrain.model.mlp import MLP
+from dltrain.train.loop import (
     CHECKPOINT_MODEL,
     CHECKPOINT_OPTIMIZER,
     CHECKPOINT_STATE,
@@ -20,7 +21,6 @@ from dltrain.loop import (
     shard_indices,
     train_loop,
 )
-from dltrain.model import MLP
 
 
 def config(ws: Path, **overrides) -> LoopConfig:
@@ -71,7 +71,7 @@ def test_restoring_a_checkpoint_continues_exactly(processed_ws: Path, tmp_path: 
 
 def test_weight_average_is_the_exponential_average_of_the_steps() -> None:
     """Oracle: after step t, avg <- d * avg + (1 - d) * weights, d = min(decay, (1+t)/(10+t))."""
-    from dltrain.loop import WeightAverage
+    from dltrain.train.loop import WeightAverage
 
     torch.manual_seed(0)
     model = MLP((4,))

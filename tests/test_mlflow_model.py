@@ -19,13 +19,13 @@ from helpers_mlflow import free_port
 from helpers_models import evaluated_workspace, replace_weights
 from mlflow import MlflowClient
 
-from dltrain import model_cache
 from dltrain.config import params_from_dict
-from dltrain.idx import write_idx
+from dltrain.data.idx import write_idx
 from dltrain.paths import Workspace
-from dltrain.predict import predict_command
-from dltrain.register import register
-from dltrain.registry import embedded_tracking_uri
+from dltrain.registry import cache as model_cache
+from dltrain.registry.predict import predict_command
+from dltrain.registry.register import register
+from dltrain.tracking.store import embedded_tracking_uri
 
 from conftest import venv_env
 
@@ -67,7 +67,7 @@ probs = model.predict(np.load(sys.argv[2]))
 print(json.dumps({"classes": probs.argmax(axis=1).tolist(), "dtype": str(probs.dtype),
                   "shape": list(probs.shape), "sums": probs.sum(axis=1).tolist(),
                   "torch": "torch" in sys.modules,
-                  "dltrain_from": sys.modules["dltrain.weights"].__file__}))
+                  "dltrain_from": sys.modules["dltrain.model.weights"].__file__}))
 """
 
 
@@ -85,7 +85,7 @@ def test_pyfunc_load_model_in_a_fresh_interpreter_gives_dltrains_classes(
     assert np.allclose(answer["sums"], 1.0, atol=1e-5)
     assert answer["torch"] is False  # served without torch
     # The model's own code: the dltrain that travelled with it, not the one installed here.
-    assert "/code/dltrain/weights.py" in answer["dltrain_from"]
+    assert "/code/dltrain/model/weights.py" in answer["dltrain_from"]
     assert answer["classes"] == _dltrain_classes(registered, idx) == labels.tolist()
 
 

@@ -15,16 +15,16 @@ import torch
 from helpers_models import evaluated_workspace
 from PIL import Image
 
-from dltrain.classes import FASHION_MNIST
 from dltrain.cli import main
 from dltrain.config import params_from_dict
+from dltrain.data.idx import write_idx
 from dltrain.errors import DataError
-from dltrain.idx import write_idx
+from dltrain.model.classes import FASHION_MNIST
+from dltrain.model.weights import load_weights
 from dltrain.paths import Workspace
-from dltrain.predict import load_inputs, predict_command
-from dltrain.register import register
-from dltrain.registry import embedded_tracking_uri
-from dltrain.weights import load_weights
+from dltrain.registry.predict import load_inputs, predict_command
+from dltrain.registry.register import register
+from dltrain.tracking.store import embedded_tracking_uri
 
 from conftest import venv_env
 

@@ -357,7 +357,7 @@ def test_worker_killed_mid_train_then_the_rerun_resumes_from_the_dvc_cache(local
     assert report["resumed"] == (attempts[0] == 0 and attempts[-1] == 1)
     print(f"fault 5 ({victims}): the re-run {'resumed' if report['resumed'] else 'restarted'} "
           f"(attempt 0 trained epochs 1-{attempts.count(0)})")
-    from dltrain.modelio import load_model
+    from dltrain.model.torchio import load_model
 
     _model, card = load_model(clone / "models" / "model.safetensors")
     assert card["params"]["train"]["epochs"] == epochs

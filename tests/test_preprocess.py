@@ -1,4 +1,5 @@
-"""dltrain/preprocess.py: split sizes and stratification, determinism, the test split untouched,
+"""dltrain/data/preprocess.py: split sizes and stratification, determinism, the test split
+untouched,
 memory-mappable outputs, and each bad input named with nothing written. Plus the real
 Fashion-MNIST from Debian's package through both data stages (integration)."""
 
@@ -18,12 +19,12 @@ import numpy as np
 import pytest
 
 from dltrain import cli
-from dltrain.datasets import DEBIAN_FASHION_MNIST_DIR, MANIFEST_NAME
-from dltrain.download import download
+from dltrain.atomic import read_json, write_json
+from dltrain.data.datasets import DEBIAN_FASHION_MNIST_DIR, MANIFEST_NAME
+from dltrain.data.download import download
+from dltrain.data.idx import read_split, write_idx
+from dltrain.data.preprocess import SPLITS, preprocess, split_paths, stratified_split
 from dltrain.errors import ConfigError, DataError
-from dltrain.idx import read_split, write_idx
-from dltrain.io import read_json, write_json
-from dltrain.preprocess import SPLITS, preprocess, split_paths, stratified_split
 
 from conftest import write_raw_dir
 
@@ -274,7 +275,7 @@ def test_out_of_range_test_labels_are_one_line_naming_the_file(
 HOLD_STAGING = """
 import sys, time
 from pathlib import Path
-from dltrain.io import atomic_dir
+from dltrain.atomic import atomic_dir
 with atomic_dir(Path(sys.argv[1])) as staging:
     (staging / "train_images.npy").write_bytes(bytes(1 << 16))
     print(staging.name, flush=True)
@@ -325,7 +326,7 @@ def test_a_run_killed_between_the_two_renames_gets_its_previous_output_back(
                           capture_output=True, text=True, check=True)
     aside = processed.with_name(f".processed.{int(dead.stdout)}.old-0badc0de.tmp")
     os.replace(processed, aside)
-    from dltrain.io import remove_stale_staging
+    from dltrain.atomic import remove_stale_staging
 
     assert remove_stale_staging(processed) == [aside]
     assert snapshot(processed) == before and not aside.exists()

@@ -23,7 +23,7 @@ from dltrain.cli import main
 from dltrain.config import params_from_dict
 from dltrain.errors import RegistryError
 from dltrain.paths import Workspace
-from dltrain.register import register
+from dltrain.registry.register import register
 
 from conftest import venv_env
 

@@ -21,14 +21,14 @@ from mlflow.artifacts import download_artifacts
 from mlflow.models import Model
 from PIL import Image
 
-from dltrain.classes import FASHION_MNIST, class_key
 from dltrain.cli import main
 from dltrain.config import Params, params_from_dict
 from dltrain.errors import DataError, ModelError, RegistryError
+from dltrain.model.classes import FASHION_MNIST, class_key
 from dltrain.paths import Workspace
-from dltrain.register import LINEAGE_TAGS, read_candidate, register
-from dltrain.registry import embedded_tracking_uri
-from dltrain.tracking import flatten, model_card_markdown
+from dltrain.registry.register import LINEAGE_TAGS, read_candidate, register
+from dltrain.tracking.runs import flatten, model_card_markdown
+from dltrain.tracking.store import embedded_tracking_uri
 
 
 def test_flatten_params() -> None:
@@ -253,7 +253,7 @@ def test_a_worse_model_on_a_new_test_set_stays_challenger(ws: Workspace, tmp_pat
     (oracle / "models").mkdir(parents=True)
     (oracle / "models" / "model.safetensors").write_bytes(champion_model[0])
     (oracle / "models" / "model.json").write_bytes(champion_model[1])
-    from dltrain.evaluate import evaluate
+    from dltrain.evaluate.stage import evaluate
 
     rescored = evaluate(oracle / "models" / "model.safetensors", ws.processed_dir,
                         oracle / "reports", batch_size=256)["accuracy"]

@@ -14,10 +14,10 @@ from helpers_models import evaluated_workspace, plant_model, write_params
 from PIL import Image
 
 from dltrain.cli import main
+from dltrain.model.weights import load_weights
 from dltrain.paths import Workspace
-from dltrain.predict import predict
-from dltrain.registry import embedded_tracking_uri
-from dltrain.weights import load_weights
+from dltrain.registry.predict import predict
+from dltrain.tracking.store import embedded_tracking_uri
 
 pytestmark = pytest.mark.integration
 

@@ -30,15 +30,15 @@ import pytest
 from helpers_mlflow import training_runs
 from safetensors.torch import load_file
 
-import dltrain.download as download_module
+import dltrain.data.download as download_module
 from dltrain import cli
-from dltrain.datasets import MANIFEST_NAME, DatasetSpec, RawFile
-from dltrain.download import download
+from dltrain.atomic import atomic_open, read_json, write_json
+from dltrain.data.datasets import MANIFEST_NAME, DatasetSpec, RawFile
+from dltrain.data.download import download
+from dltrain.data.preprocess import preprocess
 from dltrain.errors import DiskFullError, DownloadError, ModelError
-from dltrain.io import atomic_open, read_json, write_json
-from dltrain.model import MLP
-from dltrain.modelio import load_model, save_model
-from dltrain.preprocess import preprocess
+from dltrain.model.mlp import MLP
+from dltrain.model.torchio import load_model, save_model
 
 from conftest import RAW_FILES, make_processed, venv_env, write_raw_dir
 

@@ -23,7 +23,8 @@ from safetensors.torch import load, save_file
 
 from dltrain.cli import main
 from dltrain.config import params_from_dict
-from dltrain.download import download
+from dltrain.data.download import download
+from dltrain.data.freshness import check
 from dltrain.errors import (
     ConfigError,
     DataError,
@@ -32,12 +33,16 @@ from dltrain.errors import (
     ModelError,
     RegistryError,
 )
-from dltrain.evaluate import evaluate
-from dltrain.freshness import check
-from dltrain.loop import CHECKPOINT_HISTORY, CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, load_state
+from dltrain.evaluate.stage import evaluate
 from dltrain.paths import Workspace
-from dltrain.register import register
-from dltrain.registry import display_uri, redact
+from dltrain.registry.register import register
+from dltrain.tracking.store import display_uri, redact
+from dltrain.train.loop import (
+    CHECKPOINT_HISTORY,
+    CHECKPOINT_OPTIMIZER,
+    CHECKPOINT_STATE,
+    load_state,
+)
 from dltrain.urls import redact_text, redact_url
 
 from conftest import RAW_FILES, REPO_ROOT
@@ -103,7 +108,7 @@ def test_cli_evaluate_refuses_it_too(poisoned, capsys) -> None:
 
 
 def test_training_checkpoint_with_a_payload_is_refused(tmp_path: Path) -> None:
-    """What a resumed run loads (dltrain.loop.load_state): weights only, too."""
+    """What a resumed run loads (dltrain.train.loop.load_state): weights only, too."""
     checkpoint = tmp_path / "epoch_0002"
     checkpoint.mkdir()
     marker = tmp_path / "payload-ran"
@@ -376,7 +381,7 @@ def test_a_tampered_test_split_is_refused_by_evaluate_and_by_the_champion_re_sco
     not what summary.json records, and fails in one line naming the files and the fix;
     metrics.json is untouched. The register stage's champion re-score reads the split through
     the same function."""
-    from dltrain.evaluate import score_model
+    from dltrain.evaluate.stage import score_model
 
     ws = Workspace.at(tmp_path / "ws")
     shutil.copytree(evaluated.root, ws.root)

@@ -30,9 +30,8 @@ from dltrain.errors import (
     NotWritableError,
     TrainingError,
 )
-from dltrain.modelio import load_model
+from dltrain.model.torchio import load_model
 from dltrain.paths import Workspace
-from dltrain.train import train
 from dltrain.train.connect import RayTarget, read_env_file, resolve
 from dltrain.train.preflight import (
     changed_params,
@@ -41,6 +40,7 @@ from dltrain.train.preflight import (
     plan_resources,
     run_key,
 )
+from dltrain.train.stage import train
 from dltrain.train.storage import FAILURE_FILE, check_storage
 
 from conftest import make_processed, venv_env

@@ -1,4 +1,4 @@
-"""dltrain.weights: safetensors weights read with numpy give exactly torch's arrays, its
+"""dltrain.model.weights: safetensors weights read with numpy give exactly torch's arrays, its
 forward pass gives the torch MLP's logits, its checks say what load_model says, a crafted file
 is refused with one line naming the file and the cause before safetensors reads it, a pickle is
 never loaded, and the stages that read weights never import torch."""
@@ -18,13 +18,12 @@ import torch
 from helpers_models import make_trained_workspace
 from test_security import Payload
 
-from dltrain import model as torch_model
 from dltrain.cli import main
 from dltrain.errors import ModelError
-from dltrain.model import MLP, architecture, normalize
-from dltrain.modelio import load_model, save_model
-from dltrain.paths import Workspace
-from dltrain.weights import (
+from dltrain.model import mlp as torch_model
+from dltrain.model.mlp import MLP, architecture, normalize
+from dltrain.model.torchio import load_model, save_model
+from dltrain.model.weights import (
     INPUT_SIZE,
     MAX_HEADER_BYTES,
     NUM_CLASSES,
@@ -34,6 +33,7 @@ from dltrain.weights import (
     mlp_logits,
     sha256_file,
 )
+from dltrain.paths import Workspace
 
 from conftest import REPO_ROOT
 
@@ -348,9 +348,10 @@ def test_the_digest_is_of_the_bytes_read(trained_ws: Workspace) -> None:
 
 def test_evaluate_register_and_predict_do_not_import_torch() -> None:
     """What the module is for: these stages start without torch's 1.5-2 s import."""
-    code = ("import sys, dltrain.evaluate, dltrain.register, dltrain.predict, dltrain.weights, "
-            "dltrain.cli; assert 'torch' not in sys.modules, sorted(m for m in sys.modules "
-            "if m.startswith('torch'))[:5]")
+    code = ("import sys, dltrain.evaluate.stage, dltrain.registry.register, "
+            "dltrain.registry.predict, dltrain.model.weights, dltrain.cli; "
+            "assert 'torch' not in sys.modules, "
+            "sorted(m for m in sys.modules if m.startswith('torch'))[:5]")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr

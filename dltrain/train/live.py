@@ -1,7 +1,7 @@
 """Live tracking: one MLflow run per training run, opened and fed by the train stage's driver.
 
-The run goes to the store that register.tracking_uri names (dltrain.registry), so register
-completes the same run later (dltrain.tracking.training_run). When training starts, the driver
+The run goes to the store that register.tracking_uri names (dltrain.tracking.store), so register
+completes the same run later (dltrain.tracking.runs.training_run). When training starts, the driver
 opens the run (or finds the one a resumed run opened: the tag dltrain.training_id, whose value
 is kept in the run directory) and logs the training params and the lineage tags (data set, data
 checksum, git commit). Each epoch is logged when Ray Train has committed it: the controller
@@ -23,10 +23,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dltrain import tracking
 from dltrain.config import Params
 from dltrain.paths import Workspace
-from dltrain.registry import display_uri, redact, resolve_tracking_uri
+from dltrain.tracking import runs as tracking
+from dltrain.tracking.store import display_uri, redact, resolve_tracking_uri
 from dltrain.train import storage as run_storage
 
 POLL_S = 0.5  # how often the run directory is looked at for a new epoch
@@ -130,7 +130,7 @@ class LiveRun:
         # tries again. A user's own settings win.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        from dltrain.registry import quiet_mlflow
+        from dltrain.tracking.store import quiet_mlflow
 
         quiet_mlflow()
         from mlflow import MlflowClient
@@ -145,7 +145,7 @@ class LiveRun:
                     # into a fresh registry by MLflow's table set-up.
                     from pathlib import Path
 
-                    from dltrain.registry import check_sqlite_store
+                    from dltrain.tracking.store import check_sqlite_store
 
                     check_sqlite_store(Path(database))
                 os.makedirs(os.path.dirname(database), exist_ok=True)

@@ -9,10 +9,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dltrain.atomic import read_json
 from dltrain.config import Params
+from dltrain.data.preprocess import split_paths
 from dltrain.errors import ConfigError, TrainingError
-from dltrain.io import read_json
-from dltrain.preprocess import split_paths
 
 
 def check_processed(processed_dir: Path, dataset: str) -> dict[str, Any]:
@@ -105,7 +105,7 @@ def run_inputs(params: Params, summary: dict[str, Any]) -> dict[str, Any]:
     raw data, e.g. another data.val_fraction, is other training data), the raw data's, and the
     checkpoint format (a run of an older dltrain, state.pt checkpoints, is not resumed from
     files this one does not read)."""
-    from dltrain.loopspec import CHECKPOINT_STATE
+    from dltrain.train.loopconfig import CHECKPOINT_STATE
 
     config = params.to_dict()
     return {"model": config["model"],

@@ -36,7 +36,7 @@ RAY_QUIET_ENV = {
 # OpenMP) gives each calling thread its own team, and once the worker's main thread has run a
 # parallel region with a team of its own, the training thread's team runs about 1.7x slower.
 # With OMP_NUM_THREADS=1 the main thread never builds a team; the training thread sets its own
-# count (torch.set_num_threads, dltrain.loop).
+# count (torch.set_num_threads, dltrain.train.loop).
 WORKER_ONLY_ENV = {"OMP_NUM_THREADS": "1"}
 # Ray Train's console log level (RunConfig's LoggingConfig): its warnings are about things a
 # pipeline user can do nothing about (a state-API query of the placement-group cleaner that

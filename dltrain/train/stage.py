@@ -1,4 +1,4 @@
-"""The train stage: pre-flight checks, then Ray Train's TorchTrainer runs dltrain.loop on the
+"""The train stage: pre-flight checks, then Ray Train's TorchTrainer runs dltrain.train.loop on the
 Ray that train.ray_address names (dltrain.train.connect), then the outputs.
 
 Ray Train traps, and how they are handled:
@@ -29,12 +29,12 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
+from dltrain.atomic import check_writable
 from dltrain.config import Params
 from dltrain.errors import CertainTrainingError, TrainingError
-from dltrain.io import check_writable
-from dltrain.loopspec import LoopConfig
 from dltrain.paths import Workspace
 from dltrain.train import connect, live, rayenv
+from dltrain.train.loopconfig import LoopConfig
 from dltrain.train.outputs import read_final_checkpoint, write_outputs
 from dltrain.train.preflight import (
     available_memory,

@@ -1,4 +1,4 @@
-"""The training function each Ray Train worker runs: dltrain.loop's plain PyTorch loop, with
+"""The training function each Ray Train worker runs: dltrain.train.loop's plain PyTorch loop, with
 Ray Train's public API for the rest (rank and world size, DDP, checkpoints, reports).
 
 Only the workers import torch (this module imports it inside the function): the driver hands
@@ -24,7 +24,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from dltrain.errors import CertainTrainingError
-    from dltrain.loop import (
+    from dltrain.train.loop import (
         EpochRecord,
         LoopConfig,
         format_epoch,

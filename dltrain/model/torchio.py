@@ -1,7 +1,7 @@
 """Saving and loading models for torch users: models/model.safetensors holds the weights only,
 and models/model.json describes them (architecture, params, lineage).
 
-One reader: load_model reads the file through dltrain.weights (safetensors, the header checked
+One reader: load_model reads the file through dltrain.model.weights (safetensors, the header checked
 against the card's architecture, the card's pair), as evaluate, register and predict do
 without torch, and only then builds the torch module.
 """
@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from dltrain.model import MLP
-from dltrain.weights import load_weights, write_model_pair
+from dltrain.model.mlp import MLP
+from dltrain.model.weights import load_weights, write_model_pair
 
 
 def weights_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:

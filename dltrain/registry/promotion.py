@@ -1,6 +1,6 @@
 """Promotion: moving `champion` and `challenger` so that the end state is what the gate
-(dltrain.gate) decides for the registered versions, whatever the order in which concurrent
-registrations ran, and recording every move (dltrain.history).
+(dltrain.registry.gate) decides for the registered versions, whatever the order in which concurrent
+registrations ran, and recording every move (dltrain.registry.history).
 
 MLflow has no compare-and-set on aliases, so a registration that reads the champion, decides
 and writes can lose to another one doing the same. Two defences, one per kind of store:
@@ -14,7 +14,8 @@ and writes can lose to another one doing the same. Two defences, one per kind of
   versions and their recorded scores only, in the registry's version order), and the last one
   to write has seen every version, so the end state is the gate's.
 
-Where the gate starts: the registered-model tag `dltrain.gate.anchor` holds the champion and
+Where the gate starts: the registered-model tag `dltrain.registry.gate.anchor` holds the champion
+and
 challenger settled after version `as_of`. The versions above it that carry the gate's tags are
 still to settle: normally only the one being registered; also one whose registration failed
 between creating it and moving its alias (the re-run, or the next registration, finishes it),
@@ -32,12 +33,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from dltrain import history
 from dltrain.errors import RegistryError
-from dltrain.gate import CHALLENGER, CHAMPION, EPS, Member, Resolution, Score, Step, resolve
-from dltrain.registry import sqlite_path
+from dltrain.registry import history
+from dltrain.registry.gate import (
+    CHALLENGER,
+    CHAMPION,
+    EPS,
+    Member,
+    Resolution,
+    Score,
+    Step,
+    resolve,
+)
+from dltrain.tracking.store import sqlite_path
 
-ANCHOR_TAG = "dltrain.gate.anchor"
+ANCHOR_TAG = "dltrain.registry.gate.anchor"
 # Version tags written at registration: the champion the version was compared with, and how.
 BASE_TAG = "gate.champion_version"
 BASE_ACCURACY_TAG = "gate.champion_accuracy"

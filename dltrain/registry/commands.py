@@ -8,11 +8,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from dltrain import history, promotion
 from dltrain.config import Params
 from dltrain.errors import RegistryError
 from dltrain.paths import Workspace
-from dltrain.registry import connect, display_uri, redact, resolve_tracking_uri, sqlite_path
+from dltrain.registry import history, promotion
+from dltrain.tracking.store import connect, display_uri, redact, resolve_tracking_uri, sqlite_path
 
 
 def _client(ws: Workspace, params: Params) -> tuple[Any, str]:

@@ -1,11 +1,11 @@
 """models/model.safetensors without torch: read the weights, check them against
 models/model.json, run the MLP's forward pass with numpy only, and write a
-model.safetensors/model.json pair from the bytes that dltrain.modelio.weights_bytes made (the
+model.safetensors/model.json pair from the bytes that dltrain.model.torchio.weights_bytes made (the
 train stage's driver installs what its rank-0 worker serialised).
 
 Why: `import torch` takes 1.4-2 s on a 2-core machine, half of the evaluate stage and most of
 the register stage's start, which need nothing of torch but the weights' values.
-dltrain.modelio (for torch users: predict's callers in tests, training) reads through this
+dltrain.model.torchio (for torch users: predict's callers in tests, training) reads through this
 module too, so every reader of a model file gives the same verdict.
 
 The format is safetensors (https://huggingface.co/docs/safetensors): no pickle, so loading
@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from dltrain.atomic import atomic_path, read_json
 from dltrain.errors import ModelError
-from dltrain.io import atomic_path, read_json
 
-# The MLP's input and output sizes (dltrain.model imports them from here: no torch here).
+# The MLP's input and output sizes (dltrain.model.mlp imports them from here: no torch here).
 INPUT_SIZE = 28 * 28
 NUM_CLASSES = 10
 
@@ -243,7 +243,7 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 def write_model_pair(weights: bytes, card: dict[str, Any], model_path: Path,
                      card_path: Path | None = None) -> str:
-    """Write model.safetensors (`weights`, safetensors bytes: dltrain.modelio.weights_bytes)
+    """Write model.safetensors (`weights`, safetensors bytes: dltrain.model.torchio.weights_bytes)
     and its card as a pair; return the weights' sha256 (in the card too). No torch: the train
     stage's driver installs the bytes its rank-0 worker wrote.
 
@@ -306,7 +306,7 @@ def architecture(hidden_sizes: Sequence[int]) -> dict:
 
 def expected_shapes(hidden_sizes: Sequence[int], input_size: int = INPUT_SIZE,
                     num_classes: int = NUM_CLASSES) -> dict[str, tuple[int, ...]]:
-    """The state dict shapes of dltrain.model.MLP(hidden_sizes): its nn.Sequential `net`
+    """The state dict shapes of dltrain.model.mlp.MLP(hidden_sizes): its nn.Sequential `net`
     holds Linear, ReLU, Linear, ..., so the Linear layers are net.0, net.2, net.4, ..."""
     widths = [input_size, *hidden_sizes, num_classes]
     shapes: dict[str, tuple[int, ...]] = {}
@@ -342,7 +342,8 @@ def load_weights_and_digest(model_path: Path, card_path: Path | None = None
 # ---------------------------------------------------------------------------- forward pass
 
 def normalize(images: np.ndarray) -> np.ndarray:
-    """uint8 pixels -> float32 [0, 1], flattened to (N, 784): dltrain.model.normalize's values."""
+    """uint8 pixels -> float32 [0, 1], flattened to (N, 784): dltrain.model.mlp.normalize's
+    values."""
     return images.reshape(len(images), -1).astype(np.float32) / np.float32(255.0)
 
 

@@ -161,7 +161,8 @@ def parse_model_ref(ref: str) -> tuple[str, str] | None:
 def download_version(ref: str, tracking_uri: str, dst: Path, *, attempts: int = 4,
                      backoff_s: float = 1.0) -> Path:
     """Download the files of the version that `models:/<name>@<alias>` points to into `dst`;
-    return the folder: an MLflow model (dltrain.mlflow_model.weights_in finds its weights)."""
+    return the folder: an MLflow model (dltrain.registry.mlflow_model.weights_in finds its
+    weights)."""
     parsed = parse_model_ref(ref)
     if parsed is None:
         raise ModelError(f"invalid model reference {ref!r}; expected models:/<name>@<alias>, "

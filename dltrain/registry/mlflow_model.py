@@ -4,7 +4,8 @@
     mlflow models serve -m models:/mnist-mlp@champion --env-manager local
 
 register logs it into the training run as an MLflow 3 logged model: a pyfunc "model from code"
-(dltrain/pyfunc_model.py) whose artifacts are the safetensors weights and their card, with the
+(dltrain/registry/pyfunc_model.py) whose artifacts are the safetensors weights and their card, with
+the
 dltrain package as its code, a signature (uint8 images (-1, 28, 28) in, float32 probabilities
 (-1, 10) out), an input example, its pip requirements and the markdown model card. No pickle:
 MLflow loads it by running that file, which reads the weights with safetensors.
@@ -22,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from dltrain.weights import INPUT_SIZE, NUM_CLASSES, mlp_logits
+from dltrain.model.weights import INPUT_SIZE, NUM_CLASSES, mlp_logits
 
 MODEL_NAME = "model"  # the logged model's name in its run
-ARTIFACT_WEIGHTS = "weights"  # context.artifacts keys in dltrain/pyfunc_model.py
+ARTIFACT_WEIGHTS = "weights"  # context.artifacts keys in dltrain/registry/pyfunc_model.py
 ARTIFACT_CARD = "card"
 ARTIFACTS_DIR = "artifacts"  # where pyfunc puts them in the model's folder
 MODEL_CARD_FILE = "model_card.md"
@@ -128,7 +129,7 @@ def log_model(client: Any, run_id: str, model_path: Path, card_path: Path, card_
             mlflow.pyfunc.save_model(
                 local, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
                 artifacts={ARTIFACT_WEIGHTS: str(model_path), ARTIFACT_CARD: str(card_path)},
-                code_paths=[str(Path(__file__).parent)], signature=signature(),
+                code_paths=[str(Path(__file__).parents[1])], signature=signature(),
                 input_example=input_example, pip_requirements=pip_requirements(), mlflow_model=meta)
             (local / MODEL_CARD_FILE).write_text(card_markdown)
             client.log_model_artifacts(model.model_id, str(local))

@@ -1,7 +1,7 @@
 """Alias history: every move of `champion` or `challenger`, kept in the registry itself.
 
 MLflow keeps no history of its aliases. Each move is one registered-model tag,
-`dltrain.history.<epoch ns, 19 digits>.<8 hex digits>`, whose value is the entry as JSON:
+`dltrain.registry.history.<epoch ns, 19 digits>.<8 hex digits>`, whose value is the entry as JSON:
 - one tag per entry, so two registrations never overwrite each other's entry (one tag holding
   a list would need a read-modify-write, and lose an entry when two writers race);
 - the keys sort by time; the random suffix keeps two entries of one millisecond apart;
@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from typing import Any
 
-HISTORY_PREFIX = "dltrain.history."
+HISTORY_PREFIX = "dltrain.registry.history."
 # The Prefect flow run a stage runs in, set by the flow for the stage's process (the flow reads
 # it from prefect.runtime.flow_run.id): recorded with each alias move.
 FLOW_RUN_ID_ENV = "DLTRAIN_FLOW_RUN_ID"

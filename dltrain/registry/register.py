@@ -1,11 +1,11 @@
-"""The register stage: complete the training's MLflow run (dltrain.tracking), register the
+"""The register stage: complete the training's MLflow run (dltrain.tracking.runs), register the
 model and move its aliases.
 
 What it registers must be what evaluate measured: reports/metrics.json carries the sha256 of the
 weights and of the test split it scored, and the stage refuses metrics of another model (a
 skipped evaluate) or of other test data.
 
-The gate (aliases, not the deprecated stages; dltrain.gate has the rule):
+The gate (aliases, not the deprecated stages; dltrain.registry.gate has the rule):
 - below register.min_accuracy: not registered (the run is still logged, for the record);
 - the same weights already registered (weights_sha256 tag): no new version, but a promotion
   that an earlier run left unfinished is finished;
@@ -15,7 +15,8 @@ The gate (aliases, not the deprecated stages; dltrain.gate has the rule):
   version (tags) and in reports/registration.json. A champion that cannot be scored stops the
   stage before anything is registered, unless `--if-champion-unloadable promote` asks for an
   explicit, recorded promotion.
-Aliases move under dltrain.promotion's lock (SQLite) or reconciliation (a server), and every
+Aliases move under dltrain.registry.promotion's lock (SQLite) or reconciliation (a server), and
+every
 move is recorded in the registry's alias history (`dltrain registry history`).
 """
 
@@ -27,17 +28,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dltrain import promotion
+from dltrain.atomic import read_json, write_json
 from dltrain.config import Params
 from dltrain.errors import DataError, ModelError, RegistryError
-from dltrain.evaluate import PER_CLASS_FILE, matches, score_model, split_checksum
-from dltrain.gate import CHAMPION, EPS, Member, Score
-from dltrain.io import read_json, write_json
-from dltrain.mlflow_model import link_version, run_model, weights_in
+from dltrain.evaluate.stage import PER_CLASS_FILE, matches, score_model, split_checksum
+from dltrain.model.weights import load_weights_and_digest
 from dltrain.paths import Workspace
-from dltrain.registry import connect, display_uri, redact, resolve_tracking_uri
-from dltrain.tracking import log_run
-from dltrain.weights import load_weights_and_digest
+from dltrain.registry import promotion
+from dltrain.registry.gate import CHAMPION, EPS, Member, Score
+from dltrain.registry.mlflow_model import link_version, run_model, weights_in
+from dltrain.tracking.runs import log_run
+from dltrain.tracking.store import connect, display_uri, redact, resolve_tracking_uri
 
 # Every input of the decision, as version tags, so that a later run can compare against them.
 LINEAGE_TAGS = ("dataset", "data_checksum", "test_sha256", "git_commit", "ray_world_size",
@@ -76,7 +77,7 @@ def read_candidate(ws: Workspace) -> Candidate:
     """The model (checked to be plain weights of the right shapes), its card and reports; the
     metrics must be evaluate's measurement of these weights on the current test split.
 
-    The weights are read without torch (dltrain.weights): importing torch only to check them
+    The weights are read without torch (dltrain.model.weights): importing torch only to check them
     cost this stage 1.5-2 s of its start."""
     _weights, card, weights_sha256 = load_weights_and_digest(ws.model_path, ws.model_card_path)
     if not ws.metrics_path.is_file():

@@ -38,8 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dltrain.datasets import RAW_FILES, check_dataset_name, content_md5s
-from dltrain.download import (
+from dltrain.atomic import read_json, write_json
+from dltrain.data.datasets import RAW_FILES, check_dataset_name, content_md5s
+from dltrain.data.download import (
     CHUNK,
     USER_AGENT,
     describe_error,
@@ -50,7 +51,6 @@ from dltrain.download import (
     source_version,
 )
 from dltrain.errors import DataError, DownloadError
-from dltrain.io import read_json, write_json
 from dltrain.urls import redact_text, redact_url
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-# dltrain.weights, not dltrain.model: the evaluate and register stages run without torch.
-from dltrain.weights import NUM_CLASSES
+# dltrain.model.weights, not dltrain.model.mlp: the evaluate and register stages run without torch.
+from dltrain.model.weights import NUM_CLASSES
 
 # Fashion-MNIST's label order, from the data set's README (zalandoresearch/fashion-mnist).
 FASHION_MNIST = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 # The card's architecture and the layer sizes live with the torch-free reader of the weights.
-from dltrain.weights import INPUT_SIZE, NUM_CLASSES, architecture  # noqa: F401  (re-exported)
+from dltrain.model.weights import INPUT_SIZE, NUM_CLASSES, architecture  # noqa: F401  (re-exported)
 
 
 class MLP(nn.Module):

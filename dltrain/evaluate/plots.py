@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from dltrain.io import atomic_path
+from dltrain.atomic import atomic_path
 
 GRID = 5  # the misclassified grid shows at most GRID x GRID images
 # The grid's cells, in image pixels: a band for the cell's label above each 28 x 28 image,

@@ -16,16 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from dltrain.datasets import (
+from dltrain.atomic import atomic_dir, read_json, write_json
+from dltrain.data.datasets import (
     MANIFEST_NAME,
     TEST_IMAGES,
     TEST_LABELS,
     TRAIN_IMAGES,
     TRAIN_LABELS,
 )
+from dltrain.data.idx import NUM_CLASSES, read_split
 from dltrain.errors import ConfigError, DataError
-from dltrain.idx import NUM_CLASSES, read_split
-from dltrain.io import atomic_dir, read_json, write_json
 
 SPLITS = ("train", "val", "test")
 SUMMARY_NAME = "summary.json"

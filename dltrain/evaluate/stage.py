@@ -5,9 +5,9 @@ definitions, zero_division=0; tests/test_evaluate.py checks them against scikit-
 input): importing sklearn.metrics would cost this stage a second of its ~4 s.
 
 No torch either: `import torch` was half of this stage's time (1.4 of 2.9 s), for a forward
-pass that numpy does as fast. The weights are read by dltrain.weights (the same checks as
-dltrain.modelio.load_model: safetensors, the card's pair, every shape), the forward pass
-is its numpy twin of dltrain.model.MLP, and the cross-entropy is computed here with the same
+pass that numpy does as fast. The weights are read by dltrain.model.weights (the same checks as
+dltrain.model.torchio.load_model: safetensors, the card's pair, every shape), the forward pass
+is its numpy twin of dltrain.model.mlp.MLP, and the cross-entropy is computed here with the same
 definition as torch's F.cross_entropy (mean of -log softmax at the true class; tests check both
 against torch).
 """
@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from dltrain.classes import class_key, class_names
+from dltrain.atomic import atomic_open, read_json, write_json
 from dltrain.errors import DataError
-from dltrain.io import atomic_open, read_json, write_json
-from dltrain.weights import NUM_CLASSES, load_weights_and_digest, mlp_logits
+from dltrain.model.classes import class_key, class_names
+from dltrain.model.weights import NUM_CLASSES, load_weights_and_digest, mlp_logits
 
 METRICS_FILE = "metrics.json"
 PER_CLASS_FILE = "per_class.json"
@@ -191,7 +191,7 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def per_class_report(metrics: dict[str, Any]) -> dict[str, Any]:
     """What reports/per_class.json holds: one row per class, in label order, with its display
-    name and its metric-safe key (dltrain.classes.class_key), for `dvc plots` and the register
+    name and its metric-safe key (dltrain.model.classes.class_key), for `dvc plots` and the register
     stage; and the full checksums of what was measured."""
     rows = [{"index": index, "class": name, "key": class_key(index, name), **figures}
             for index, (name, figures) in enumerate(metrics["per_class"].items())]
@@ -216,7 +216,11 @@ def evaluate(model_path: Path, processed_dir: Path, reports_dir: Path, *,
     the register stage can refuse metrics of another model or data (a skipped evaluate)."""
     # Imported here, not at the top: matplotlib costs 0.5 s, and the register stage imports
     # this module only to re-score a champion.
-    from dltrain.plots import plot_confusion_matrix, plot_misclassified, plot_training_curves
+    from dltrain.evaluate.plots import (
+        plot_confusion_matrix,
+        plot_misclassified,
+        plot_training_curves,
+    )
 
     metrics, images, labels, logits = _measure(model_path, processed_dir, batch_size)
     names = class_names(metrics["dataset"])

@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dltrain.atomic import atomic_dir, read_json, write_json
 from dltrain.errors import DiskFullError, ModelError
-from dltrain.io import atomic_dir, read_json, write_json
-from dltrain.registry import sqlite_path
+from dltrain.tracking.store import sqlite_path
 
 STAMP_MARGIN_S = 2.0
 CACHE_ENV = "DLTRAIN_MODEL_CACHE"  # where the cache of a tracking server's versions lives
@@ -41,7 +41,7 @@ def cache_root(tracking_uri: str) -> Path:
     db = sqlite_path(tracking_uri)
     if db is not None:
         return db.parent / f".{db.name}.dltrain-cache"
-    from dltrain.registry import display_uri
+    from dltrain.tracking.store import display_uri
 
     base = os.environ.get(CACHE_ENV) or Path(
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dltrain" / "registry"
@@ -77,7 +77,7 @@ def _weights_dir(root: Path, weights_sha256: str) -> Path:
 
 def _load(folder: Path, weights_sha256: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """The cached weights and card, if present and still the bytes the registry recorded."""
-    from dltrain.weights import load_weights_and_digest
+    from dltrain.model.weights import load_weights_and_digest
 
     path = folder / "model.safetensors"
     if not path.is_file():
@@ -145,7 +145,7 @@ def fetch(ref: str, tracking_uri: str, *, attempts: int = 4, backoff_s: float = 
     """The checked weights and card of the version `ref` (models:/<name>@<alias>) points to:
     from the cache when the store is unchanged, else resolved through MLflow, downloaded once
     per weights, and remembered."""
-    from dltrain.registry import download_version, parse_model_ref
+    from dltrain.tracking.store import download_version, parse_model_ref
 
     parsed = parse_model_ref(ref)
     if parsed is not None:
@@ -159,8 +159,8 @@ def fetch(ref: str, tracking_uri: str, *, attempts: int = 4, backoff_s: float = 
     with tempfile.TemporaryDirectory(prefix="dltrain-predict-") as tmp:
         folder = download_version(ref, tracking_uri, Path(tmp), attempts=attempts,
                                   backoff_s=backoff_s)
-        from dltrain.mlflow_model import weights_in
-        from dltrain.weights import card_path_for, load_weights_and_digest
+        from dltrain.model.weights import card_path_for, load_weights_and_digest
+        from dltrain.registry.mlflow_model import weights_in
 
         weights = weights_in(folder)
         # Checked as any model file: safetensors against its card, the card's weights_sha256.

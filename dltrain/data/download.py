@@ -8,7 +8,7 @@ holds a partial or unverified file, and is left exactly as it was when anything 
 From a `data.source`, only what changed is fetched: each file's manifest entry records the
 version of the source file it came from (its `fingerprint`: size and sha256, or the HTTP
 validators), and a file whose version is still the one the freshness check found
-(data/source.json, dltrain/freshness.py) is kept from data/raw instead of fetched again.
+(data/source.json, dltrain/data/freshness.py) is kept from data/raw instead of fetched again.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from email.message import Message
 from pathlib import Path
 from typing import IO, Any
 
-from dltrain.datasets import MANIFEST_NAME, RAW_FILES, RawFile, check_dataset_name, get_spec
+from dltrain.atomic import atomic_dir, disk_full_error, is_disk_full, read_json, write_json
+from dltrain.data.datasets import MANIFEST_NAME, RAW_FILES, RawFile, check_dataset_name, get_spec
 from dltrain.errors import DataError, DownloadError
-from dltrain.io import atomic_dir, disk_full_error, is_disk_full, read_json, write_json
 from dltrain.urls import redact_text, redact_url
 
 CHUNK = 1 << 20

@@ -29,8 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from dltrain.data.preprocess import split_paths
 from dltrain.errors import CertainTrainingError, ModelError
-from dltrain.loopspec import (
+from dltrain.model.mlp import MLP, normalize
+from dltrain.model.torchio import weights_bytes
+from dltrain.train.loopconfig import (
     CHECKPOINT_HISTORY,
     CHECKPOINT_MODEL,
     CHECKPOINT_OPTIMIZER,
@@ -38,9 +41,6 @@ from dltrain.loopspec import (
     LoopConfig,
     best_epoch,
 )
-from dltrain.model import MLP, normalize
-from dltrain.modelio import weights_bytes
-from dltrain.preprocess import split_paths
 
 
 @dataclass
@@ -79,7 +79,8 @@ class LoopState:
 
 
 def save_state(state: LoopState, directory: Path) -> None:
-    """A checkpoint (see dltrain.loopspec): the tensors in safetensors, the optimizer's state
+    """A checkpoint (see dltrain.train.loopconfig): the tensors in safetensors, the optimizer's
+    state
     as torch saves it (its nested dict of tensors and numbers has no safetensors form), the
     epochs in JSON, and the weights the stage ships in the models/model.safetensors format."""
     from safetensors.torch import save

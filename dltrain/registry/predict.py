@@ -1,7 +1,7 @@
 """`dltrain predict`: classify PNG images or IDX image files with a model given as a path to
 model.safetensors or as `models:/<name>@<alias>` in the MLflow registry.
 
-Models load through dltrain.weights only (safetensors, checked against model.json) and run
+Models load through dltrain.model.weights only (safetensors, checked against model.json) and run
 with numpy, without torch's import time: a pickle-bearing file (a torch model.pt) is refused,
 wherever it came from.
 """
@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from dltrain.classes import class_names
+from dltrain.data.idx import read_images
 from dltrain.errors import DataError
-from dltrain.idx import read_images
-from dltrain.registry import parse_model_ref, resolve_tracking_uri
+from dltrain.model.classes import class_names
+from dltrain.tracking.store import parse_model_ref, resolve_tracking_uri
 
 IMAGE_SIZE = (28, 28)
 
@@ -69,9 +69,9 @@ def load_inputs(paths: list[Path]) -> tuple[list[str], np.ndarray]:
 def predict(state: dict[str, np.ndarray], images: np.ndarray,
             batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
     """Predicted class index and its softmax probability for each uint8 image (N, 28, 28),
-    through the MLP whose checked weights are `state` (dltrain.weights.load_weights): the
-    registered MLflow model's own computation (dltrain.mlflow_model), so both agree."""
-    from dltrain.mlflow_model import probabilities
+    through the MLP whose checked weights are `state` (dltrain.model.weights.load_weights): the
+    registered MLflow model's own computation (dltrain.registry.mlflow_model), so both agree."""
+    from dltrain.registry.mlflow_model import probabilities
 
     probs = probabilities(state, images, batch_size)
     index = probs.argmax(axis=1)
@@ -81,13 +81,13 @@ def predict(state: dict[str, np.ndarray], images: np.ndarray,
 def resolve_model(model: str, tracking_uri: str | None,
                   registry_root: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Load `model`: a path to model.safetensors, or models:/<name>@<alias> (through the local
-    cache of dltrain.model_cache: MLflow is imported only when the store changed since the
+    cache of dltrain.registry.cache: MLflow is imported only when the store changed since the
     alias was last resolved); the checked weights and the card."""
-    from dltrain.weights import load_weights
+    from dltrain.model.weights import load_weights
 
     if parse_model_ref(model) is None and not model.startswith("models:/"):
         return load_weights(Path(model))
-    from dltrain.model_cache import fetch
+    from dltrain.registry.cache import fetch
 
     return fetch(model, resolve_tracking_uri(tracking_uri, registry_root))
 

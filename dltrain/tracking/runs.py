@@ -3,7 +3,7 @@ each epoch as it ends (dltrain.train.live, with the helpers here); register comp
 test metrics, the params and epochs it lacks, the model and the evaluation reports, or creates
 it when training could not reach the store.
 
-The model goes in as an MLflow model (dltrain.mlflow_model: a pyfunc "model from code" over
+The model goes in as an MLflow model (dltrain.registry.mlflow_model: a pyfunc "model from code" over
 the safetensors weights and model.json, with the markdown model card): MLflow's own API loads
 and serves it, and nothing in it is unpickled.
 """
@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dltrain.config import Params
-from dltrain.mlflow_model import example_images, log_model
 from dltrain.paths import Workspace
-from dltrain.registry import EXPERIMENT, embedded_artifact_uri, embedded_tracking_uri
+from dltrain.registry.mlflow_model import example_images, log_model
+from dltrain.tracking.store import EXPERIMENT, embedded_artifact_uri, embedded_tracking_uri
 
 if TYPE_CHECKING:
-    from dltrain.register import Candidate
+    from dltrain.registry.register import Candidate
 
 EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_time_s")
 

@@ -3,9 +3,10 @@ files of a checkpoint, and which epoch's model the stage ships.
 
 The train stage's driver (dltrain.train) reads checkpoints without torch: it hands LoopConfig to
 the workers, and installs the model.safetensors bytes that rank 0 wrote into the final
-checkpoint (dltrain.weights.write_model_pair).
+checkpoint (dltrain.model.weights.write_model_pair).
 
-A checkpoint is written by dltrain.loop.save_state and read back by dltrain.loop.load_state
+A checkpoint is written by dltrain.train.loop.save_state and read back by
+dltrain.train.loop.load_state
 only: the tensors in safetensors (no pickle), the optimizer's state in torch's format (read
 with torch.load(weights_only=True)), the epochs in JSON.
 """

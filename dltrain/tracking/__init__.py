@@ -1,0 +1,5 @@
+"""MLflow tracking, below training and the registry: which store, and the run of a training.
+
+    store.py  the tracking store: its URI (embedded SQLite or a server), connecting, redaction
+    runs.py   the MLflow run of a training run: find it, log its params and epochs
+"""
