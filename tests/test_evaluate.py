@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_models import make_trained_workspace, write_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -33,6 +32,8 @@ from dltrain.model.classes import FASHION_MNIST, MNIST, class_key
 from dltrain.model.mlp import normalize
 from dltrain.model.torchio import load_model
 from dltrain.paths import Workspace
+
+from helpers.models import make_trained_workspace, write_params
 
 # A tiny fixed prediction set: 6 samples, classes 0..2 (7 classes absent), predictions
 # [0, 1, 1, 1, 2, 0] for labels [0, 0, 1, 1, 2, 2].

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_mlflow import free_port, serve_mlflow
 
 from dltrain.config import params_from_dict
 from dltrain.evaluate.stage import evaluate
@@ -30,6 +29,7 @@ from dltrain.train.epochlog import EpochLog
 from dltrain.train.storage import EPOCHS_DIR, IDENTITY_FILE, read_epochs, write_epoch
 
 from conftest import make_processed, venv_env
+from helpers.mlflow import free_port, serve_mlflow
 
 
 def _client(uri: str):

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_mlflow import free_port
-from helpers_models import evaluated_workspace, replace_weights
 from mlflow import MlflowClient
 
 from dltrain.config import params_from_dict
@@ -28,6 +26,8 @@ from dltrain.registry.register import register
 from dltrain.tracking.store import embedded_tracking_uri
 
 from conftest import venv_env
+from helpers.mlflow import free_port
+from helpers.models import evaluated_workspace, replace_weights
 
 N_IMAGES = 20
 REF = "models:/mnist-mlp@champion"

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_models import evaluated_workspace
 from PIL import Image
 
 from dltrain.cli import main
@@ -27,6 +26,7 @@ from dltrain.registry.register import register
 from dltrain.tracking.store import embedded_tracking_uri
 
 from conftest import venv_env
+from helpers.models import evaluated_workspace
 
 N_PNG = 6
 

@@ -16,8 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_mlflow import FaultProxy, fail, free_port, serve_mlflow
-from helpers_models import evaluated_workspace, replace_weights
 
 from dltrain.cli import main
 from dltrain.config import params_from_dict
@@ -26,6 +24,8 @@ from dltrain.paths import Workspace
 from dltrain.registry.register import register
 
 from conftest import venv_env
+from helpers.mlflow import FaultProxy, fail, free_port, serve_mlflow
+from helpers.models import evaluated_workspace, replace_weights
 
 pytestmark = pytest.mark.integration
 

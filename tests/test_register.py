@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers_mlflow import free_port, serve_mlflow
-from helpers_models import evaluated_workspace, new_test_split, plant_model, replace_weights
 from mlflow.artifacts import download_artifacts
 from mlflow.models import Model
 from PIL import Image
@@ -29,6 +27,9 @@ from dltrain.paths import Workspace
 from dltrain.registry.register import LINEAGE_TAGS, read_candidate, register
 from dltrain.tracking.runs import flatten, model_card_markdown
 from dltrain.tracking.store import embedded_tracking_uri
+
+from helpers.mlflow import free_port, serve_mlflow
+from helpers.models import evaluated_workspace, new_test_split, plant_model, replace_weights
 
 
 def test_flatten_params() -> None:

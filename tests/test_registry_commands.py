@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_models import evaluated_workspace, plant_model, write_params
 from PIL import Image
 
 from dltrain.cli import main
@@ -18,6 +17,8 @@ from dltrain.model.weights import load_weights
 from dltrain.paths import Workspace
 from dltrain.registry.predict import predict
 from dltrain.tracking.store import embedded_tracking_uri
+
+from helpers.models import evaluated_workspace, plant_model, write_params
 
 pytestmark = pytest.mark.integration
 

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_models import evaluated_workspace
 from PIL import Image
 
 from dltrain.cli import main
 from dltrain.paths import Workspace
+
+from helpers.models import evaluated_workspace
 
 pytestmark = pytest.mark.integration
 

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers_mlflow import training_runs
 from safetensors.torch import load_file
 
 import dltrain.data.download as download_module
@@ -41,6 +40,7 @@ from dltrain.model.mlp import MLP
 from dltrain.model.torchio import load_model, save_model
 
 from conftest import RAW_FILES, make_processed, venv_env, write_raw_dir
+from helpers.mlflow import training_runs
 
 NAMES = sorted(RAW_FILES.values())
 

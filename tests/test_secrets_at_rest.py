@@ -10,10 +10,11 @@ import secrets
 from pathlib import Path
 
 import pytest
-from helpers_mlflow import free_port, serve_mlflow
 
 from dltrain.cli import main
 from flows import mnist_training as mt
+
+from helpers.mlflow import free_port, serve_mlflow
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_models import evaluated_workspace
 from safetensors.torch import load, save_file
 
 from dltrain.cli import main
@@ -46,6 +45,7 @@ from dltrain.train.loop import (
 from dltrain.urls import redact_text, redact_url
 
 from conftest import RAW_FILES, REPO_ROOT
+from helpers.models import evaluated_workspace
 
 FAST = {"retries": 1, "backoff_s": 0.0, "timeout_s": 5.0, "progress": False}
 

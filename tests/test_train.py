@@ -20,7 +20,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers_mlflow import training_runs
 from safetensors.torch import load_file
 
 from dltrain.config import load_params, params_from_dict
@@ -44,6 +43,7 @@ from dltrain.train.stage import train
 from dltrain.train.storage import FAILURE_FILE, check_storage
 
 from conftest import make_processed, venv_env
+from helpers.mlflow import training_runs
 
 
 def params(**train_overrides):

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_models import make_trained_workspace
 from test_security import Payload
 
 from dltrain.cli import main
@@ -36,6 +35,7 @@ from dltrain.model.weights import (
 from dltrain.paths import Workspace
 
 from conftest import REPO_ROOT
+from helpers.models import make_trained_workspace
 
 HIDDEN_SIZES = [(), (32,), (512,), (64, 32)]
 
