@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import venv_env
+from helpers.repo import venv_env
 
 DLTRAIN = Path(sys.executable).parent / "dltrain"
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO_ROOT, make_processed, venv_env
+from helpers.data import make_processed
+from helpers.repo import REPO_ROOT, venv_env
 
 CLUSTER_SCRIPT = REPO_ROOT / "infra" / "local-cluster" / "cluster.py"
 CLIENT_KEYS = ["RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"]

@@ -21,7 +21,7 @@ from dltrain.config import (
 )
 from dltrain.errors import ConfigError
 
-from conftest import REPO_ROOT, venv_env
+from helpers.repo import REPO_ROOT, venv_env
 
 
 def test_defaults_load_from_an_empty_mapping_and_from_the_repo_params():

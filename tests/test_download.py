@@ -32,7 +32,7 @@ from dltrain.data.datasets import (
 from dltrain.data.download import data_checksum, download
 from dltrain.errors import ConfigError, DownloadError
 
-from conftest import RAW_FILES, write_raw_dir
+from helpers.data import RAW_FILES, write_raw_dir
 
 NAMES = sorted(RAW_FILES.values())
 FAST = {"backoff_s": 0.0, "timeout_s": 5.0, "progress": False}

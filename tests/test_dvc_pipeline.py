@@ -19,7 +19,8 @@ import yaml
 from dltrain.atomic import read_json
 from dltrain.data.datasets import DEBIAN_FASHION_MNIST_DIR
 
-from conftest import RAW_FILES, make_clone, venv_env, write_raw_dir
+from helpers.data import RAW_FILES, write_raw_dir
+from helpers.repo import make_clone, venv_env
 
 pytestmark = pytest.mark.integration
 

@@ -40,7 +40,8 @@ from flows.workspace import (
     workspace_lock,
 )
 
-from conftest import REPO_ROOT, make_clone, write_raw_dir
+from helpers.data import write_raw_dir
+from helpers.repo import REPO_ROOT, make_clone
 
 LOG = logging.getLogger("test_flows")
 TINY_TRAIN = {"train.epochs": 1, "train.num_workers": 1}

@@ -32,7 +32,8 @@ from dltrain.data.download import download
 from dltrain.data.freshness import changed_files, check
 from dltrain.errors import DataError, DownloadError
 
-from conftest import RAW_FILES, REPO_ROOT, write_raw_dir
+from helpers.data import RAW_FILES, write_raw_dir
+from helpers.repo import REPO_ROOT
 
 NAMES = list(RAW_FILES.values())
 FAST = {"backoff_s": 0.0, "timeout_s": 5.0, "progress": False}

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from dltrain.data.idx import read_idx, read_images, read_labels, read_split, write_idx
 from dltrain.errors import DataError
 
-from conftest import synthetic_split
+from helpers.data import synthetic_split
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, venv_env
+from helpers.repo import REPO_ROOT, venv_env
 
 INFRA = REPO_ROOT / "infra"
 CLOUD_CONFIG = INFRA / "cloud" / "ray-cluster-aws-gpu.yaml"

@@ -28,8 +28,9 @@ from dltrain.train import live
 from dltrain.train.epochlog import EpochLog
 from dltrain.train.storage import EPOCHS_DIR, IDENTITY_FILE, read_epochs, write_epoch
 
-from conftest import make_processed, venv_env
+from helpers.data import make_processed
 from helpers.mlflow import free_port, serve_mlflow
+from helpers.repo import venv_env
 
 
 def _client(uri: str):

@@ -25,9 +25,9 @@ from dltrain.registry.predict import predict_command
 from dltrain.registry.register import register
 from dltrain.tracking.store import embedded_tracking_uri
 
-from conftest import venv_env
 from helpers.mlflow import free_port
 from helpers.models import evaluated_workspace, replace_weights
+from helpers.repo import venv_env
 
 N_IMAGES = 20
 REF = "models:/mnist-mlp@champion"

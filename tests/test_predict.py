@@ -25,8 +25,8 @@ from dltrain.registry.predict import load_inputs, predict_command
 from dltrain.registry.register import register
 from dltrain.tracking.store import embedded_tracking_uri
 
-from conftest import venv_env
 from helpers.models import evaluated_workspace
+from helpers.repo import venv_env
 
 N_PNG = 6
 

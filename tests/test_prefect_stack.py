@@ -28,7 +28,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import RAW_FILES, make_clone, venv_env, write_raw_dir
+from helpers.data import RAW_FILES, write_raw_dir
+from helpers.repo import make_clone, venv_env
 
 RUN_TIMEOUT_S = 900
 

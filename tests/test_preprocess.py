@@ -26,7 +26,7 @@ from dltrain.data.idx import read_split, write_idx
 from dltrain.data.preprocess import SPLITS, preprocess, split_paths, stratified_split
 from dltrain.errors import ConfigError, DataError
 
-from conftest import write_raw_dir
+from helpers.data import write_raw_dir
 
 OUTPUT_NAMES = sorted([f"{s}_{k}.npy" for s in SPLITS for k in ("images", "labels")]
                       + ["summary.json"])

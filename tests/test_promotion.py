@@ -23,9 +23,9 @@ from dltrain.errors import RegistryError
 from dltrain.paths import Workspace
 from dltrain.registry.register import register
 
-from conftest import venv_env
 from helpers.mlflow import FaultProxy, fail, free_port, serve_mlflow
 from helpers.models import evaluated_workspace, replace_weights
+from helpers.repo import venv_env
 
 pytestmark = pytest.mark.integration
 

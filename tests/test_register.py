@@ -28,8 +28,9 @@ from dltrain.registry.register import LINEAGE_TAGS, read_candidate, register
 from dltrain.tracking.runs import flatten, model_card_markdown
 from dltrain.tracking.store import embedded_tracking_uri
 
+from helpers.data import new_test_split
 from helpers.mlflow import free_port, serve_mlflow
-from helpers.models import evaluated_workspace, new_test_split, plant_model, replace_weights
+from helpers.models import evaluated_workspace, plant_model, replace_weights
 
 
 def test_flatten_params() -> None:

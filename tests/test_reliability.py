@@ -39,8 +39,9 @@ from dltrain.errors import DiskFullError, DownloadError, ModelError
 from dltrain.model.mlp import MLP
 from dltrain.model.torchio import load_model, save_model
 
-from conftest import RAW_FILES, make_processed, venv_env, write_raw_dir
+from helpers.data import RAW_FILES, make_processed, write_raw_dir
 from helpers.mlflow import training_runs
+from helpers.repo import venv_env
 
 NAMES = sorted(RAW_FILES.values())
 

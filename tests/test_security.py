@@ -44,8 +44,9 @@ from dltrain.train.loop import (
 )
 from dltrain.urls import redact_text, redact_url
 
-from conftest import RAW_FILES, REPO_ROOT
+from helpers.data import RAW_FILES
 from helpers.models import evaluated_workspace
+from helpers.repo import REPO_ROOT
 
 FAST = {"retries": 1, "backoff_s": 0.0, "timeout_s": 5.0, "progress": False}
 

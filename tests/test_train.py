@@ -42,8 +42,9 @@ from dltrain.train.preflight import (
 from dltrain.train.stage import train
 from dltrain.train.storage import FAILURE_FILE, check_storage
 
-from conftest import make_processed, venv_env
+from helpers.data import make_processed
 from helpers.mlflow import training_runs
+from helpers.repo import venv_env
 
 
 def params(**train_overrides):

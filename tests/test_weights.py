@@ -34,8 +34,8 @@ from dltrain.model.weights import (
 )
 from dltrain.paths import Workspace
 
-from conftest import REPO_ROOT
 from helpers.models import make_trained_workspace
+from helpers.repo import REPO_ROOT
 
 HIDDEN_SIZES = [(), (32,), (512,), (64, 32)]
 

@@ -1,9 +1,8 @@
-"""Test helpers: a processed data directory and a tiny model trained in-process with plain
-PyTorch, laid out as the pipeline lays out its files (data/processed, models/, reports/)."""
+"""Test helpers: a tiny model trained in-process with plain PyTorch, laid out as the pipeline
+lays out its files (data/processed, models/, reports/)."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -16,34 +15,9 @@ from dltrain.model.mlp import MLP, architecture, normalize
 from dltrain.model.torchio import save_model
 from dltrain.paths import Workspace
 
-from conftest import synthetic_split
+from helpers.data import write_processed_dir
 
 HIDDEN = (32,)
-
-
-def split_sha256(path: Path, split: str) -> str:
-    """A split's sha256 as preprocess records it: over its two .npy files' bytes, images first
-    (evaluate checks the test split it reads against it)."""
-    return hashlib.sha256((path / f"{split}_images.npy").read_bytes()
-                          + (path / f"{split}_labels.npy").read_bytes()).hexdigest()
-
-
-def write_processed_dir(path: Path, n_train: int = 600, n_val: int = 100, n_test: int = 200,
-                        dataset: str = "fashion-mnist", seed: int = 0) -> Path:
-    """The six .npy files and summary.json of data/processed, from synthetic data."""
-    path.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"dataset": dataset, "val_fraction": 0.1, "seed": seed}
-    for offset, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
-        images, labels = synthetic_split(n, seed + offset)
-        np.save(path / f"{split}_images.npy", images)
-        np.save(path / f"{split}_labels.npy", labels)
-        digest = split_sha256(path, split)
-        summary[split] = {"n": n, "class_counts": np.bincount(labels, minlength=10).tolist(),
-                          "sha256": digest}
-    summary["data_checksum"] = hashlib.sha256(
-        "".join(summary[s]["sha256"] for s in ("train", "val", "test")).encode()).hexdigest()
-    write_json(path / "summary.json", summary)
-    return path
 
 
 def train_tiny(processed_dir: Path, epochs: int = 3, seed: int = 0,
@@ -136,22 +110,6 @@ def replace_weights(ws: Workspace, seed: int, accuracy: float | None = None) -> 
     per_class = ws.reports_dir / "per_class.json"
     write_json(per_class, {**read_json(per_class), "weights_sha256": sha})
     return sha
-
-
-def new_test_split(ws: Workspace, seed: int, n_test: int = 200) -> str:
-    """Replace the processed test split with other images (as new data would), keeping train and
-    val; returns the new test split's sha256."""
-    images, labels = synthetic_split(n_test, seed)
-    np.save(ws.processed_dir / "test_images.npy", images)
-    np.save(ws.processed_dir / "test_labels.npy", labels)
-    summary = read_json(ws.processed_dir / "summary.json")
-    digest = split_sha256(ws.processed_dir, "test")
-    summary["test"] = {"n": n_test, "class_counts": np.bincount(labels, minlength=10).tolist(),
-                       "sha256": digest}
-    summary["data_checksum"] = hashlib.sha256(
-        "".join(summary[s]["sha256"] for s in ("train", "val", "test")).encode()).hexdigest()
-    write_json(ws.processed_dir / "summary.json", summary)
-    return digest
 
 
 def plant_model(ws: Workspace, seed: int, epochs: int = 3) -> dict:
