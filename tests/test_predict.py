@@ -26,6 +26,7 @@ from dltrain.registry.register import register
 from dltrain.tracking.store import embedded_tracking_uri
 
 from helpers.models import evaluated_workspace
+from helpers.payload import Payload
 from helpers.repo import venv_env
 
 N_PNG = 6
@@ -140,16 +141,6 @@ def test_truncated_png_is_refused(ws: Workspace, pngs: list[Path], tmp_path: Pat
     cut.write_bytes(pngs[0].read_bytes()[:60])
     with pytest.raises(DataError, match="cannot decode"):
         load_inputs([cut])
-
-
-class Payload:
-    """Unpickling this would create the marker file: proof that code ran."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
 
 
 def test_pickle_payload_is_refused_and_never_runs(ws: Workspace, pngs: list[Path],

@@ -46,19 +46,10 @@ from dltrain.urls import redact_text, redact_url
 
 from helpers.data import RAW_FILES
 from helpers.models import evaluated_workspace
+from helpers.payload import Payload
 from helpers.repo import REPO_ROOT
 
 FAST = {"retries": 1, "backoff_s": 0.0, "timeout_s": 5.0, "progress": False}
-
-
-class Payload:
-    """Unpickling this creates the marker file: proof that code ran."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
 
 
 @pytest.fixture(scope="module")

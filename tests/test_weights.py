@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_security import Payload
 
 from dltrain.cli import main
 from dltrain.errors import ModelError
@@ -35,6 +34,7 @@ from dltrain.model.weights import (
 from dltrain.paths import Workspace
 
 from helpers.models import make_trained_workspace
+from helpers.payload import Payload
 from helpers.repo import REPO_ROOT
 
 HIDDEN_SIZES = [(), (32,), (512,), (64, 32)]
