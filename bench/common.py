@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: a scratch workspace, running `dltrain`, the machine."""
+"""Helpers shared by the benchmarks: a scratch workspace, a fresh clone, tiny synthetic data,
+running `dltrain`, the machine. Benchmarks import the product, never the tests."""
 
 from __future__ import annotations
 
@@ -77,3 +78,48 @@ def ensure_processed(processed_dir: Path) -> Path:
         subprocess.run([str(BIN / "dvc"), "repro", "preprocess"], cwd=REPO, env=env(),
                        check=True)
     return processed_dir
+
+
+def clone_worktree(clone: Path) -> Path:
+    """A git clone of the working tree (uncommitted changes included): the tracked files plus
+    the untracked, non-ignored ones, committed as one snapshot."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, check=True, capture_output=True).stdout.split(b"\0")
+    for rel in filter(None, files):
+        src = REPO / rel.decode()
+        if src.is_file():
+            dst = clone / rel.decode()
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.invalid"]
+    subprocess.run([*git, "init", "-q", "-b", "main"], cwd=clone, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=clone, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "snapshot"], cwd=clone, check=True)
+    return clone
+
+
+def synthetic_raw(path: Path, n_train: int = 600, n_test: int = 200, seed: int = 0) -> Path:
+    """The four gzipped IDX files of a tiny MNIST-shaped data set in `path`, one a model learns
+    in seconds: class k is a bright 7x7 block at a position that depends on k, over noise."""
+    import numpy as np
+
+    from dltrain.data.datasets import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS
+    from dltrain.data.idx import write_idx
+
+    def split(n: int, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(split_seed)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        rng.shuffle(labels)
+        images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+        for i, k in enumerate(labels):
+            r, c = 3 + 8 * (int(k) // 4), 1 + 7 * (int(k) % 4)
+            images[i, r:r + 7, c:c + 6] = rng.integers(180, 256, size=(7, 6), dtype=np.uint8)
+        return images, labels
+
+    path.mkdir(parents=True, exist_ok=True)
+    (train_x, train_y), (test_x, test_y) = split(n_train, seed), split(n_test, seed + 1)
+    for name, array in ((TRAIN_IMAGES, train_x), (TRAIN_LABELS, train_y),
+                        (TEST_IMAGES, test_x), (TEST_LABELS, test_y)):
+        write_idx(path / name, array)
+    return path

@@ -25,16 +25,13 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "tests"))
 sys.path.insert(0, str(REPO_ROOT))
 
 from flows.workspace import render_overrides  # noqa: E402
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))
-from common import machine  # noqa: E402
+from common import clone_worktree, machine, synthetic_raw  # noqa: E402
 from report import replace_section  # noqa: E402
-
-from conftest import make_clone, write_raw_dir  # noqa: E402  (the tests' tiny data)
 
 PARAMS = {"train.epochs": 1, "train.num_workers": 1}
 
@@ -79,8 +76,8 @@ def _stack(command: str, home: Path, port: int) -> None:
 
 
 def measure(api_url: str, root: Path, repeats: int) -> dict[str, list[float]]:
-    source = write_raw_dir(root / "source").as_uri()
-    a, b = make_clone(root / "dvc"), make_clone(root / "flow")
+    source = synthetic_raw(root / "source").as_uri()
+    a, b = clone_worktree(root / "dvc"), clone_worktree(root / "flow")
     params = a / "params.yaml"
     params.write_text(render_overrides(params.read_text(), {"data.source": source, **PARAMS}))
     env = _env(api_url)
