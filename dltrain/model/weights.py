@@ -36,6 +36,7 @@ import numpy as np
 
 from dltrain.atomic import atomic_path, read_json
 from dltrain.errors import ModelError
+from dltrain.paths import card_path_for
 
 # The MLP's input and output sizes (dltrain.model.mlp imports them from here: no torch here).
 INPUT_SIZE = 28 * 28
@@ -227,11 +228,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def card_path_for(model_path: Path) -> Path:
-    """models/model.safetensors -> models/model.json."""
-    return Path(model_path).with_suffix(".json")
 
 
 def _write_synced(path: Path, data: bytes) -> None:
