@@ -228,8 +228,9 @@ def run() -> None:
     """The `dltrain` command: main(), then a quick exit.
 
     Once a stage has imported torch, the interpreter's own teardown (freeing every module and
-    native library) costs 0.7-1 s, paid by each stage of every pipeline run for nothing. So the
-    first atexit handler registered is one that ends the process: atexit runs handlers last
+    native library) takes a noticeable part of a stage's time (BENCHMARKS.md, "Figures behind
+    choices in the code"), paid by each stage of every pipeline run for nothing. So the first
+    atexit handler registered is one that ends the process: atexit runs handlers last
     registered first, so every handler that a library registers during the command (Ray's and
     MLflow's shutdown, logging's flush) still runs before it; only the teardown is skipped.
     Outputs are never left to it: every file is written, synced and renamed by dltrain.atomic

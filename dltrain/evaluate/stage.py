@@ -2,14 +2,14 @@
 
 The classification metrics are read off the confusion matrix with numpy (scikit-learn's
 definitions, zero_division=0; tests/test_evaluate.py checks them against scikit-learn on random
-input): importing sklearn.metrics would cost this stage a second of its ~4 s.
+input), so that the stage does not import sklearn.metrics for a few sums.
 
-No torch either: `import torch` was half of this stage's time (1.4 of 2.9 s), for a forward
-pass that numpy does as fast. The weights are read by dltrain.model.weights (the same checks as
-dltrain.model.torchio.load_model: safetensors, the card's pair, every shape), the forward pass
-is its numpy twin of dltrain.model.mlp.MLP, and the cross-entropy is computed here with the same
-definition as torch's F.cross_entropy (mean of -log softmax at the true class; tests check both
-against torch).
+No torch either: its import would be most of this stage's start-up, for a forward pass that
+numpy does as fast (BENCHMARKS.md, "Figures behind choices in the code"). The weights are read
+by dltrain.model.weights (the same checks as dltrain.model.torchio.load_model: safetensors, the
+card's pair, every shape), the forward pass is its numpy twin of dltrain.model.mlp.MLP, and
+the cross-entropy is computed here with the same definition as torch's F.cross_entropy (mean of
+-log softmax at the true class; tests check both against torch).
 """
 
 from __future__ import annotations
@@ -209,8 +209,8 @@ def evaluate(model_path: Path, processed_dir: Path, reports_dir: Path, *,
 
     metrics.json carries the sha256 of the weights and of the test split it measured, so that
     the register stage can refuse metrics of another model or data (a skipped evaluate)."""
-    # Imported here, not at the top: matplotlib costs 0.5 s, and the register stage imports
-    # this module only to re-score a champion.
+    # Imported here, not at the top: the register stage imports this module only to re-score
+    # a champion, and draws nothing.
     from dltrain.evaluate.plots import (
         plot_confusion_matrix,
         plot_misclassified,

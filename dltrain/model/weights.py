@@ -3,8 +3,10 @@ models/model.json, run the MLP's forward pass with numpy only, and write a
 model.safetensors/model.json pair from the bytes that dltrain.model.torchio.weights_bytes made (the
 train stage's driver installs what its rank-0 worker serialised).
 
-Why: `import torch` takes 1.4-2 s on a 2-core machine, half of the evaluate stage and most of
-the register stage's start, which need nothing of torch but the weights' values.
+Why: importing torch is most of a stage's start-up (BENCHMARKS.md, "Figures behind choices in
+the code"), and the evaluate and register stages and predict need nothing of torch but the
+weights' values; tests/test_weights.py::test_evaluate_register_and_predict_do_not_import_torch
+holds them to it.
 dltrain.model.torchio (for torch users: predict's callers in tests, training) reads through this
 module too, so every reader of a model file gives the same verdict.
 

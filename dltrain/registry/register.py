@@ -77,8 +77,8 @@ def read_candidate(ws: Workspace) -> Candidate:
     """The model (checked to be plain weights of the right shapes), its card and reports; the
     metrics must be evaluate's measurement of these weights on the current test split.
 
-    The weights are read without torch (dltrain.model.weights): importing torch only to check them
-    cost this stage 1.5-2 s of its start."""
+    The weights are read without torch (dltrain.model.weights): checking them needs none of it,
+    and its import would be most of this stage's start-up."""
     _weights, card, weights_sha256 = load_weights_and_digest(ws.model_path, ws.model_card_path)
     if not ws.metrics_path.is_file():
         raise DataError(f"{ws.metrics_path} not found (run `dltrain evaluate` first)")
