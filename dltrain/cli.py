@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from dltrain.errors import DltrainError
+from dltrain.paths import Workspace
 
 
 def _load(args: argparse.Namespace):
     from dltrain.config import load_params, parse_override
-    from dltrain.paths import Workspace
 
     ws = Workspace.at(args.workspace)
     params_path = Path(args.params) if args.params else ws.params_path
@@ -177,9 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_registry(sub)
     p = sub.add_parser("predict", help="classify PNG images or an IDX file with a model",
                        description="Classify PNG images or an IDX file with a model.")
-    p.add_argument("--model", default="models/model.safetensors",
-                   help="a model.safetensors path (its card beside it) or "
-                        "models:/<name>@<alias> (default: models/model.safetensors)")
+    p.add_argument("--model", default=str(Workspace(Path()).model_path),
+                   help="a weights file (its card beside it) or "
+                        "models:/<name>@<alias> (default: %(default)s)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI for models:/ references "
                         "(default: MLFLOW_TRACKING_URI, else the embedded SQLite store)")
@@ -228,8 +228,9 @@ def run() -> None:
     """The `dltrain` command: main(), then a quick exit.
 
     Once a stage has imported torch, the interpreter's own teardown (freeing every module and
-    native library) costs 0.7-1 s, paid by each stage of every pipeline run for nothing. So the
-    first atexit handler registered is one that ends the process: atexit runs handlers last
+    native library) takes a noticeable part of a stage's time (BENCHMARKS.md, "Figures behind
+    choices in the code"), paid by each stage of every pipeline run for nothing. So the first
+    atexit handler registered is one that ends the process: atexit runs handlers last
     registered first, so every handler that a library registers during the command (Ray's and
     MLflow's shutdown, logging's flush) still runs before it; only the teardown is skipped.
     Outputs are never left to it: every file is written, synced and renamed by dltrain.atomic

@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from dltrain.errors import ConfigError
+from dltrain.paths import PARAMS_FILE
 from dltrain.urls import password_of, redact_text
 
 DATASETS = ("fashion-mnist", "mnist")
@@ -277,7 +278,7 @@ def read_params_file(path: Path) -> dict[str, Any]:
     return raw
 
 
-def load_params(path: Path | str = "params.yaml",
+def load_params(path: Path | str = PARAMS_FILE,
                 overrides: dict[str, Any] | None = None) -> Params:
     """Load, override and validate params.yaml."""
     raw = read_params_file(Path(path))

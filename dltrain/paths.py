@@ -1,13 +1,116 @@
-"""Where each stage reads and writes, relative to one workspace root (the repo, by default).
+"""The stage contract: every file a stage reads or writes, named here and nowhere else.
 
-The names are the stage contract of DESIGN.md; stage functions take these paths as
-arguments, so nothing below the CLI reads the current directory.
+`Workspace` places the pipeline's directories under one root (the repo, by default);
+`RawFiles`, `ProcessedFiles`, `ModelFiles` and `ReportFiles` name the files inside one such
+directory, for the stage functions that are handed the directory as an argument. Stage
+functions take paths as arguments, so nothing below the CLI reads the current directory.
+dvc.yaml's outs spell the same paths: tests/test_dvc_deps.py checks that they agree.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+PARAMS_FILE = "params.yaml"
+RAW_MANIFEST = "manifest.json"  # beside the data set's files: source, sha256, bytes
+PROCESSED_SUMMARY = "summary.json"
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_CARD = "model.json"
+
+
+def card_path_for(model_path: Path | str) -> Path:
+    """A weights file's card: the same name with .json (models/model.safetensors ->
+    models/model.json), wherever the pair lies (a checkpoint, predict's cache, an MLflow
+    model's artifacts)."""
+    return Path(model_path).with_suffix(".json")
+
+
+@dataclass(frozen=True)
+class RawFiles:
+    """data/raw: the data set's four files (named per data set by dltrain.data.datasets) and the
+    manifest the download stage writes last."""
+
+    dir: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.dir / RAW_MANIFEST
+
+
+@dataclass(frozen=True)
+class ProcessedFiles:
+    """data/processed: per split, an images and a labels .npy file; and summary.json."""
+
+    dir: Path
+
+    @property
+    def summary(self) -> Path:
+        return self.dir / PROCESSED_SUMMARY
+
+    def split(self, split: str) -> tuple[Path, Path]:
+        """The images and labels .npy files of `split` ('train', 'val' or 'test')."""
+        return self.dir / f"{split}_images.npy", self.dir / f"{split}_labels.npy"
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A model: its weights (safetensors) and their card, side by side."""
+
+    dir: Path
+
+    @property
+    def weights(self) -> Path:
+        return self.dir / MODEL_WEIGHTS
+
+    @property
+    def card(self) -> Path:
+        return card_path_for(self.weights)
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """reports/: the train stage's training.json, the evaluate stage's metrics and plots, the
+    register stage's registration.json."""
+
+    dir: Path
+
+    @property
+    def training(self) -> Path:
+        return self.dir / "training.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.json"
+
+    @property
+    def per_class(self) -> Path:
+        return self.dir / "per_class.json"
+
+    @property
+    def confusion_csv(self) -> Path:
+        return self.dir / "confusion.csv"
+
+    @property
+    def confusion_png(self) -> Path:
+        return self.dir / "confusion_matrix.png"
+
+    @property
+    def misclassified_png(self) -> Path:
+        return self.dir / "misclassified.png"
+
+    @property
+    def curves_png(self) -> Path:
+        return self.dir / "training_curves.png"
+
+    @property
+    def registration(self) -> Path:
+        return self.dir / "registration.json"
+
+
+def split_paths(processed_dir: Path | str, split: str) -> tuple[Path, Path]:
+    """The images and labels .npy files of `split` ('train', 'val' or 'test')."""
+    return ProcessedFiles(Path(processed_dir)).split(split)
 
 
 @dataclass(frozen=True)
@@ -20,11 +123,19 @@ class Workspace:
 
     @property
     def params_path(self) -> Path:
-        return self.root / "params.yaml"
+        return self.root / PARAMS_FILE
 
     @property
     def raw_dir(self) -> Path:
         return self.root / "data" / "raw"
+
+    @property
+    def raw(self) -> RawFiles:
+        return RawFiles(self.raw_dir)
+
+    @property
+    def raw_manifest_path(self) -> Path:
+        return self.raw.manifest
 
     @property
     def source_fingerprint_path(self) -> Path:
@@ -43,32 +154,44 @@ class Workspace:
         return self.root / "data" / "processed"
 
     @property
+    def processed(self) -> ProcessedFiles:
+        return ProcessedFiles(self.processed_dir)
+
+    @property
+    def summary_path(self) -> Path:
+        return self.processed.summary
+
+    @property
     def models_dir(self) -> Path:
         return self.root / "models"
 
     @property
     def model_path(self) -> Path:
-        return self.models_dir / "model.safetensors"
+        return ModelFiles(self.models_dir).weights
 
     @property
     def model_card_path(self) -> Path:
-        return self.models_dir / "model.json"
+        return ModelFiles(self.models_dir).card
 
     @property
     def reports_dir(self) -> Path:
         return self.root / "reports"
 
     @property
+    def reports(self) -> ReportFiles:
+        return ReportFiles(self.reports_dir)
+
+    @property
     def training_report_path(self) -> Path:
-        return self.reports_dir / "training.json"
+        return self.reports.training
 
     @property
     def metrics_path(self) -> Path:
-        return self.reports_dir / "metrics.json"
+        return self.reports.metrics
 
     @property
     def registration_path(self) -> Path:
-        return self.reports_dir / "registration.json"
+        return self.reports.registration
 
     @property
     def ray_results_dir(self) -> Path:

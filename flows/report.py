@@ -15,7 +15,6 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from dltrain.data.freshness import changed_files
-from dltrain.evaluate.stage import CURVES_PNG
 from dltrain.paths import Workspace
 from dltrain.tracking.store import embedded_tracking_uri
 
@@ -96,7 +95,7 @@ CURVES_EMBED_MAX = 256 * 1024
 def curves_lines(ws: Workspace) -> list[str]:
     """The evaluate stage's loss and accuracy curves, embedded in the summary as a data URI:
     the Prefect UI then shows them with no file server and no CDN (offline clusters)."""
-    path = ws.reports_dir / CURVES_PNG
+    path = ws.reports.curves_png
     try:
         data = path.read_bytes()
     except OSError:

@@ -24,13 +24,13 @@ from dltrain import cli
 from dltrain.atomic import read_json, write_json
 from dltrain.data.datasets import (
     DEBIAN_FASHION_MNIST_DIR,
-    MANIFEST_NAME,
     DatasetSpec,
     RawFile,
     get_spec,
 )
 from dltrain.data.download import data_checksum, download
 from dltrain.errors import ConfigError, DownloadError
+from dltrain.paths import RAW_MANIFEST as MANIFEST_NAME
 
 from helpers.data import RAW_FILES, write_raw_dir
 

@@ -27,10 +27,11 @@ import pytest
 import dltrain.data.freshness as freshness_module
 from dltrain import cli
 from dltrain.atomic import read_json
-from dltrain.data.datasets import MANIFEST_NAME, content_md5s
+from dltrain.data.datasets import content_md5s
 from dltrain.data.download import download
 from dltrain.data.freshness import changed_files, check
 from dltrain.errors import DataError, DownloadError
+from dltrain.paths import RAW_MANIFEST as MANIFEST_NAME
 
 from helpers.data import RAW_FILES, write_raw_dir
 from helpers.repo import REPO_ROOT

@@ -20,11 +20,13 @@ import pytest
 
 from dltrain import cli
 from dltrain.atomic import read_json, write_json
-from dltrain.data.datasets import DEBIAN_FASHION_MNIST_DIR, MANIFEST_NAME
+from dltrain.data.datasets import DEBIAN_FASHION_MNIST_DIR
 from dltrain.data.download import download
 from dltrain.data.idx import read_split, write_idx
-from dltrain.data.preprocess import SPLITS, preprocess, split_paths, stratified_split
+from dltrain.data.preprocess import SPLITS, preprocess, stratified_split
 from dltrain.errors import ConfigError, DataError
+from dltrain.paths import RAW_MANIFEST as MANIFEST_NAME
+from dltrain.paths import split_paths
 
 from helpers.data import write_raw_dir
 

@@ -216,8 +216,8 @@ def test_stale_metrics_are_refused_and_nothing_is_registered(ws: Workspace, caps
 @pytest.mark.parametrize("where", ["metrics", "card", "training"])
 def test_non_finite_figures_are_refused_whatever_min_accuracy(ws: Workspace, capsys,
                                                               where: str) -> None:
-    """A diverged training (loss NaN) is not a model: with min_accuracy 0 it used to become
-    champion with "loss": NaN in metrics.json. Refused before MLflow is touched."""
+    """A diverged training (loss NaN) is not a model: even with min_accuracy 0 it must not
+    become champion with "loss": NaN in metrics.json. Refused before MLflow is touched."""
     path = {"metrics": ws.metrics_path, "card": ws.model_card_path,
             "training": ws.training_report_path}[where]
     doc = json.loads(path.read_text())

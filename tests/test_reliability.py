@@ -32,12 +32,13 @@ from safetensors.torch import load_file
 import dltrain.data.download as download_module
 from dltrain import cli
 from dltrain.atomic import atomic_open, read_json, write_json
-from dltrain.data.datasets import MANIFEST_NAME, DatasetSpec, RawFile
+from dltrain.data.datasets import DatasetSpec, RawFile
 from dltrain.data.download import download
 from dltrain.data.preprocess import preprocess
 from dltrain.errors import DiskFullError, DownloadError, ModelError
 from dltrain.model.mlp import MLP
 from dltrain.model.torchio import load_model, save_model
+from dltrain.paths import RAW_MANIFEST as MANIFEST_NAME
 
 from helpers.data import RAW_FILES, make_processed, write_raw_dir
 from helpers.mlflow import training_runs

@@ -111,8 +111,9 @@ def test_too_many_workers_fail_before_ray_starts(processed_ws: Path, tmp_path: P
 
 def test_a_model_too_big_for_memory_is_a_config_error_before_ray_starts(
         processed_ws: Path, tmp_path: Path) -> None:
-    """hidden_sizes [100000, 100000] (10 billion weights) used to fail after 61 s and two
-    retries; the pre-flight estimate refuses it naming the key, before any Ray process."""
+    """hidden_sizes [100000, 100000] (10 billion weights) cannot train here: the pre-flight
+    estimate refuses it naming the key, before any Ray process starts (and so before any
+    worker fails on it and is retried)."""
     ws = Workspace.at(tmp_path)
     shutil.copytree(processed_ws / "data", tmp_path / "data")
     big = params_from_dict({"model": {"hidden_sizes": [100000, 100000]},

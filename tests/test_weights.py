@@ -347,7 +347,7 @@ def test_the_digest_is_of_the_bytes_read(trained_ws: Workspace) -> None:
 # ------------------------------------------------------------------------- no torch import
 
 def test_evaluate_register_and_predict_do_not_import_torch() -> None:
-    """What the module is for: these stages start without torch's 1.5-2 s import."""
+    """What the module is for: these stages start without importing torch."""
     code = ("import sys, dltrain.evaluate.stage, dltrain.registry.register, "
             "dltrain.registry.predict, dltrain.model.weights, dltrain.cli; "
             "assert 'torch' not in sys.modules, "

@@ -19,7 +19,6 @@ TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
 TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
 TEST_LABELS = "t10k-labels-idx1-ubyte.gz"
 RAW_FILES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
-MANIFEST_NAME = "manifest.json"
 
 # Debian's package `dataset-fashion-mnist` installs the four files here: first in the list, so
 # that machines without internet (CI included) never wait on the network.

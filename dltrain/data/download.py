@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from dltrain.atomic import atomic_dir, disk_full_error, is_disk_full, read_json, write_json
-from dltrain.data.datasets import MANIFEST_NAME, RAW_FILES, RawFile, check_dataset_name, get_spec
+from dltrain.data.datasets import RAW_FILES, RawFile, check_dataset_name, get_spec
 from dltrain.errors import DataError, DownloadError
+from dltrain.paths import RawFiles
 from dltrain.urls import redact_text, redact_url
 
 CHUNK = 1 << 20
@@ -103,7 +104,7 @@ def download(dataset: str, source: str | None, raw_dir: Path, *,
         manifest = {"dataset": dataset, "source": redact_url(source) if source else None,
                     "files": entries,
                     "checksum": data_checksum({n: e["sha256"] for n, e in entries.items()})}
-        write_json(staging / MANIFEST_NAME, manifest)
+        write_json(RawFiles(staging).manifest, manifest)
     fetched = f"; fetched {len(files) - len(kept)} of {len(files)} files" if kept else ""
     print(f"download: {dataset} ready in {raw_dir} (checksum {manifest['checksum'][:12]})"
           + fetched)
@@ -139,7 +140,7 @@ def _verified_manifest(raw_dir: Path, dataset: str) -> dict[str, Any] | None:
     """The manifest of `raw_dir` if it holds the four md5-verified files of `dataset`,
     unchanged since (same size and sha256); else None."""
     try:
-        manifest = read_json(raw_dir / MANIFEST_NAME)
+        manifest = read_json(RawFiles(raw_dir).manifest)
         files = manifest["files"]
         if manifest["dataset"] != dataset or set(files) != set(RAW_FILES):
             return None
@@ -164,7 +165,7 @@ def _unchanged_at_source(raw_dir: Path, dataset: str, source: str,
             or fingerprint.get("source") != source:
         return {}
     try:
-        manifest = read_json(raw_dir / MANIFEST_NAME)
+        manifest = read_json(RawFiles(raw_dir).manifest)
         if manifest["dataset"] != dataset or manifest["source"] != source:
             return {}
         kept = {}

@@ -17,23 +17,12 @@ from typing import Any
 import numpy as np
 
 from dltrain.atomic import atomic_dir, read_json, write_json
-from dltrain.data.datasets import (
-    MANIFEST_NAME,
-    TEST_IMAGES,
-    TEST_LABELS,
-    TRAIN_IMAGES,
-    TRAIN_LABELS,
-)
+from dltrain.data.datasets import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS
 from dltrain.data.idx import NUM_CLASSES, read_split
 from dltrain.errors import ConfigError, DataError
+from dltrain.paths import ProcessedFiles, RawFiles
 
 SPLITS = ("train", "val", "test")
-SUMMARY_NAME = "summary.json"
-
-
-def split_paths(processed_dir: Path, split: str) -> tuple[Path, Path]:
-    """The images and labels .npy files of `split` ('train', 'val' or 'test')."""
-    return processed_dir / f"{split}_images.npy", processed_dir / f"{split}_labels.npy"
 
 
 def preprocess(raw_dir: Path, processed_dir: Path, *, dataset: str, val_fraction: float,
@@ -62,10 +51,11 @@ def preprocess(raw_dir: Path, processed_dir: Path, *, dataset: str, val_fraction
     with atomic_dir(processed_dir) as staging:
         for split, (images, labels) in splits.items():
             summary[split] = _write_split(staging, split, images, labels)
-        write_json(staging / SUMMARY_NAME, summary)
+        write_json(ProcessedFiles(staging).summary, summary)
     for split in SPLITS:
+        images_path, labels_path = ProcessedFiles(processed_dir).split(split)
         print(f"preprocess: {split:<5} {summary[split]['n']:>6} samples -> "
-              f"{split_paths(processed_dir, split)[0].name}, {split}_labels.npy")
+              f"{images_path.name}, {labels_path.name}")
     return summary
 
 
@@ -87,7 +77,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float,
 
 
 def _read_manifest(raw_dir: Path, dataset: str) -> dict[str, Any]:
-    path = raw_dir / MANIFEST_NAME
+    path = RawFiles(raw_dir).manifest
     try:
         manifest = read_json(path)
     except (FileNotFoundError, NotADirectoryError) as exc:
@@ -108,7 +98,7 @@ def _write_split(staging: Path, split: str, images: np.ndarray,
                  labels: np.ndarray) -> dict[str, Any]:
     """Save one split as two .npy files; return its summary entry."""
     digest = hashlib.sha256()
-    for path, array in zip(split_paths(staging, split), (images, labels), strict=True):
+    for path, array in zip(ProcessedFiles(staging).split(split), (images, labels), strict=True):
         payload = _npy_bytes(np.ascontiguousarray(array, dtype=np.uint8))
         path.write_bytes(payload)
         digest.update(payload)

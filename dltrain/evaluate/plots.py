@@ -1,10 +1,11 @@
 """The evaluate stage's pictures: the confusion matrix, a grid of misclassified images and the
 training curves.
 
-matplotlib's object API with the Agg canvas: no pyplot global state, no display needed (and no
-pyplot import, 0.5 s). Every figure has a fixed layout: bbox_inches="tight" draws a figure
-twice. The misclassified grid is one composed image with its labels as text: one Axes per
-image cost 0.8-1 s of the stage, most of it in tick machinery of axes that show no ticks.
+matplotlib's object API with the Agg canvas: no pyplot global state, no display needed, no
+pyplot import. Every figure has a fixed layout: bbox_inches="tight" draws a figure twice. The
+misclassified grid is one composed image with its labels as text, not one Axes per image:
+each Axes builds tick machinery that a grid of images never shows (BENCHMARKS.md, "Figures
+behind choices in the code").
 """
 
 from __future__ import annotations

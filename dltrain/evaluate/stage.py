@@ -2,14 +2,14 @@
 
 The classification metrics are read off the confusion matrix with numpy (scikit-learn's
 definitions, zero_division=0; tests/test_evaluate.py checks them against scikit-learn on random
-input): importing sklearn.metrics would cost this stage a second of its ~4 s.
+input), so that the stage does not import sklearn.metrics for a few sums.
 
-No torch either: `import torch` was half of this stage's time (1.4 of 2.9 s), for a forward
-pass that numpy does as fast. The weights are read by dltrain.model.weights (the same checks as
-dltrain.model.torchio.load_model: safetensors, the card's pair, every shape), the forward pass
-is its numpy twin of dltrain.model.mlp.MLP, and the cross-entropy is computed here with the same
-definition as torch's F.cross_entropy (mean of -log softmax at the true class; tests check both
-against torch).
+No torch either: its import would be most of this stage's start-up, for a forward pass that
+numpy does as fast (BENCHMARKS.md, "Figures behind choices in the code"). The weights are read
+by dltrain.model.weights (the same checks as dltrain.model.torchio.load_model: safetensors, the
+card's pair, every shape), the forward pass is its numpy twin of dltrain.model.mlp.MLP, and
+the cross-entropy is computed here with the same definition as torch's F.cross_entropy (mean of
+-log softmax at the true class; tests check both against torch).
 """
 
 from __future__ import annotations
@@ -26,14 +26,8 @@ from dltrain.atomic import atomic_open, read_json, write_json
 from dltrain.errors import DataError
 from dltrain.model.classes import class_key, class_names
 from dltrain.model.weights import NUM_CLASSES, load_weights_and_digest, mlp_logits
+from dltrain.paths import ProcessedFiles, ReportFiles
 
-METRICS_FILE = "metrics.json"
-PER_CLASS_FILE = "per_class.json"
-CONFUSION_CSV = "confusion.csv"
-CONFUSION_PNG = "confusion_matrix.png"
-MISCLASSIFIED_PNG = "misclassified.png"
-CURVES_PNG = "training_curves.png"
-TRAINING_REPORT = "training.json"  # the train stage's, in the same reports directory
 # metrics.json's checksums are this many hex digits (as git shortens a commit's): enough to
 # tell which weights and test split were measured, short enough that `dvc metrics show` fits
 # a 100-column terminal. per_class.json carries them in full.
@@ -48,7 +42,8 @@ def load_test_split(processed_dir: Path) -> tuple[np.ndarray, np.ndarray, dict[s
     sha256 is in summary.json) is refused, so no figure is ever stamped with the checksum of a
     split it was not measured on. evaluate and the register stage's re-score both read here."""
     processed_dir = Path(processed_dir)
-    paths = [processed_dir / n for n in ("test_images.npy", "test_labels.npy", "summary.json")]
+    processed = ProcessedFiles(processed_dir)
+    paths = [*processed.split("test"), processed.summary]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"processed data missing: {', '.join(missing)} "
@@ -88,8 +83,8 @@ def split_checksum(processed_dir: Path, summary: dict[str, Any]) -> str:
     if recorded:
         return str(recorded)
     digest = hashlib.sha256()
-    for name in ("test_images.npy", "test_labels.npy"):
-        digest.update((Path(processed_dir) / name).read_bytes())
+    for path in ProcessedFiles(Path(processed_dir)).split("test"):
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
@@ -214,8 +209,8 @@ def evaluate(model_path: Path, processed_dir: Path, reports_dir: Path, *,
 
     metrics.json carries the sha256 of the weights and of the test split it measured, so that
     the register stage can refuse metrics of another model or data (a skipped evaluate)."""
-    # Imported here, not at the top: matplotlib costs 0.5 s, and the register stage imports
-    # this module only to re-score a champion.
+    # Imported here, not at the top: the register stage imports this module only to re-score
+    # a champion, and draws nothing.
     from dltrain.evaluate.plots import (
         plot_confusion_matrix,
         plot_misclassified,
@@ -226,23 +221,22 @@ def evaluate(model_path: Path, processed_dir: Path, reports_dir: Path, *,
     names = class_names(metrics["dataset"])
     predictions = logits.argmax(axis=1)
 
-    reports_dir = Path(reports_dir)
-    write_confusion_csv(reports_dir / CONFUSION_CSV, labels, predictions, names)
-    plot_confusion_matrix(compute_confusion(labels, predictions), names,
-                          reports_dir / CONFUSION_PNG)
+    reports = ReportFiles(Path(reports_dir))
+    write_confusion_csv(reports.confusion_csv, labels, predictions, names)
+    plot_confusion_matrix(compute_confusion(labels, predictions), names, reports.confusion_png)
     plot_misclassified(images, labels, predictions, top_probability(logits), names,
-                       reports_dir / MISCLASSIFIED_PNG)
-    epochs = _training_epochs(reports_dir / TRAINING_REPORT)
+                       reports.misclassified_png)
+    epochs = _training_epochs(reports.training)
     if epochs:
-        plot_training_curves(epochs, reports_dir / CURVES_PNG)
+        plot_training_curves(epochs, reports.curves_png)
     else:  # never leave the curves of another model beside these reports
-        (reports_dir / CURVES_PNG).unlink(missing_ok=True)
-        print(f"evaluate: no epochs in {reports_dir / TRAINING_REPORT}: no training curves")
-    write_json(reports_dir / PER_CLASS_FILE, per_class_report(metrics))
+        reports.curves_png.unlink(missing_ok=True)
+        print(f"evaluate: no epochs in {reports.training}: no training curves")
+    write_json(reports.per_class, per_class_report(metrics))
     # metrics.json last: its presence means every report of this run is complete.
-    write_json(reports_dir / METRICS_FILE, headline(metrics))
+    write_json(reports.metrics, headline(metrics))
     print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f} "
-          f"on {metrics['n']} images -> {reports_dir / METRICS_FILE}")
+          f"on {metrics['n']} images -> {reports.metrics}")
     return metrics
 
 

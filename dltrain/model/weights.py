@@ -3,8 +3,10 @@ models/model.json, run the MLP's forward pass with numpy only, and write a
 model.safetensors/model.json pair from the bytes that dltrain.model.torchio.weights_bytes made (the
 train stage's driver installs what its rank-0 worker serialised).
 
-Why: `import torch` takes 1.4-2 s on a 2-core machine, half of the evaluate stage and most of
-the register stage's start, which need nothing of torch but the weights' values.
+Why: importing torch is most of a stage's start-up (BENCHMARKS.md, "Figures behind choices in
+the code"), and the evaluate and register stages and predict need nothing of torch but the
+weights' values; tests/test_weights.py::test_evaluate_register_and_predict_do_not_import_torch
+holds them to it.
 dltrain.model.torchio (for torch users: predict's callers in tests, training) reads through this
 module too, so every reader of a model file gives the same verdict.
 
@@ -36,6 +38,7 @@ import numpy as np
 
 from dltrain.atomic import atomic_path, read_json
 from dltrain.errors import ModelError
+from dltrain.paths import card_path_for
 
 # The MLP's input and output sizes (dltrain.model.mlp imports them from here: no torch here).
 INPUT_SIZE = 28 * 28
@@ -227,11 +230,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def card_path_for(model_path: Path) -> Path:
-    """models/model.safetensors -> models/model.json."""
-    return Path(model_path).with_suffix(".json")
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 
 from dltrain.atomic import atomic_dir, read_json, write_json
 from dltrain.errors import DiskFullError, ModelError
+from dltrain.paths import ModelFiles, card_path_for
 from dltrain.tracking.store import sqlite_path
 
 STAMP_MARGIN_S = 2.0
@@ -79,7 +80,7 @@ def _load(folder: Path, weights_sha256: str) -> tuple[dict[str, Any], dict[str, 
     """The cached weights and card, if present and still the bytes the registry recorded."""
     from dltrain.model.weights import load_weights_and_digest
 
-    path = folder / "model.safetensors"
+    path = ModelFiles(folder).weights
     if not path.is_file():
         return None
     try:
@@ -159,7 +160,7 @@ def fetch(ref: str, tracking_uri: str, *, attempts: int = 4, backoff_s: float = 
     with tempfile.TemporaryDirectory(prefix="dltrain-predict-") as tmp:
         folder = download_version(ref, tracking_uri, Path(tmp), attempts=attempts,
                                   backoff_s=backoff_s)
-        from dltrain.model.weights import card_path_for, load_weights_and_digest
+        from dltrain.model.weights import load_weights_and_digest
         from dltrain.registry.mlflow_model import weights_in
 
         weights = weights_in(folder)
@@ -169,8 +170,9 @@ def fetch(ref: str, tracking_uri: str, *, attempts: int = 4, backoff_s: float = 
             target = _weights_dir(root, digest)
             if _load(target, digest) is None:
                 with atomic_dir(target) as staging:
-                    shutil.copy2(weights, staging / "model.safetensors")
-                    shutil.copy2(card_path_for(weights), staging / "model.json")
+                    copy = ModelFiles(staging)
+                    shutil.copy2(weights, copy.weights)
+                    shutil.copy2(card_path_for(weights), copy.card)
             # Remembered only if nothing wrote to the store meanwhile (an alias moving while
             # this call resolved it) and the stamp is settled (STAMP_MARGIN_S).
             if (parsed is not None and db is not None and store_stamp(db) == before

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from dltrain.model.weights import INPUT_SIZE, NUM_CLASSES, mlp_logits
+from dltrain.paths import ModelFiles, split_paths
 
 MODEL_NAME = "model"  # the logged model's name in its run
 ARTIFACT_WEIGHTS = "weights"  # context.artifacts keys in dltrain/registry/pyfunc_model.py
@@ -59,17 +60,16 @@ def weights_in(folder: Path) -> Path:
     """The weights file in a downloaded model version: artifacts/model.safetensors of an MLflow
     model, or model.safetensors at the top of a version registered as loose files."""
     folder = Path(folder)
-    for candidate in (folder / ARTIFACTS_DIR / "model.safetensors",
-                      folder / "model.safetensors"):
+    for candidate in (ModelFiles(folder / ARTIFACTS_DIR).weights, ModelFiles(folder).weights):
         if candidate.is_file():
             return candidate
-    return folder / ARTIFACTS_DIR / "model.safetensors"  # missing: the loader says so
+    return ModelFiles(folder / ARTIFACTS_DIR).weights  # missing: the loader says so
 
 
 def example_images(processed_dir: Path) -> np.ndarray | None:
     """The first test images, as the model's input example; None when there are none."""
     try:
-        images = np.load(Path(processed_dir) / "test_images.npy", mmap_mode="r")
+        images = np.load(split_paths(processed_dir, "test")[0], mmap_mode="r")
     except (OSError, ValueError):
         return None
     return np.array(images[:INPUT_EXAMPLE_SIZE], dtype=np.uint8) if len(images) else None

@@ -31,7 +31,7 @@ from typing import Any
 from dltrain.atomic import read_json, write_json
 from dltrain.config import Params
 from dltrain.errors import DataError, ModelError, RegistryError
-from dltrain.evaluate.stage import PER_CLASS_FILE, matches, score_model, split_checksum
+from dltrain.evaluate.stage import matches, score_model, split_checksum
 from dltrain.model.weights import load_weights_and_digest
 from dltrain.paths import Workspace
 from dltrain.registry import promotion
@@ -77,8 +77,8 @@ def read_candidate(ws: Workspace) -> Candidate:
     """The model (checked to be plain weights of the right shapes), its card and reports; the
     metrics must be evaluate's measurement of these weights on the current test split.
 
-    The weights are read without torch (dltrain.model.weights): importing torch only to check them
-    cost this stage 1.5-2 s of its start."""
+    The weights are read without torch (dltrain.model.weights): checking them needs none of it,
+    and its import would be most of this stage's start-up."""
     _weights, card, weights_sha256 = load_weights_and_digest(ws.model_path, ws.model_card_path)
     if not ws.metrics_path.is_file():
         raise DataError(f"{ws.metrics_path} not found (run `dltrain evaluate` first)")
@@ -91,7 +91,7 @@ def read_candidate(ws: Workspace) -> Candidate:
         raise DataError(f"{ws.metrics_path} is stale: it measured weights "
                         f"{str(metrics['weights_sha256'])[:12]}, but {ws.model_path} holds "
                         f"{weights_sha256[:12]}; re-run `dltrain evaluate` (or `dvc repro`)")
-    summary_path = ws.processed_dir / "summary.json"
+    summary_path = ws.summary_path
     if not summary_path.is_file():
         raise DataError(f"{summary_path} not found (run `dltrain preprocess` first)")
     current = split_checksum(ws.processed_dir, read_json(summary_path))
@@ -130,7 +130,7 @@ def _non_finite(value: Any, at: str = "") -> str | None:
 
 def _per_class(ws: Workspace, weights_sha256: str, test_sha256: str) -> list[dict[str, Any]]:
     """The per-class rows of reports/per_class.json, checked to be of the same evaluation."""
-    path = ws.reports_dir / PER_CLASS_FILE
+    path = ws.reports.per_class
     if not path.is_file():
         raise DataError(f"{path} not found (written by evaluate since the per-class figures "
                         "left metrics.json): re-run `dltrain evaluate`")

@@ -236,9 +236,10 @@ def log_run(client: Any, tracking_uri: str, ws: Workspace, params: Params, cand:
     log_model(client, run_id, ws.model_path, ws.model_card_path,
               model_card_markdown(model_name, cand, run_id), cand.weights_sha256,
               example_images(ws.processed_dir))
-    for name in ("metrics.json", "per_class.json", "training.json", "confusion_matrix.png",
-                 "misclassified.png", "training_curves.png"):
-        if (ws.reports_dir / name).is_file():
-            client.log_artifact(run_id, str(ws.reports_dir / name), "reports")
+    reports = ws.reports
+    for path in (reports.metrics, reports.per_class, reports.training, reports.confusion_png,
+                 reports.misclassified_png, reports.curves_png):
+        if path.is_file():
+            client.log_artifact(run_id, str(path), "reports")
     client.set_terminated(run_id)
     return run_id

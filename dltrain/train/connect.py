@@ -123,8 +123,8 @@ def connect(target: RayTarget, cpus: int, runtime_env: dict) -> float:
     common = {"runtime_env": runtime_env, "logging_level": "ERROR", "log_to_driver": True,
               "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="ERROR")}
     if target.local:
-        # The dashboard is off: nothing in a one-run Ray uses it, and on a small machine it
-        # costs seconds of start-up.
+        # The dashboard is off: nothing in a one-run Ray uses it, and it is one more process
+        # to start.
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, **common)
         return time.perf_counter() - started
     with stderr_held() as held:
@@ -148,8 +148,8 @@ class _Held:
 def stderr_held() -> Iterator[_Held]:
     """Hold back what is written to file descriptor 2 inside the block: shown after it, or
     dropped with .drop(). Ray's C++ client logs every failed attempt to reach a cluster (a
-    refused token, say) as one warning line a second for ~20 s before ray.init raises; the
-    RayConnectError line says it all."""
+    refused token, say) as one warning line, a line a second until ray.init gives up and
+    raises; the RayConnectError line says it all."""
     held = _Held()
     sys.stderr.flush()
     saved = os.dup(2)

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from dltrain.data.preprocess import split_paths
 from dltrain.errors import CertainTrainingError, ModelError
 from dltrain.model.mlp import MLP, normalize
 from dltrain.model.torchio import weights_bytes
+from dltrain.paths import split_paths
 from dltrain.train.loopconfig import (
     CHECKPOINT_HISTORY,
     CHECKPOINT_MODEL,
@@ -132,7 +132,7 @@ def load_state(directory: Path) -> LoopState:
 
 def load_split(processed_dir: Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Memory-map one split's images (N, 28, 28) and labels (N,), both uint8."""
-    images_path, labels_path = split_paths(Path(processed_dir), split)
+    images_path, labels_path = split_paths(processed_dir, split)
     return np.load(images_path, mmap_mode="r"), np.load(labels_path, mmap_mode="r")
 
 

@@ -6,9 +6,8 @@ the workers, and installs the model.safetensors bytes that rank 0 wrote into the
 checkpoint (dltrain.model.weights.write_model_pair).
 
 A checkpoint is written by dltrain.train.loop.save_state and read back by
-dltrain.train.loop.load_state
-only: the tensors in safetensors (no pickle), the optimizer's state in torch's format (read
-with torch.load(weights_only=True)), the epochs in JSON.
+dltrain.train.loop.load_state only: the tensors in safetensors (no pickle), the optimizer's
+state in torch's format (read with torch.load(weights_only=True)), the epochs in JSON.
 """
 
 from __future__ import annotations
@@ -16,13 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from dltrain.paths import MODEL_WEIGHTS
+
 # To continue exactly: the raw, best and averaged weights (safetensors, names prefixed
 # "model/", "best_model/", "ema/"), and the optimizer's state (torch.save of its state dict).
 CHECKPOINT_STATE = "state.safetensors"
 CHECKPOINT_OPTIMIZER = "optimizer.pt"
 CHECKPOINT_HISTORY = "history.json"  # one record per epoch so far
-# The weights the stage ships, as models/model.safetensors holds them.
-CHECKPOINT_MODEL = "model.safetensors"
+# The weights the stage ships, under the name models/ gives them.
+CHECKPOINT_MODEL = MODEL_WEIGHTS
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,14 @@ from typing import Any
 
 from dltrain.atomic import read_json
 from dltrain.config import Params
-from dltrain.data.preprocess import split_paths
 from dltrain.errors import ConfigError, TrainingError
+from dltrain.paths import ProcessedFiles
 
 
 def check_processed(processed_dir: Path, dataset: str) -> dict[str, Any]:
     """The processed data exists and is of the configured data set; returns its summary."""
-    summary_path = processed_dir / "summary.json"
+    processed = ProcessedFiles(Path(processed_dir))
+    summary_path = processed.summary
     if not summary_path.is_file():
         raise TrainingError(f"processed data not found: {summary_path} is missing "
                             "(run `dltrain preprocess` or `dvc repro preprocess` first)")
@@ -27,7 +28,7 @@ def check_processed(processed_dir: Path, dataset: str) -> dict[str, Any]:
                             f"but data.dataset is {dataset!r}; re-run download and preprocess "
                             "(`dvc repro preprocess`)")
     for split in ("train", "val"):
-        for path in split_paths(processed_dir, split):
+        for path in processed.split(split):
             if not path.is_file():
                 raise TrainingError(f"processed data incomplete: {path.name} missing in "
                                     f"{processed_dir}; re-run `dvc repro preprocess`")

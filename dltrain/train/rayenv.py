@@ -34,7 +34,9 @@ RAY_QUIET_ENV = {
 }
 # Ray Train runs the training function in a thread of the worker process. libgomp (torch's
 # OpenMP) gives each calling thread its own team, and once the worker's main thread has run a
-# parallel region with a team of its own, the training thread's team runs about 1.7x slower.
+# parallel region with a team of its own, the training thread's team competes with it for the
+# cores and its parallel regions run markedly slower (BENCHMARKS.md, "Figures behind choices in
+# the code", gives the figure).
 # With OMP_NUM_THREADS=1 the main thread never builds a team; the training thread sets its own
 # count (torch.set_num_threads, dltrain.train.loop).
 WORKER_ONLY_ENV = {"OMP_NUM_THREADS": "1"}

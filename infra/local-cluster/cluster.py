@@ -233,7 +233,7 @@ def start_node(state: ClusterState, name: str, cpus: int, *, head: bool,
 
 def gcs_answers(address: str) -> bool:
     """True if something accepts TCP connections at HOST:PORT: checked before ray.init, which
-    would otherwise retry a head that is not up (or gone) for 20 s."""
+    would otherwise keep retrying a head that is not up (or gone) before it fails."""
     host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=2):

@@ -37,7 +37,8 @@ DEFAULT_PORT = 4200
 LOCAL_POOL = "dltrain-local"
 PROFILE = "dltrain-local"
 WORKER_NAME = "dltrain-local-worker"
-# The server's start-up (migrations, UI build check) takes ~20 s on a busy 2-core machine.
+# The server's start-up runs its database migrations and a UI build check: on a busy small
+# machine that takes a while, and a timeout must not mistake it for a server that never comes.
 START_TIMEOUT_S = float(os.environ.get("DLTRAIN_STACK_TIMEOUT_S", "180"))
 
 
