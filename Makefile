@@ -17,7 +17,7 @@ export PATH := $(BIN):$(PATH)
 help:
 	@echo "make run    set up, then run the pipeline (dvc repro)"
 	@echo "make test   set up, then run the whole test suite"
-	@echo "make lint   ruff check"
+	@echo "make lint   ruff check, lint-imports (the layers) and deptry (declared dependencies)"
 	@echo "make stack-up    start a local Prefect server + worker (PREFECT_HOME, PREFECT_SERVER_API_PORT), and ray-up;"
 	@echo "                 its Prefect profile dltrain-local becomes the CLI's active profile"
 	@echo "make stack-down  stop them, and ray-down; the previous Prefect profile is active again"
@@ -55,7 +55,7 @@ test: setup
 	@pytest $(PYTEST_ARGS)
 
 lint: setup
-	@ruff check .
+	@ruff check . && lint-imports && deptry .
 
 # The local Prefect stack (infra/prefect/): server + process worker in the background, and the
 # warm Ray head that the worker's train runs reuse.

@@ -39,7 +39,8 @@ def make_store(root: Path) -> tuple[str, Path, Path]:
     from PIL import Image
     from safetensors.numpy import save
 
-    from dltrain.model.weights import architecture, expected_shapes, write_model_pair
+    from dltrain.model.architecture import architecture, expected_shapes
+    from dltrain.model.weights import write_model_pair
     from dltrain.registry import mlflow_model
     from dltrain.tracking.store import connect, embedded_artifact_uri
 

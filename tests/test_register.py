@@ -24,8 +24,10 @@ from dltrain.config import Params, params_from_dict
 from dltrain.errors import DataError, ModelError, RegistryError
 from dltrain.model.classes import FASHION_MNIST, class_key
 from dltrain.paths import Workspace
-from dltrain.registry.register import LINEAGE_TAGS, read_candidate, register
-from dltrain.tracking.runs import flatten, model_card_markdown
+from dltrain.registry.candidate import LINEAGE_TAGS
+from dltrain.registry.register import read_candidate, register
+from dltrain.registry.runlog import model_card_markdown
+from dltrain.tracking.runs import flatten
 from dltrain.tracking.store import embedded_tracking_uri
 
 from helpers.data import new_test_split

@@ -18,14 +18,11 @@ import torch
 
 from dltrain.cli import main
 from dltrain.errors import ModelError
-from dltrain.model import mlp as torch_model
-from dltrain.model.mlp import MLP, architecture, normalize
+from dltrain.model.architecture import INPUT_SIZE, NUM_CLASSES, architecture, expected_shapes
+from dltrain.model.mlp import MLP, normalize
 from dltrain.model.torchio import load_model, save_model
 from dltrain.model.weights import (
-    INPUT_SIZE,
     MAX_HEADER_BYTES,
-    NUM_CLASSES,
-    expected_shapes,
     load_weights,
     load_weights_and_digest,
     mlp_logits,
@@ -51,7 +48,8 @@ def save_mlp(path: Path, hidden: tuple[int, ...], seed: int = 0) -> MLP:
 # ------------------------------------------------------------------- same values as torch
 
 def test_constants_and_shapes_are_the_torch_models() -> None:
-    assert (INPUT_SIZE, NUM_CLASSES) == (torch_model.INPUT_SIZE, torch_model.NUM_CLASSES)
+    first, last = MLP((32,)).net[0], MLP((32,)).net[-1]
+    assert (first.in_features, last.out_features) == (INPUT_SIZE, NUM_CLASSES)
     for hidden in HIDDEN_SIZES:
         assert expected_shapes(hidden) == {
             k: tuple(v.shape) for k, v in MLP(hidden).state_dict().items()}

@@ -24,8 +24,9 @@ import numpy as np
 
 from dltrain.atomic import atomic_open, read_json, write_json
 from dltrain.errors import DataError
+from dltrain.model.architecture import NUM_CLASSES
 from dltrain.model.classes import class_key, class_names
-from dltrain.model.weights import NUM_CLASSES, load_weights_and_digest, mlp_logits
+from dltrain.model.weights import load_weights_and_digest, mlp_logits
 from dltrain.paths import ProcessedFiles, ReportFiles
 
 # metrics.json's checksums are this many hex digits (as git shortens a commit's): enough to

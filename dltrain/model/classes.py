@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import re
 
-# dltrain.model.weights, not dltrain.model.mlp: the evaluate and register stages run without torch.
-from dltrain.model.weights import NUM_CLASSES
+from dltrain.model.architecture import NUM_CLASSES
 
 # Fashion-MNIST's label order, from the data set's README (zalandoresearch/fashion-mnist).
 FASHION_MNIST = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

@@ -11,8 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-# The card's architecture and the layer sizes live with the torch-free reader of the weights.
-from dltrain.model.weights import INPUT_SIZE, NUM_CLASSES, architecture  # noqa: F401  (re-exported)
+from dltrain.model.architecture import INPUT_SIZE, NUM_CLASSES
 
 
 class MLP(nn.Module):

@@ -25,12 +25,10 @@ than the file holds.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import os
 import struct
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +36,8 @@ import numpy as np
 
 from dltrain.atomic import atomic_path, read_json
 from dltrain.errors import ModelError
+from dltrain.model.architecture import NUM_CLASSES, expected_shapes
 from dltrain.paths import card_path_for
-
-# The MLP's input and output sizes (dltrain.model.mlp imports them from here: no torch here).
-INPUT_SIZE = 28 * 28
-NUM_CLASSES = 10
 
 # Every tensor of the MLP is float32, and the card's architecture has no other dtype.
 WEIGHTS_DTYPE = "F32"
@@ -294,24 +289,6 @@ def check_pair(model_path: Path, card_path: Path, card: dict[str, Any],
                          "sha256 differs from the card's weights_sha256: a save was "
                          "interrupted between the two files, or one was replaced); re-run "
                          "`dltrain train` (or `dvc repro train`)")
-
-
-def architecture(hidden_sizes: Sequence[int]) -> dict:
-    """What models/model.json records so that a loader can rebuild the module."""
-    return {"type": "mlp", "input_size": INPUT_SIZE, "hidden_sizes": list(hidden_sizes),
-            "num_classes": NUM_CLASSES, "activation": "relu", "output": "logits"}
-
-
-def expected_shapes(hidden_sizes: Sequence[int], input_size: int = INPUT_SIZE,
-                    num_classes: int = NUM_CLASSES) -> dict[str, tuple[int, ...]]:
-    """The state dict shapes of dltrain.model.mlp.MLP(hidden_sizes): its nn.Sequential `net`
-    holds Linear, ReLU, Linear, ..., so the Linear layers are net.0, net.2, net.4, ..."""
-    widths = [input_size, *hidden_sizes, num_classes]
-    shapes: dict[str, tuple[int, ...]] = {}
-    for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
-        shapes[f"net.{2 * layer}.weight"] = (fan_out, fan_in)
-        shapes[f"net.{2 * layer}.bias"] = (fan_out,)
-    return shapes
 
 
 def load_weights(model_path: Path, card_path: Path | None = None

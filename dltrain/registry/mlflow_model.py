@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from dltrain.model.weights import INPUT_SIZE, NUM_CLASSES, mlp_logits
+from dltrain.model.architecture import INPUT_SIZE, NUM_CLASSES
+from dltrain.model.weights import mlp_logits
 from dltrain.paths import ModelFiles, split_paths
 
 MODEL_NAME = "model"  # the logged model's name in its run

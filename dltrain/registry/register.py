@@ -1,4 +1,4 @@
-"""The register stage: complete the training's MLflow run (dltrain.tracking.runs), register the
+"""The register stage: complete the training's MLflow run (dltrain.registry.runlog), register the
 model and move its aliases.
 
 What it registers must be what evaluate measured: reports/metrics.json carries the sha256 of the
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,42 +35,13 @@ from dltrain.evaluate.stage import matches, score_model, split_checksum
 from dltrain.model.weights import load_weights_and_digest
 from dltrain.paths import Workspace
 from dltrain.registry import promotion
+from dltrain.registry.candidate import Candidate
 from dltrain.registry.gate import CHAMPION, EPS, Member, Score
 from dltrain.registry.mlflow_model import link_version, run_model, weights_in
-from dltrain.tracking.runs import log_run
+from dltrain.registry.runlog import log_run
 from dltrain.tracking.store import connect, display_uri, redact, resolve_tracking_uri
 
-# Every input of the decision, as version tags, so that a later run can compare against them.
-LINEAGE_TAGS = ("dataset", "data_checksum", "test_sha256", "git_commit", "ray_world_size",
-                "device", "weights_sha256", "test_accuracy")
 UNLOADABLE_CHOICES = ("fail", "promote")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """What the stage knows about the model it is asked to register."""
-
-    card: dict[str, Any]
-    metrics: dict[str, Any]
-    training: dict[str, Any]
-    weights_sha256: str
-
-    @property
-    def accuracy(self) -> float:
-        return float(self.metrics["accuracy"])
-
-    @property
-    def test_sha256(self) -> str:
-        return str(self.metrics["test_sha256"])
-
-    def tags(self) -> dict[str, str]:
-        data = self.card.get("data", {})
-        values = {"dataset": data.get("dataset"), "data_checksum": data.get("data_checksum"),
-                  "test_sha256": self.test_sha256, "git_commit": self.card.get("git_commit"),
-                  "ray_world_size": self.card.get("world_size"),
-                  "device": self.card.get("device"), "weights_sha256": self.weights_sha256,
-                  "test_accuracy": repr(self.accuracy)}
-        return {k: str(v) for k, v in values.items() if v is not None}
 
 
 def read_candidate(ws: Workspace) -> Candidate:

@@ -1,10 +1,10 @@
 """Live tracking: one MLflow run per training run, opened and fed by the train stage's driver.
 
 The run goes to the store that register.tracking_uri names (dltrain.tracking.store), so register
-completes the same run later (dltrain.tracking.runs.training_run). When training starts, the driver
-opens the run (or finds the one a resumed run opened: the tag dltrain.training_id, whose value
-is kept in the run directory) and logs the training params and the lineage tags (data set, data
-checksum, git commit). Each epoch is logged when Ray Train has committed it: the controller
+completes the same run later (dltrain.registry.runlog.training_run). When training starts, the
+driver opens the run (or finds the one a resumed run opened: the tag dltrain.training_id, whose
+value is kept in the run directory) and logs the training params and the lineage tags (data set,
+data checksum, git commit). Each epoch is logged when Ray Train has committed it: the controller
 writes it into the run directory (dltrain.train.epochlog), and this module's thread sends what
 is new, step = epoch number, skipping the epochs the run holds already, so a restart (a worker
 lost, or the driver killed and re-run) logs every epoch once.
@@ -151,7 +151,7 @@ class LiveRun:
                 os.makedirs(os.path.dirname(database), exist_ok=True)
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         client = self._client
-        experiment_id = tracking._experiment_id(client, self.tracking_uri, self.ws.root)
+        experiment_id = tracking.experiment_id(client, self.tracking_uri, self.ws.root)
         flat = tracking.flatten({k: v for k, v in self.params.to_dict().items()
                                  if k in tracking.TRAINING_SECTIONS})
         run = tracking.find_training_run(client, experiment_id, self.training_id)

@@ -29,7 +29,8 @@ def read_final_checkpoint(directory: Path, hidden_sizes: tuple[int, ...]
     """The epochs so far and the model.safetensors bytes (the best epoch's weights, serialised
     by rank 0) of the run's last checkpoint, checked to be float32 weights of the configured
     shapes."""
-    from dltrain.model.weights import expected_shapes, parse_state_dict
+    from dltrain.model.architecture import expected_shapes
+    from dltrain.model.weights import parse_state_dict
 
     model_file = directory / CHECKPOINT_MODEL
     if not model_file.is_file():
@@ -46,7 +47,8 @@ def write_outputs(epochs: list[dict[str, Any]], weights: bytes, params: Params, 
                   wall_s: float, name: str, storage: str, ray: dict[str, Any],
                   mlflow: dict[str, Any] | None = None) -> dict[str, Any]:
     """models/model.safetensors (`weights`) with its card, and reports/training.json."""
-    from dltrain.model.weights import architecture, write_model_pair
+    from dltrain.model.architecture import architecture
+    from dltrain.model.weights import write_model_pair
 
     best_epoch_number = best_epoch(epochs)
     best = next(e for e in epochs if e["epoch"] == best_epoch_number)

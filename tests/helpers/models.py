@@ -11,7 +11,8 @@ import yaml
 
 from dltrain.atomic import read_json, write_json
 from dltrain.config import Params
-from dltrain.model.mlp import MLP, architecture
+from dltrain.model.architecture import architecture
+from dltrain.model.mlp import MLP
 from dltrain.model.torchio import save_model
 from dltrain.paths import Workspace
 from dltrain.train.loop import train_loop

@@ -1,0 +1,40 @@
+"""The candidate: what the register stage knows about the model it is asked to register (its
+card, evaluate's metrics, the training report, the weights' checksum), read and checked by
+dltrain.registry.register.read_candidate and logged by dltrain.registry.runlog.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Every input of the decision, as version tags, so that a later run can compare against them.
+LINEAGE_TAGS = ("dataset", "data_checksum", "test_sha256", "git_commit", "ray_world_size",
+                "device", "weights_sha256", "test_accuracy")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the stage knows about the model it is asked to register."""
+
+    card: dict[str, Any]
+    metrics: dict[str, Any]
+    training: dict[str, Any]
+    weights_sha256: str
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.metrics["accuracy"])
+
+    @property
+    def test_sha256(self) -> str:
+        return str(self.metrics["test_sha256"])
+
+    def tags(self) -> dict[str, str]:
+        data = self.card.get("data", {})
+        values = {"dataset": data.get("dataset"), "data_checksum": data.get("data_checksum"),
+                  "test_sha256": self.test_sha256, "git_commit": self.card.get("git_commit"),
+                  "ray_world_size": self.card.get("world_size"),
+                  "device": self.card.get("device"), "weights_sha256": self.weights_sha256,
+                  "test_accuracy": repr(self.accuracy)}
+        return {k: str(v) for k, v in values.items() if v is not None}
