@@ -21,6 +21,7 @@ from dltrain.config import params_from_dict
 from dltrain.data.idx import write_idx
 from dltrain.paths import Workspace
 from dltrain.registry import cache as model_cache
+from dltrain.registry.mlflow_model import model_code
 from dltrain.registry.predict import predict_command
 from dltrain.registry.register import register
 from dltrain.tracking.store import embedded_tracking_uri
@@ -69,6 +70,18 @@ print(json.dumps({"classes": probs.argmax(axis=1).tolist(), "dtype": str(probs.d
                   "torch": "torch" in sys.modules,
                   "dltrain_from": sys.modules["dltrain.model.weights"].__file__}))
 """
+
+
+def test_model_code_ships_what_the_pyfunc_imports_and_no_training_code(tmp_path: Path) -> None:
+    package = model_code(tmp_path)
+    shipped = {p.relative_to(package).as_posix() for p in package.rglob("*.py")}
+    # What loading runs: the pyfunc's imports and theirs, at any depth.
+    assert {"model/weights.py", "model/architecture.py", "registry/mlflow_model.py", "errors.py",
+            "__init__.py"} <= shipped
+    # Not the training, Ray, tracking or register code, nor the pyfunc file itself (MLflow
+    # logs that as the model's python_model).
+    assert not any(p.startswith(("train/", "tracking/", "data/")) for p in shipped), shipped
+    assert not {"registry/register.py", "registry/pyfunc_model.py", "cli.py"} & shipped, shipped
 
 
 @pytest.mark.integration

@@ -36,7 +36,7 @@ import numpy as np
 
 from dltrain.atomic import atomic_path, read_json
 from dltrain.errors import ModelError
-from dltrain.model.architecture import NUM_CLASSES, expected_shapes
+from dltrain.model.architecture import INPUT_SIZE, NUM_CLASSES, expected_shapes
 from dltrain.paths import card_path_for
 
 # Every tensor of the MLP is float32, and the card's architecture has no other dtype.
@@ -339,3 +339,20 @@ def mlp_logits(state: dict[str, np.ndarray], images: np.ndarray,
                 np.maximum(x, 0, out=x)
         chunks.append(x)
     return np.concatenate(chunks) if chunks else np.zeros((0, NUM_CLASSES), np.float32)
+
+
+def probabilities(state: dict[str, np.ndarray], images: np.ndarray,
+                  batch_size: int = 1000) -> np.ndarray:
+    """Softmax class probabilities (N, 10) float32 of uint8 images (N, 28, 28) or (N, 784):
+    the one computation behind `dltrain predict` and the MLflow model, so both give the same
+    classes."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim < 2 or (
+            int(np.prod(images.shape[1:])) != INPUT_SIZE):
+        raise ValueError(f"expected uint8 images of shape (N, 28, 28) or (N, 784), got "
+                         f"{images.dtype} {images.shape}")
+    logits = mlp_logits(state, images, batch_size)
+    logits -= logits.max(axis=1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=1, keepdims=True)
+    return logits

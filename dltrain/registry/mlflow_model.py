@@ -4,27 +4,28 @@
     mlflow models serve -m models:/mnist-mlp@champion --env-manager local
 
 register logs it into the training run as an MLflow 3 logged model: a pyfunc "model from code"
-(dltrain/registry/pyfunc_model.py) whose artifacts are the safetensors weights and their card, with
-the
-dltrain package as its code, a signature (uint8 images (-1, 28, 28) in, float32 probabilities
-(-1, 10) out), an input example, its pip requirements and the markdown model card. No pickle:
-MLflow loads it by running that file, which reads the weights with safetensors.
+(dltrain/registry/pyfunc_model.py) whose artifacts are the safetensors weights and their card,
+with the dltrain modules that file imports as its code (model_code: the weights reader, not the
+training or Ray code), a signature (uint8 images (-1, 28, 28) in, float32 probabilities (-1, 10)
+out), an input example, its pip requirements and the markdown model card. No pickle: MLflow
+loads it by running that file, which reads the weights with safetensors.
 
 mlflow is imported inside the functions that log, never at import: `dltrain predict` imports
-this module for `probabilities` and `weights_in`, and must start fast.
+this module for `weights_in`, and must start fast.
 """
 
 from __future__ import annotations
 
 import json
+import modulefinder
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dltrain.model.architecture import INPUT_SIZE, NUM_CLASSES
-from dltrain.model.weights import mlp_logits
+from dltrain.model.architecture import NUM_CLASSES
 from dltrain.paths import ModelFiles, split_paths
 
 MODEL_NAME = "model"  # the logged model's name in its run
@@ -40,21 +41,27 @@ IMAGE_SHAPE = (28, 28)
 INPUT_EXAMPLE_SIZE = 2  # test images in the input example (the UI and `serve` show it)
 
 
-def probabilities(state: dict[str, np.ndarray], images: np.ndarray,
-                  batch_size: int = 1000) -> np.ndarray:
-    """Softmax class probabilities (N, 10) float32 of uint8 images (N, 28, 28) or (N, 784):
-    the one computation behind `dltrain predict` and the MLflow model, so both give the same
-    classes."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim < 2 or (
-            int(np.prod(images.shape[1:])) != INPUT_SIZE):
-        raise ValueError(f"expected uint8 images of shape (N, 28, 28) or (N, 784), got "
-                         f"{images.dtype} {images.shape}")
-    logits = mlp_logits(state, images, batch_size)
-    logits -= logits.max(axis=1, keepdims=True)
-    np.exp(logits, out=logits)
-    logits /= logits.sum(axis=1, keepdims=True)
-    return logits
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+
+
+def model_code(dst: Path) -> Path:
+    """Copy into dst/dltrain the modules of dltrain that the pyfunc code imports, at any depth
+    (function-level imports too), and nothing else; return dst/dltrain, the model's code_paths.
+
+    The logged model carries only what loading it runs, so a model logged by one version of
+    dltrain keeps working beside another, and its code holds no training or Ray code."""
+    package = Path(__file__).resolve().parents[1]
+    # Searching only the folder that holds dltrain: third-party imports stay unresolved,
+    # which is what is wanted (they are the model's pip requirements, not its code).
+    finder = modulefinder.ModuleFinder(path=[str(package.parent)])
+    finder.run_script(str(PYFUNC_CODE))
+    for name, module in finder.modules.items():
+        if name == "dltrain" or name.startswith("dltrain."):
+            source = Path(module.__file__)
+            target = dst / source.relative_to(package.parent)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    return dst / package.name
 
 
 def weights_in(folder: Path) -> Path:
@@ -128,9 +135,9 @@ def log_model(client: Any, run_id: str, model_path: Path, card_path: Path, card_
             meta = Model(artifact_path=model.artifact_location, model_uuid=model.model_id,
                          run_id=run_id, model_id=model.model_id)
             mlflow.pyfunc.save_model(
-                local, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                local, python_model=str(PYFUNC_CODE),
                 artifacts={ARTIFACT_WEIGHTS: str(model_path), ARTIFACT_CARD: str(card_path)},
-                code_paths=[str(Path(__file__).parents[1])], signature=signature(),
+                code_paths=[str(model_code(Path(tmp) / "code"))], signature=signature(),
                 input_example=input_example, pip_requirements=pip_requirements(), mlflow_model=meta)
             (local / MODEL_CARD_FILE).write_text(card_markdown)
             client.log_model_artifacts(model.model_id, str(local))

@@ -71,7 +71,7 @@ def predict(state: dict[str, np.ndarray], images: np.ndarray,
     """Predicted class index and its softmax probability for each uint8 image (N, 28, 28),
     through the MLP whose checked weights are `state` (dltrain.model.weights.load_weights): the
     registered MLflow model's own computation (dltrain.registry.mlflow_model), so both agree."""
-    from dltrain.registry.mlflow_model import probabilities
+    from dltrain.model.weights import probabilities
 
     probs = probabilities(state, images, batch_size)
     index = probs.argmax(axis=1)
