@@ -1,11 +1,10 @@
 """`dltrain predict` on one PNG from the registry (models:/mnist-mlp@champion) against the same
 command on the model file itself (the floor: no registry at all).
 
-A scratch SQLite store gets one registered version, logged as register logs it (the MLflow
-pyfunc model of dltrain.registry.mlflow_model) with random weights of the default 784-512-10 shape.
-The
-first registry call after the store was written resolves the alias through MLflow (MLflow's
-import and store); later calls use dltrain.registry.cache while the store is unchanged.
+A scratch SQLite store gets one registered version, logged as register logs it (the MLflow pyfunc
+model of dltrain.registry.mlflow_model) with random weights of the default 784-512-10 shape. The
+first registry call after the store was written resolves the alias through MLflow (MLflow's import
+and store); later calls use dltrain.registry.cache while the store is unchanged.
 Target: a cached registry call <= 1.5 s.
 """
 

@@ -1,7 +1,6 @@
 """dltrain/data/download.py: sources, mirrors, verification, retries, and data/raw left exactly as
-it
-was when anything fails. No network: mirrors are directories, file:// URLs and an HTTP server
-on 127.0.0.1 that the tests start and stop."""
+it was when anything fails. No network: mirrors are directories, file:// URLs and an HTTP server on
+127.0.0.1 that the tests start and stop."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """dltrain/data/freshness.py, the freshness check, with the download that follows it: a source that
-did
-not change costs no download (and no body over HTTP), a changed one is noticed, and only the
+did not change costs no download (and no body over HTTP), a changed one is noticed, and only the
 files that changed are fetched. No network: directories, file:// URLs and an HTTP(S) server on
 127.0.0.1 that each test starts and stops."""
 

@@ -1,6 +1,5 @@
 """dltrain/data/preprocess.py: split sizes and stratification, determinism, the test split
-untouched,
-memory-mappable outputs, and each bad input named with nothing written. Plus the real
+untouched, memory-mappable outputs, and each bad input named with nothing written. Plus the real
 Fashion-MNIST from Debian's package through both data stages (integration)."""
 
 from __future__ import annotations

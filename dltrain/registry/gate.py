@@ -1,6 +1,5 @@
-"""The champion gate as pure functions of recorded scores: which alias a registered version
-earns, and how a run of registrations resolves. No MLflow here (dltrain.registry.promotion applies
-it).
+"""The champion gate as pure functions of recorded scores: which alias a registered version earns,
+and how a run of registrations resolves. No MLflow here (dltrain.registry.promotion applies it).
 
 The rule, for a version whose test accuracy is `a`, measured on test set T:
 - no champion yet: it becomes `champion`;

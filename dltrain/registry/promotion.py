@@ -15,11 +15,10 @@ and writes can lose to another one doing the same. Two defences, one per kind of
   to write has seen every version, so the end state is the gate's.
 
 Where the gate starts: the registered-model tag `dltrain.registry.gate.anchor` holds the champion
-and
-challenger settled after version `as_of`. The versions above it that carry the gate's tags are
-still to settle: normally only the one being registered; also one whose registration failed
-between creating it and moving its alias (the re-run, or the next registration, finishes it),
-and on a server those of registrations running at the same time.
+and challenger settled after version `as_of`. The versions above it that carry the gate's tags are
+still to settle: normally only the one being registered; also one whose registration failed between
+creating it and moving its alias (the re-run, or the next registration, finishes it), and on a
+server those of registrations running at the same time.
 """
 
 from __future__ import annotations

@@ -15,9 +15,8 @@ The gate (aliases, not the deprecated stages; dltrain.registry.gate has the rule
   version (tags) and in reports/registration.json. A champion that cannot be scored stops the
   stage before anything is registered, unless `--if-champion-unloadable promote` asks for an
   explicit, recorded promotion.
-Aliases move under dltrain.registry.promotion's lock (SQLite) or reconciliation (a server), and
-every
-move is recorded in the registry's alias history (`dltrain registry history`).
+Aliases move under dltrain.registry.promotion's lock (SQLite) or reconciliation (a server),
+and every move is recorded in the registry's alias history (`dltrain registry history`).
 """
 
 from __future__ import annotations

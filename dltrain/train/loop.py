@@ -80,8 +80,7 @@ class LoopState:
 
 def save_state(state: LoopState, directory: Path) -> None:
     """A checkpoint (see dltrain.train.loopconfig): the tensors in safetensors, the optimizer's
-    state
-    as torch saves it (its nested dict of tensors and numbers has no safetensors form), the
+    state as torch saves it (its nested dict of tensors and numbers has no safetensors form), the
     epochs in JSON, and the weights the stage ships in the models/model.safetensors format."""
     from safetensors.torch import save
 
