@@ -9,6 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# The Prefect flow run a stage runs in: the flow sets it in the stage's environment, and the
+# registry records it with each alias move.
+FLOW_RUN_ID_ENV = "DLTRAIN_FLOW_RUN_ID"
+TRAINING_CURVES_PNG = "training_curves.png"
+
 
 @dataclass(frozen=True)
 class Workspace:
@@ -61,6 +66,10 @@ class Workspace:
     @property
     def training_report_path(self) -> Path:
         return self.reports_dir / "training.json"
+
+    @property
+    def training_curves_path(self) -> Path:
+        return self.reports_dir / TRAINING_CURVES_PNG
 
     @property
     def metrics_path(self) -> Path:

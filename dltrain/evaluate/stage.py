@@ -26,13 +26,14 @@ from dltrain.atomic import atomic_open, read_json, write_json
 from dltrain.errors import DataError
 from dltrain.model.classes import class_key, class_names
 from dltrain.model.weights import NUM_CLASSES, load_weights_and_digest, mlp_logits
+from dltrain.paths import TRAINING_CURVES_PNG
 
 METRICS_FILE = "metrics.json"
 PER_CLASS_FILE = "per_class.json"
 CONFUSION_CSV = "confusion.csv"
 CONFUSION_PNG = "confusion_matrix.png"
 MISCLASSIFIED_PNG = "misclassified.png"
-CURVES_PNG = "training_curves.png"
+CURVES_PNG = TRAINING_CURVES_PNG
 TRAINING_REPORT = "training.json"  # the train stage's, in the same reports directory
 # metrics.json's checksums are this many hex digits (as git shortens a commit's): enough to
 # tell which weights and test split were measured, short enough that `dvc metrics show` fits
