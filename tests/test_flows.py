@@ -582,7 +582,7 @@ def test_a_stage_past_its_timeout_is_stopped(prefect_harness, fresh_clone, tiny_
     with monkeypatch.context() as patch:
         # Straight to `dvc repro`, so that the timeout stops the stage, not `dvc status`.
         patch.setattr(mt, "changed_stages", lambda stages, _ws: stages)
-        state = mt.TASKS["download"].with_options(retries=0, timeout_seconds=1.0)(
+        state = mt.TASKS["download"].with_options(retries=0, timeout_seconds=0.3)(
             str(fresh_clone), return_state=True)
     assert state.is_failed() and "timeout" in state.message, state
     # Nothing half-recorded: dvc.lock is as it was, or (when the stop landed while DVC was
