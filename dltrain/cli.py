@@ -189,22 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Set by a flow run for `dvc repro` (flows/dvc_stage.py): a command appends its name to this
-# file as it starts, which tells a stage that ran from one DVC restored from its run cache.
-STAGE_RAN_FILE_ENV = "DLTRAIN_STAGE_RAN_FILE"
-
-
-def _note_start(command: str) -> None:
-    """Append `command` to the file STAGE_RAN_FILE_ENV names, if it is set."""
-    path = os.environ.get(STAGE_RAN_FILE_ENV)
-    if path:
-        with open(path, "a") as fh:
-            fh.write(f"{command}\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _note_start(args.command)
     try:
         args.func(args)
     except DltrainError as exc:

@@ -12,6 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# The Prefect flow run a stage runs in: the flow sets it in the stage's environment, and the
+# registry records it with each alias move.
+FLOW_RUN_ID_ENV = "DLTRAIN_FLOW_RUN_ID"
+
 PARAMS_FILE = "params.yaml"
 RAW_MANIFEST = "manifest.json"  # beside the data set's files: source, sha256, bytes
 PROCESSED_SUMMARY = "summary.json"

@@ -1,115 +1,175 @@
-"""The `mnist-training` Prefect flow: the freshness check and the five DVC stages, one task
-each, in order.
+"""The `mnist-training` Prefect flow: one task per stage of dvc.yaml, in its order. Each runs
+`dvc repro --single-item <stage>`: DVC decides, from the cache and dvc.lock it shares with
+`dvc repro`, whether a stage runs, is skipped or is restored from its run cache.
 
-Thin on purpose: each task runs `dvc repro --single-item <stage>`, so the stage logic lives in
-dltrain/ and DVC decides, from one cache and one dvc.lock shared with `dvc repro`, whether a
-stage runs or is skipped. Prefect adds retries, timeouts, parameters, schedules, logs and
-artifacts.
-
-Right after the check, one `dvc status` over the other stages tells whether anything is to be
-done: with the data unchanged and every stage up to date, the run ends there ("skipped: data
-unchanged"), in seconds, without starting Ray or any other stage.
-
-    python flows/mnist_training.py                      # one run, no server needed
-    prefect deployment run 'mnist-training/local' -p epochs=1
+    python flows/mnist_training.py          # or: prefect deployment run 'mnist-training/local'
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
-from dataclasses import dataclass
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import psutil
 from prefect import flow, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Failed
-from prefect.tasks import exponential_backoff
+from ruamel.yaml import YAML
 
+from dltrain.config import apply_overrides, params_from_dict, read_params_file
 from dltrain.errors import ConfigError, DltrainError
-from dltrain.paths import Workspace
-from flows.dvc_stage import StageResult, changed_stages, run_stage
-from flows.report import (
-    SKIPPED_UNCHANGED,
-    Verdict,
-    freshness_verdict,
-    mlflow_links,
-    read_report,
-    run_summary,
-)
-from flows.workspace import params_overridden, validate_overrides, workspace_lock
+from dltrain.paths import FLOW_RUN_ID_ENV, Workspace
+from flows.summary import publish_artifacts
+from flows.workspace import params_overridden, workspace_lock
 
-# The repo this file lives in: the default workspace, also for a deployment, whose pull step
-# makes the clone it was deployed from the working directory.
+# The default workspace (a deployment's pull step makes its clone the working directory).
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# The stages, in order, and which of them DVC runs every time (`always_changed`).
+_DVC_YAML = YAML(typ="safe").load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+STAGES: list[str] = list(_DVC_YAML)
+ALWAYS_RUNS = {name for name, stage in _DVC_YAML.items() if stage.get("always_changed")}
+# Each task's timeout fits its stage's work. Only the stages that reach the data source retry (a
+# mirror's hiccup): the others are deterministic, or retry on their own (Ray's FailureConfig).
+TIMEOUT_S = {"download": 1800, "train": 4 * 3600, "evaluate": 1200}  # others: 600
+RETRIES = {"check": 3, "download": 3}
+
 # The flow's named parameters and the params.yaml key each one overrides.
-PARAM_KEYS = {
-    "dataset": "data.dataset",
-    "epochs": "train.epochs",
-    "num_workers": "train.num_workers",
-    "use_gpu": "train.use_gpu",
-    "ray_address": "train.ray_address",
-}
-# `ray_address="env"`: take the address from RAY_ADDRESS in the flow run's environment at run
-# time (the scheduled deployment's worker runs on the Ray head node, where it is set).
-RAY_ADDRESS_FROM_ENV = "env"
+PARAM_KEYS = {"dataset": "data.dataset", "epochs": "train.epochs", "use_gpu": "train.use_gpu",
+              "num_workers": "train.num_workers", "ray_address": "train.ray_address"}
+
+# DVC's advice after a stage: noise in a flow's log (filtered from the log, never parsed).
+_HINTS = ("To track the changes with git", "git add ", "To enable auto staging",
+          "dvc config core.autostage", "Use `dvc push`")
+# The line `dltrain <stage>` prints for an error of its own: the cause, where DVC names the stage.
+_CAUSE = re.compile(r"^dltrain [\w-]+: error: ")
+GRACE_S = 15.0  # from a stopped stage's SIGINT to its SIGKILL
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    """How Prefect runs one stage: its timeout fits its work; only the stages that talk to the
-    data source are worth retrying (a mirror's hiccup), the others are deterministic or retry
-    on their own (Ray Train's FailureConfig). `always_runs`: DVC runs it every time
-    (`always_changed`), so its status is not asked first."""
-
-    name: str
-    timeout_s: float
-    retries: int = 0
-    always_runs: bool = False
-
-
-# The one list of stages, in order; it must match dvc.yaml (tests/test_flows.py checks).
-STAGES: tuple[StageSpec, ...] = (
-    StageSpec("check", timeout_s=10 * 60, retries=3, always_runs=True),
-    StageSpec("download", timeout_s=30 * 60, retries=3),
-    StageSpec("preprocess", timeout_s=10 * 60),
-    StageSpec("train", timeout_s=4 * 60 * 60),
-    StageSpec("evaluate", timeout_s=20 * 60),
-    StageSpec("register", timeout_s=10 * 60),
-)
+class StageFailedError(DltrainError):
+    """`dvc status` or `dvc repro` of a stage exited non-zero."""
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
     """Prefect's run logger inside a run; a plain logger when a task's .fn is called alone."""
-    try:
+    with contextlib.suppress(MissingContextError):
         return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger("dltrain.flows")
+    return logging.getLogger("dltrain.flows")
 
 
-def _make_task(spec: StageSpec):
-    def run(workspace: str) -> StageResult:
-        return run_stage(spec.name, Path(workspace), _logger(), timeout_s=spec.timeout_s,
-                         always_runs=spec.always_runs)
+def stage_env() -> dict[str, str]:
+    """The venv's bin first on PATH (dvc.yaml's commands call `dltrain`), unbuffered Python
+    so that each line reaches the log when it is printed, and the flow run's id."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, "PYTHONUNBUFFERED": "1",
+            FLOW_RUN_ID_ENV: str(flow_run.id or "")}
 
-    run.__name__ = run.__qualname__ = f"{spec.name}_stage"
-    run.__doc__ = f"`dvc repro --single-item {spec.name}` in `workspace`."
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the stage and every process under it (Ray's workers run in sessions of their own,
+    out of reach of a group signal): SIGINT, as Ctrl-C (DVC releases its locks, `dltrain
+    train` stops its Ray), then SIGKILL."""
+    if proc.poll() is not None:  # exited and reaped: its pid may be another process's now
+        return
+    with contextlib.suppress(psutil.NoSuchProcess):
+        root = psutil.Process(proc.pid)
+        tree = [root, *root.children(recursive=True)]
+        for sig, wait_s in ((signal.SIGINT, GRACE_S), (signal.SIGKILL, 5.0)):
+            for p in tree:
+                with contextlib.suppress(psutil.Error):
+                    p.send_signal(sig)
+            _, tree = psutil.wait_procs(tree, timeout=wait_s)
+            if not tree:
+                break
+    proc.wait()
+
+
+def _dvc(args: list[str], workspace: Path, env: dict[str, str]) -> tuple[int, str]:
+    """`dvc <args>` in `workspace`, its output (stderr merged) logged line by line. Returns its
+    exit status and the cause: the stage command's own error line, else the last line. The
+    stage never outlives the task (done, timed out, cancelled, the flow run exiting), and it
+    stays in the flow run's process group: a SIGKILL of that group reaches it too."""
+    logger, last, cause = _logger(), "", None
+    logger.info("$ dvc %s  (in %s)", " ".join(args), workspace)
+    proc = subprocess.Popen(["dvc", *args], cwd=workspace, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for raw in proc.stdout:  # type: ignore[union-attr]
+            # A progress bar rewrites its line with carriage returns: keep its final state.
+            line = raw.decode(errors="replace").rstrip().rsplit("\r", 1)[-1].rstrip()
+            if line and not line.lstrip().startswith(_HINTS):
+                last, cause = line, line if _CAUSE.match(line) else cause
+                logger.info("%s", line)
+        return proc.wait(), cause or last
+    finally:
+        _stop(proc)
+
+
+def changed_stages(stages: list[str], workspace: Path) -> list[str]:
+    """The stages among `stages` that `dvc repro --single-item` would run, per `dvc status`."""
+    done = subprocess.run(["dvc", "status", "--json", *stages], cwd=workspace,
+                          env=stage_env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or ["no error output"]
+        raise StageFailedError(f"stage {', '.join(stages)!r} failed (dvc status exited "
+                               f"{done.returncode}): {lines[-1]}")
+    # Keys are stage names; a stage of another dvc.yaml would be `path/dvc.yaml:name`.
+    reported = {str(key).rsplit(":", 1)[-1] for key in json.loads(done.stdout or "{}")}
+    return [stage for stage in stages if stage in reported]
+
+
+def run_stage(stage: str, workspace: Path) -> str:
+    """`dvc repro --single-item <stage>` unless DVC finds the stage up to date. Returns
+    "skipped", "ran", or "restored" (DVC checked its outputs out of its run cache). Raises
+    StageFailedError naming the stage and the cause."""
+    if stage not in ALWAYS_RUNS and not changed_stages([stage], workspace):
+        outcome = "skipped"
+    else:
+        # The stage ran if DVC started its command: a `dltrain` first on PATH notes that,
+        # then runs the real one. DVC restoring from its run cache starts no command.
+        with tempfile.TemporaryDirectory(prefix=f"dltrain-{stage}-") as tmp:
+            env = stage_env()
+            if (real := shutil.which("dltrain", path=env["PATH"])) is None:
+                raise StageFailedError("dltrain is not installed: run `make setup`")
+            (note := Path(tmp) / "dltrain").write_text(
+                f'#!/bin/sh\n: > {shlex.quote(tmp)}/ran\nexec {shlex.quote(real)} "$@"\n')
+            note.chmod(0o755)
+            env["PATH"] = f"{tmp}{os.pathsep}{env['PATH']}"
+            code, cause = _dvc(["repro", "--single-item", stage], workspace, env)
+            if code != 0:
+                raise StageFailedError(f"stage {stage!r} failed (dvc repro exited {code}): "
+                                       f"{cause or 'no error output'}")
+            outcome = "ran" if (Path(tmp) / "ran").exists() else "restored"
+    _logger().info("stage %s: %s", stage, outcome)
+    return outcome
+
+
+def _stage_task(stage: str):
+    def run(workspace: str) -> str:
+        return run_stage(stage, Path(workspace))
+
+    run.__name__ = run.__qualname__ = f"{stage}_stage"  # Prefect's task key
     # NO_CACHE: DVC decides what to skip; a Prefect cache hit would skip a stage whose
     # outputs DVC knows to be stale.
-    return task(run, name=spec.name, retries=spec.retries,
-                retry_delay_seconds=exponential_backoff(backoff_factor=10) if spec.retries else 0,
-                retry_jitter_factor=0.5 if spec.retries else None,
-                timeout_seconds=spec.timeout_s, cache_policy=NO_CACHE, log_prints=False)
+    return task(run, name=stage, retries=RETRIES.get(stage, 0), retry_delay_seconds=[10, 60, 300],
+                timeout_seconds=TIMEOUT_S.get(stage, 600), cache_policy=NO_CACHE)
 
 
-TASKS = {spec.name: _make_task(spec) for spec in STAGES}
-check, download, preprocess, train, evaluate, register = (TASKS[s.name] for s in STAGES)
+TASKS = {stage: _stage_task(stage) for stage in STAGES}
 
 
 def resolve_workspace(workspace: str | None) -> Workspace:
@@ -124,88 +184,35 @@ def resolve_workspace(workspace: str | None) -> Workspace:
 def run_overrides(named: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
     """The params.yaml overrides of one run: `overrides` (section.key -> value), then the
     named parameters that are not None."""
-    merged = dict(overrides or {})
-    for name, value in named.items():
-        if value is None:
-            continue
-        if name == "ray_address" and value == RAY_ADDRESS_FROM_ENV:
-            value = os.environ.get("RAY_ADDRESS")
-            if not value:
-                raise ConfigError("ray_address='env' but RAY_ADDRESS is not set in the flow "
-                                  "run's environment; start the worker with RAY_ADDRESS=<the "
-                                  "head node's address> (see infra/prefect/README.md)")
-        merged[PARAM_KEYS[name]] = value
+    merged = {**(overrides or {}), **{PARAM_KEYS[k]: v for k, v in named.items() if v is not None}}
+    # "env": the address in the flow run's environment (the scheduled deployment's worker runs
+    # on the Ray head node, where RAY_ADDRESS is set).
+    if merged.get("train.ray_address") == "env":
+        if not os.environ.get("RAY_ADDRESS"):
+            raise ConfigError("ray_address='env' but RAY_ADDRESS is not set in the flow run's "
+                              "environment; start the worker with RAY_ADDRESS=<the head node's "
+                              "address> (see infra/prefect/README.md)")
+        merged["train.ray_address"] = os.environ["RAY_ADDRESS"]
     return merged
 
 
-def run_pipeline(ws: Workspace, logger: logging.Logger | logging.LoggerAdapter
-                 ) -> tuple[dict[str, StageResult], Verdict]:
-    """The check, then the other stages unless the data are unchanged and DVC finds every
-    one of them up to date. Returns each stage's outcome and what the check decided."""
+def run_pipeline(ws: Workspace, logger: logging.Logger | logging.LoggerAdapter) -> dict[str, str]:
+    """The freshness check, then the others unless DVC finds them all up to date."""
     first, *rest = STAGES
-    before = read_report(ws.source_fingerprint_path)
-    outcomes = {first.name: TASKS[first.name](str(ws.root))}
-    # One dvc process for all the stages: the verdict costs about a second.
-    stale = changed_stages([s.name for s in rest], ws.root)
-    verdict = freshness_verdict(before, read_report(ws.source_fingerprint_path), stale)
-    if verdict.skipped:
-        logger.info("%s: %s", SKIPPED_UNCHANGED, verdict.reason)
-        outcomes.update({s.name: StageResult(s.name, "skipped", 0.0) for s in rest})
-        return outcomes, verdict
-    logger.info("%s: %s", "data changed" if verdict.data_changed else "data unchanged",
-                verdict.reason)
-    for spec in rest:
-        outcomes[spec.name] = TASKS[spec.name](str(ws.root))
-    return outcomes, verdict
+    outcomes = {first: TASKS[first](str(ws.root))}
+    if not changed_stages(rest, ws.root):
+        logger.info("skipped: data unchanged, and DVC finds every stage up to date")
+        return outcomes | {stage: "skipped" for stage in rest}
+    for stage in rest:
+        outcomes[stage] = TASKS[stage](str(ws.root))
+    return outcomes
 
 
-def publish_artifacts(ws: Workspace, outcomes: dict[str, StageResult],
-                      overrides: dict[str, Any], tracking_uri: str | None,
-                      verdict: Verdict | None = None) -> None:
-    """The run's summary, and links to the training run and the registered version in the
-    MLflow UI, in the Prefect UI."""
-    create_markdown_artifact(run_summary(ws, outcomes, overrides, verdict),
-                             key="mnist-training-summary",
-                             description="What the run did and why: data, training, test "
-                                         "metrics and registry outcome")
-    registration = read_report(ws.registration_path)
-    links = mlflow_links(registration, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
-    if links is None:
-        return
-    where = (f"Served by `make mlflow-ui` (the embedded store) at {links.ui}" if links.embedded
-             else f"The MLflow server at {links.ui}")
-    name = registration.get("model_name")
-    if links.version:
-        create_link_artifact(links.version, link_text=f"{name} version "
-                             f"{registration.get('version')}", key="mnist-model",
-                             description=f"The registered model version. {where}")
-    if links.run:
-        create_link_artifact(links.run, link_text=f"MLflow run {registration.get('run_id')}",
-                             key="mnist-mlflow-run",
-                             description=f"The training run: params, per-epoch curves, test "
-                                         f"metrics, the model. {where}")
-
-
-class _OneLineErrors(logging.Filter):
-    """Drops the traceback from a run's log record when the error is one dltrain raises on
-    purpose (DltrainError: its message names the cause and the fix); Prefect logs every
-    exception a task raises with its traceback. Any other error keeps it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], DltrainError):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-_ONE_LINE_ERRORS = _OneLineErrors()
-
-
-def expected_errors_in_one_line() -> None:
-    """Install the filter on Prefect's flow- and task-run loggers (once per process)."""
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        run_logger = logging.getLogger(name)
-        if _ONE_LINE_ERRORS not in run_logger.filters:
-            run_logger.addFilter(_ONE_LINE_ERRORS)
+def one_line(record: logging.LogRecord) -> bool:
+    """No traceback for an error dltrain raises on purpose (it names the cause and the fix)."""
+    if record.exc_info and isinstance(record.exc_info[1], DltrainError):
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 @flow(name="mnist-training", log_prints=False)
@@ -213,42 +220,30 @@ def mnist_training(dataset: str | None = None, epochs: int | None = None,
                    num_workers: int | None = None, use_gpu: bool | None = None,
                    ray_address: str | None = None, overrides: dict[str, Any] | None = None,
                    workspace: str | None = None) -> dict[str, str]:
-    """Check the source, then download, preprocess, train, evaluate and register, each
-    through DVC; with the data unchanged and every stage up to date, skip them all.
-
-    Parameters left None are as in params.yaml. `overrides` sets any other key for this run
-    (`{"data.source": "file:///data/mnist"}`); `ray_address="env"` reads RAY_ADDRESS at run
-    time. Returns each stage's outcome: ran, skipped or restored (from DVC's run cache).
-    """
-    expected_errors_in_one_line()
+    """Run the stages of dvc.yaml through DVC. Parameters left None are as in params.yaml;
+    `overrides` sets any other key for this run (`{"data.source": "file:///data/mnist"}`).
+    Returns each stage's outcome: ran, skipped or restored (from DVC's run cache)."""
+    named = {name: value for name, value in locals().items() if name in PARAM_KEYS}
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(one_line)  # once: addFilter skips a known one
     logger = get_run_logger()
-    named = {"dataset": dataset, "epochs": epochs, "num_workers": num_workers,
-             "use_gpu": use_gpu, "ray_address": ray_address}
     try:
-        return run_flow(named, overrides, workspace, logger)
+        ws = resolve_workspace(workspace)
+        changes = run_overrides(named, overrides)
+        # Through the typed config: a bad value fails here, naming the key, before any stage.
+        params = params_from_dict(apply_overrides(read_params_file(ws.params_path), changes))
+        holder = f"flow run {flow_run.id or 'outside Prefect'} ({flow_run.name or '-'})"
+        with workspace_lock(ws.root, holder), params_overridden(ws.params_path, changes, logger):
+            if changes:
+                logger.info("params for this run: %s", changes)
+            outcomes = run_pipeline(ws, logger)
     except DltrainError as exc:
-        # An error of ours is one line that names the cause: the run ends Failed with it as
-        # the state's message (the UI's and `prefect flow-run inspect`'s), and logs it for
-        # `prefect deployment run --watch`, which prints the run's logs. Called directly, the
-        # flow still raises it (the state carries it).
+        # One line that names the cause: the state's message, and logged for `prefect
+        # deployment run --watch`. Called directly, the flow still raises it.
         logger.error("%s", exc)
         return Failed(message=str(exc), data=exc)
-
-
-def run_flow(named: dict[str, Any], overrides: dict[str, Any] | None, workspace: str | None,
-             logger: logging.Logger | logging.LoggerAdapter) -> dict[str, str]:
-    """The flow's body: validate, lock the workspace, run the stages, publish."""
-    ws = resolve_workspace(workspace)
-    changes = run_overrides(named, overrides)
-    # Validated before any work: a bad value fails the run here, naming the key.
-    params = validate_overrides(ws.params_path, changes)
-    holder = f"flow run {flow_run.id or 'outside Prefect'} ({flow_run.name or '-'})"
-    with workspace_lock(ws.root, holder), params_overridden(ws.params_path, changes, logger):
-        if changes:
-            logger.info("params for this run: %s", changes)
-        outcomes, verdict = run_pipeline(ws, logger)
-    publish_artifacts(ws, outcomes, changes, params.register.tracking_uri, verdict)
-    return {name: result.outcome for name, result in outcomes.items()}
+    publish_artifacts(ws, outcomes, params.register.tracking_uri)
+    return outcomes
 
 
 if __name__ == "__main__":

@@ -289,7 +289,7 @@ KILLS = {"worker": 30, "worker-and-flow-run": 31}
 def test_worker_killed_mid_train_then_the_rerun_resumes_from_the_dvc_cache(local_stack,
                                                                            tmp_path, victims):
     """Fault 5 of RELIABILITY.md: SIGKILL the worker (and its flow run) while `train` runs. The
-    stage (dvc, `dltrain train`, Ray) is stopped by its guard, DVC's locks are free; after
+    stage (dvc, `dltrain train`, Ray) is stopped with its flow run, DVC's locks are free; after
     the worker is restarted, a new run skips download and preprocess (DVC) and finishes."""
     clone = local_stack.clone
     deploy = local_stack.run("bash", "infra/prefect/deploy.sh")  # idempotent
@@ -311,7 +311,7 @@ def test_worker_killed_mid_train_then_the_rerun_resumes_from_the_dvc_cache(local
             time.sleep(0.2)
         tree |= set(worker.children(recursive=True))
         names = " ".join(_alive_in(tree))
-        assert "stage_guard.py" in names and "dltrain train" in names, names
+        assert "dltrain train" in names, names
         assert "ray::RayTrainWorker" in names, names
         flow_run = [p for p in worker.children() if "prefect.engine" in " ".join(p.cmdline())]
         assert len(flow_run) == 1, [p.cmdline() for p in worker.children()]
@@ -528,7 +528,7 @@ def test_scheduled_retraining_skips_unchanged_data_in_seconds_and_retrains_on_ne
     assert _task_names(local_stack, run["id"]) == ["check"]  # no train task: no Ray
     summary = _latest_summary(local_stack)
     assert "**skipped: data unchanged**" in summary, summary
-    assert f"`{source}` unchanged since the last run" in summary
+    assert f"source `{source}`" in summary
     assert "nothing registered in this run" in summary
     assert _model_versions(clone) == versions_after_first
     assert (clone / "reports" / "registration.json").read_text() == registration
@@ -548,7 +548,6 @@ def test_scheduled_retraining_skips_unchanged_data_in_seconds_and_retrains_on_ne
           f"`prefect deployment run --watch` {time.monotonic() - started:.1f} s")
     summary = _latest_summary(local_stack)
     assert "**retrained: data changed**" in summary, summary
-    assert all(name in summary.split("## Stages")[0] for name in RAW_FILES.values())
     for stage in ("download", "preprocess", "train", "evaluate", "register"):
         assert f"| {stage} | ran |" in summary, summary
     assert "train: 270 samples" in summary  # 300 new images, 10% to val

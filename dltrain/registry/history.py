@@ -18,10 +18,9 @@ from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from typing import Any
 
+from dltrain.paths import FLOW_RUN_ID_ENV
+
 HISTORY_PREFIX = "dltrain.registry.history."
-# The Prefect flow run a stage runs in, set by the flow for the stage's process (the flow reads
-# it from prefect.runtime.flow_run.id): recorded with each alias move.
-FLOW_RUN_ID_ENV = "DLTRAIN_FLOW_RUN_ID"
 
 
 @dataclass(frozen=True)
