@@ -108,7 +108,10 @@ class TrainConfig(_Section):
     batch_size: StrictInt = Field(128, ge=1)  # global: split evenly across the workers
     learning_rate: Number = Field(0.001, gt=0.0)
     optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
-    num_workers: StrictInt = Field(1, ge=1)
+    # 0: Ray Train's local mode, the training function in this process (no Ray started, no
+    # worker group, no retries); 1 or more: a Ray Train worker group (DDP across them).
+    num_workers: StrictInt = Field(1, ge=0)
+    # With num_workers 0: this process' GPU (checked by the train stage before it trains).
     use_gpu: StrictBool = False
     # local: a private one-shot Ray; auto (None too): RAY_ADDRESS, else the workspace's warm
     # Ray (`make ray-up`), else a private one; or HOST:PORT / ray://HOST:PORT of a cluster.
@@ -125,7 +128,8 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _batch_splits(self) -> TrainConfig:
-        if self.batch_size % self.num_workers:
+        # Local mode (0 workers) is one process: the whole global batch.
+        if self.num_workers and self.batch_size % self.num_workers:
             raise ValueError(f"train.batch_size {self.batch_size} is not a multiple of "
                              f"train.num_workers ({self.num_workers}), so the global batch does "
                              "not split evenly across workers")

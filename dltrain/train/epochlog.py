@@ -1,5 +1,7 @@
-"""How the train stage's driver learns that an epoch ended: a Ray Train callback that writes each
-committed epoch into the run directory, for live tracking (dltrain.train.live) to send.
+"""How the train stage's driver learns that an epoch ended: each committed epoch is written into
+the run directory, for live tracking (dltrain.train.live) to send. On a worker group a Ray Train
+callback writes it; in local mode (train.num_workers 0), where RunConfig callbacks do not run,
+the training function calls record_epoch itself once the epoch's checkpoint is kept.
 
 `ray.train.UserCallback` (Ray Train's documented callback interface, passed in RunConfig) runs
 on the Train controller. Its `after_report` is called once every worker has reported the epoch
@@ -27,11 +29,16 @@ class EpochLog(UserCallback):
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
                      checkpoint: Any) -> None:
         # Rank 0's report: the epoch's figures are reduced over all workers already.
-        record = {k: v for k, v in (metrics[0] if metrics else {}).items() if k != "nodes"}
-        if "epoch" not in record:
-            return
-        try:
-            write_epoch(self.storage, self.name, record)
-        except Exception as exc:  # noqa: BLE001  (tracking must never fail training)
-            logging.getLogger(__name__).warning("could not record epoch %s for MLflow: %s",
-                                                record["epoch"], exc)
+        record_epoch(self.storage, self.name, metrics[0] if metrics else {})
+
+
+def record_epoch(storage: str, name: str, metrics: dict[str, Any]) -> None:
+    """Rank 0's reported `metrics` of one epoch into the run directory; never raises."""
+    record = {k: v for k, v in metrics.items() if k != "nodes"}
+    if "epoch" not in record:
+        return
+    try:
+        write_epoch(storage, name, record)
+    except Exception as exc:  # noqa: BLE001  (tracking must never fail training)
+        logging.getLogger(__name__).warning("could not record epoch %s for MLflow: %s",
+                                            record["epoch"], exc)

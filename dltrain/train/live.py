@@ -32,6 +32,12 @@ from dltrain.train import storage as run_storage
 POLL_S = 0.5  # how often the run directory is looked at for a new epoch
 RETRY_S = 30.0  # after a failure, how long until MLflow is tried again
 FINISH_WAIT_S = 10.0  # the most the end of training waits for the last epochs to be sent
+# In local mode (train.num_workers 0) the thread shares the training's interpreter: importing
+# MLflow and opening the run take the GIL from the training loop, whose many small PyTorch
+# calls each wait for it back. The stage lets the open finish first, waiting at most this long
+# (an unreachable store answers within MLFLOW_HTTP_REQUEST_TIMEOUT); once open, an epoch costs
+# one small request.
+OPEN_WAIT_S = 10.0
 # Set to 0 to train without live tracking (register then logs the whole run, as before).
 SWITCH_ENV = "DLTRAIN_LIVE_TRACKING"
 
@@ -57,12 +63,18 @@ class LiveRun:
         self._final: list[dict[str, Any]] | None = None
         self._status = "FINISHED"
         self._stop = threading.Event()
+        self._tried = threading.Event()  # the first attempt to open the run is over
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._main, name="dltrain-mlflow", daemon=True)
 
     def start(self) -> LiveRun:
         self._thread.start()
         return self
+
+    def wait_open(self, timeout_s: float = OPEN_WAIT_S) -> None:
+        """Wait until the first attempt to open the run is over (opened or failed), at most
+        `timeout_s`."""
+        self._tried.wait(timeout_s)
 
     def finish(self, epochs: list[dict[str, Any]]) -> dict[str, Any]:
         """Send the epochs still unsent (`epochs`: the whole run, from its last checkpoint) and
@@ -93,7 +105,9 @@ class LiveRun:
     def _main(self) -> None:
         while not self._stop.is_set():
             self._sync(None)
+            self._tried.set()
             self._stop.wait(POLL_S)
+        self._tried.set()
         if self._failed_at is not None:
             return  # unreachable: register sends the rest; the end of training does not wait
         self._sync(self._final)
@@ -174,7 +188,10 @@ class LiveRun:
                 tracking.TRAINING_STATE_TAG: "running",
                 "dataset": self.summary.get("dataset"),
                 "data_checksum": self.summary.get("data_checksum"),
-                "ray_world_size": t.num_workers, "device": "cuda" if t.use_gpu else "cpu",
+                # Local mode (0 workers) is one process: world size 1.
+                "ray_world_size": max(1, t.num_workers),
+                "train_mode": "local" if t.num_workers == 0 else "worker-group",
+                "device": "cuda" if t.use_gpu else "cpu",
                 "git_commit": commit, "mlflow.source.git.commit": commit}
         return {k: str(v) for k, v in tags.items() if v is not None}
 

@@ -43,7 +43,8 @@ def read_final_checkpoint(directory: Path, hidden_sizes: tuple[int, ...]
 
 
 def write_outputs(epochs: list[dict[str, Any]], weights: bytes, params: Params, ws: Workspace,
-                  summary: dict[str, Any], *, world_size: int, device: str, nodes: list[str],
+                  summary: dict[str, Any], *, mode: str, world_size: int, device: str,
+                  nodes: list[str],
                   wall_s: float, name: str, storage: str, ray: dict[str, Any],
                   mlflow: dict[str, Any] | None = None) -> dict[str, Any]:
     """models/model.safetensors (`weights`) with its card, and reports/training.json."""
@@ -56,6 +57,9 @@ def write_outputs(epochs: list[dict[str, Any]], weights: bytes, params: Params, 
     median = times[len(times) // 2]
     report = {
         "epochs": epochs,
+        # "worker-group": Ray Train workers (train.num_workers >= 1); "local": Ray Train's local
+        # mode, in the stage's own process (world_size 1, nodes ["local"]).
+        "mode": mode,
         "world_size": world_size,
         "nodes": nodes,
         "device": device,
@@ -80,6 +84,7 @@ def write_outputs(epochs: list[dict[str, Any]], weights: bytes, params: Params, 
         "data": {"dataset": summary["dataset"], "data_checksum": summary.get("data_checksum"),
                  "test_sha256": summary.get("test", {}).get("sha256")},
         "git_commit": git_commit(ws.root),
+        "mode": mode,
         "world_size": world_size,
         "device": device,
         "nodes": nodes,

@@ -77,7 +77,7 @@ def check_memory(params: Params, available_bytes: int, where: str) -> None:
     count = sum(a * b + b for a, b in zip(sizes, sizes[1:], strict=False))
     copies = (_WEIGHT_COPIES + _OPTIMIZER_COPIES.get(params.train.optimizer, 2)
               + (1 if params.train.ema_decay else 0))
-    workers = params.train.num_workers
+    workers = max(1, params.train.num_workers)  # local mode (0) is one process
     need = count * 4 * copies * workers
     if need > available_bytes:
         raise ConfigError(

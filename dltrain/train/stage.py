@@ -1,6 +1,14 @@
 """The train stage: pre-flight checks, then Ray Train's TorchTrainer runs dltrain.train.loop on the
 Ray that train.ray_address names (dltrain.train.connect), then the outputs.
 
+train.num_workers 0 is Ray Train's local mode (ScalingConfig(num_workers=0)): the same training
+function in this process, on the same ray.train API, with no Ray started (no ray.init, no
+controller, no worker processes), for quick tries, `dvc exp` runs and tests. What Ray Train does
+not do there, the stage does (dltrain.train.worker): the checkpoints in the run directory and
+the resume from the latest, the epoch log for live tracking (RunConfig callbacks do not run),
+the certain-failure record. It has no fault tolerance (FailureConfig is ignored): a crash ends
+the run, and a re-run resumes it.
+
 Ray Train traps, and how they are handled:
 - report() is a barrier: every rank reports once per epoch; only rank 0 attaches a checkpoint.
 - result.metrics is None unless a checkpoint was reported: every epoch reports one.
@@ -19,6 +27,7 @@ ray.init waits for Ray's processes, so that on two cores the import costs the st
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -31,7 +40,7 @@ from typing import Any
 
 from dltrain.atomic import check_writable
 from dltrain.config import Params
-from dltrain.errors import CertainTrainingError, TrainingError
+from dltrain.errors import CertainTrainingError, DltrainError, TrainingError
 from dltrain.paths import Workspace
 from dltrain.train import connect, live, rayenv
 from dltrain.train.loopconfig import LoopConfig
@@ -49,6 +58,8 @@ from dltrain.train.preflight import (
 )
 from dltrain.train.storage import (
     check_storage,
+    latest_checkpoint,
+    local_run_dir,
     mark_complete,
     prepare_run_dir,
     read_failure,
@@ -74,6 +85,8 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto",
     summary = check_processed(ws.processed_dir, params.data.dataset)
     for output in (ws.model_path, ws.model_card_path, ws.training_report_path):
         check_writable(output)  # a read-only models/ now, not after the training
+    if t.num_workers == 0:
+        return _train_local(params, ws, summary, started, resume, reload)
     target, note = connect.resolve(t.ray_address, ws)
     if note:
         say(note)
@@ -106,12 +119,7 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto",
             tracker = live.LiveRun(params, ws, summary, storage=storage, name=name,
                                    say=say).start()
         cpus_per_worker = _plan(params, target)
-        threads = t.threads_per_worker or cpus_per_worker
-        loop_cfg = LoopConfig(processed_dir=str(ws.processed_dir.resolve()),
-                              hidden_sizes=tuple(params.model.hidden_sizes), epochs=t.epochs,
-                              batch_size=t.batch_size, learning_rate=t.learning_rate,
-                              optimizer=t.optimizer, seed=t.seed, threads=threads,
-                              ema_decay=t.ema_decay)
+        loop_cfg = _loop_config(params, ws, t.threads_per_worker or cpus_per_worker)
         say(f"Ray ready in {connect_s:.1f}s (Ray {ray.__version__}); training "
             f"{params.data.dataset}: {t.num_workers} worker(s) x {cpus_per_worker} CPU, "
             f"{'GPU' if t.use_gpu else 'CPU'}, {t.epochs} epochs, global batch {t.batch_size}"
@@ -122,26 +130,11 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto",
         say(f"starting {t.num_workers} Ray Train worker{'s' if t.num_workers > 1 else ''} "
             "(each a new process that loads PyTorch)")
         result = _fit(params, loop_cfg, cpus_per_worker, storage, name, _progress_terminal())
-        if result.checkpoint is None:
-            raise TrainingError("training finished without a checkpoint")
-        with result.checkpoint.as_directory() as directory:
-            epochs, weights = read_final_checkpoint(Path(directory), loop_cfg.hidden_sizes)
-        metrics = result.metrics or {}
-        if reload is not None:
-            changed = changed_params(params, reload())
-            if changed:
-                raise TrainingError(
-                    f"params.yaml changed while training ran ({'; '.join(changed)}): the "
-                    "model was trained with the old values, so models/ and "
-                    "reports/training.json were not written; re-run `dvc repro train`")
-        mlflow_run = tracker.finish(epochs) if tracker else None
-        report = write_outputs(
-            epochs, weights, params, ws, summary, world_size=t.num_workers,
-            device="cuda" if t.use_gpu else "cpu", nodes=list(metrics.get("nodes", [])),
-            wall_s=time.perf_counter() - started, name=name, storage=storage,
-            ray={"where": target.where, "version": ray.__version__,
-                 "connect_s": round(connect_s, 3)}, mlflow=mlflow_run)
-        mark_complete(storage, name, report)
+        report = _finish(params, ws, summary, result.checkpoint, result.metrics, started,
+                         reload, tracker, mode="worker-group", world_size=t.num_workers,
+                         name=name, storage=storage,
+                         ray={"where": target.where, "version": ray.__version__,
+                              "connect_s": round(connect_s, 3)})
     except BaseException as exc:
         if tracker is not None:
             tracker.abort("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit))
@@ -150,12 +143,125 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto",
     finally:
         # A private Ray stops here; a warm Ray or a cluster is only disconnected from.
         ray.shutdown()
+    _say_trained(report, ws, "Ray overhead")
+    return report
+
+
+def _train_local(params: Params, ws: Workspace, summary: dict[str, Any], started: float,
+                 resume: str, reload: Callable[[], Params] | None) -> dict[str, Any]:
+    """train() in Ray Train's local mode: this process trains; Ray is imported, never started."""
+    t = params.train
+    check_memory(params, available_memory(), "this machine")
+    storage = resolve_storage(t.storage_path, ws)
+    name = f"dltrain-{run_key(params, summary)}"
+    run_dir = local_run_dir(storage, name)  # a URI is refused before anything is written
+    check_storage(storage)
+    resuming = prepare_run_dir(storage, name, resume)
+    reason = fresh_reason(swap_last_run(storage, name, run_inputs(params, summary)), name,
+                          run_inputs(params, summary))
+    if reason and not resuming:
+        say(reason)
+    rayenv.set_driver_env()
+    import torch
+
+    if t.use_gpu and not torch.cuda.is_available():
+        raise TrainingError("train.use_gpu is true, but PyTorch finds no CUDA GPU on this "
+                            "machine (local mode, train.num_workers 0, trains on this "
+                            "process' GPU); set train.use_gpu: false")
+    tracker = None
+    if live.enabled():  # MLflow's import and the run's opening overlap Ray Train's import
+        tracker = live.LiveRun(params, ws, summary, storage=storage, name=name, say=say).start()
+    try:
+        return _train_in_process(params, ws, summary, started, reload, tracker, storage, name,
+                                 run_dir, latest_checkpoint(run_dir) if resuming else None)
+    except BaseException as exc:
+        if tracker is not None:
+            tracker.abort("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit))
+                          else "FAILED")
+        raise
+
+
+def _train_in_process(params: Params, ws: Workspace, summary: dict[str, Any], started: float,
+                      reload: Callable[[], Params] | None, tracker: live.LiveRun | None,
+                      storage: str, name: str, run_dir: Path, resume_from: Path | None
+                      ) -> dict[str, Any]:
+    t = params.train
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    # Ray Train logs local mode's start and every report() at INFO: the epoch lines say it.
+    logging.getLogger("ray.train").setLevel(rayenv.RAY_TRAIN_LOG_LEVEL)
+    # The training runs in this process' main thread: all of this machine's CPUs, unless
+    # train.threads_per_worker says otherwise.
+    threads = t.threads_per_worker or local_cpus()
+    loop_cfg = _loop_config(params, ws, threads)
+    say(f"training {params.data.dataset} in this process (Ray Train local mode, Ray "
+        f"{ray.__version__}, PyTorch {torch.__version__.split('+')[0]}): {threads} "
+        f"thread{'s' if threads > 1 else ''}, {'GPU' if t.use_gpu else 'CPU'}, "
+        f"{t.epochs} epochs, global batch {t.batch_size}"
+        + (f"; resuming run {name} from its latest checkpoint" if resume_from else ""))
+    if tracker is not None:
+        tracker.wait_open()  # see live.OPEN_WAIT_S
+    result = _fit(params, loop_cfg, 0, storage, name, _progress_terminal(local=True),
+                  local={"run_dir": str(run_dir),
+                         "resume_from": str(resume_from) if resume_from else None})
+    # No epoch left to train (the run was interrupted after its last checkpoint): the
+    # checkpoint it resumed from is the final one.
+    checkpoint = result.checkpoint or (
+        ray.train.Checkpoint.from_directory(str(resume_from)) if resume_from else None)
+    report = _finish(params, ws, summary, checkpoint, result.metrics, started, reload,
+                     tracker, mode="local", world_size=1, name=name, storage=storage,
+                     ray={"where": "this process (Ray Train local mode)",
+                          "version": ray.__version__, "connect_s": 0.0})
+    _say_trained(report, ws, "overhead")
+    return report
+
+
+def _loop_config(params: Params, ws: Workspace, threads: int) -> LoopConfig:
+    t = params.train
+    return LoopConfig(processed_dir=str(ws.processed_dir.resolve()),
+                      hidden_sizes=tuple(params.model.hidden_sizes), epochs=t.epochs,
+                      batch_size=t.batch_size, learning_rate=t.learning_rate,
+                      optimizer=t.optimizer, seed=t.seed, threads=threads,
+                      ema_decay=t.ema_decay)
+
+
+def _finish(params: Params, ws: Workspace, summary: dict[str, Any], checkpoint: Any,
+            metrics: dict[str, Any] | None, started: float,
+            reload: Callable[[], Params] | None, tracker: live.LiveRun | None, *, mode: str,
+            world_size: int, name: str, storage: str, ray: dict[str, Any]) -> dict[str, Any]:
+    """The outputs, from the run's last checkpoint; the run marked complete."""
+    t = params.train
+    if checkpoint is None:
+        raise TrainingError("training finished without a checkpoint")
+    with checkpoint.as_directory() as directory:
+        epochs, weights = read_final_checkpoint(Path(directory),
+                                                tuple(params.model.hidden_sizes))
+    metrics = metrics or {}
+    if reload is not None:
+        changed = changed_params(params, reload())
+        if changed:
+            raise TrainingError(
+                f"params.yaml changed while training ran ({'; '.join(changed)}): the "
+                "model was trained with the old values, so models/ and "
+                "reports/training.json were not written; re-run `dvc repro train`")
+    mlflow_run = tracker.finish(epochs) if tracker else None
+    report = write_outputs(
+        epochs, weights, params, ws, summary, mode=mode, world_size=world_size,
+        device="cuda" if t.use_gpu else "cpu", nodes=list(metrics.get("nodes", [])),
+        wall_s=time.perf_counter() - started, name=name, storage=storage, ray=ray,
+        mlflow=mlflow_run)
+    mark_complete(storage, name, report)
+    return report
+
+
+def _say_trained(report: dict[str, Any], ws: Workspace, overhead: str) -> None:
     best = next(e for e in report["epochs"] if e["epoch"] == report["best_epoch"])
     say(f"trained {len(report['epochs'])} epochs in {report['wall_time_s']:.1f}s "
-        f"({report['samples_per_s']:.0f} samples/s, Ray overhead "
+        f"({report['samples_per_s']:.0f} samples/s, {overhead} "
         f"{report['ray_overhead_s']:.1f}s); best val_acc {best['val_accuracy']:.4f} at epoch "
         f"{best['epoch']}; wrote {ws.model_path.relative_to(ws.root)}")
-    return report
 
 
 def _plan(params: Params, target: connect.RayTarget) -> int:
@@ -182,47 +288,61 @@ def _plan(params: Params, target: connect.RayTarget) -> int:
     return per_worker
 
 
-def _progress_terminal() -> dict[str, str] | None:
-    """The terminal that this process' stdout is, and this process' Ray node: rank 0 draws its
-    progress bar there when it runs on that node (dltrain.train.worker.Output). None off a
-    terminal: lines only, no escape codes."""
-    import ray
-
+def _progress_terminal(local: bool = False) -> dict[str, str] | None:
+    """The terminal that this process' stdout is, and this process' Ray node (LOCAL_NODE in
+    local mode): rank 0 draws its progress bar there when it runs on that node
+    (dltrain.train.worker.Output). None off a terminal: lines only, no escape codes."""
     if not sys.stdout.isatty():
         return None
     try:
         tty = os.ttyname(sys.stdout.fileno())
     except OSError:
         return None
+    if local:
+        from dltrain.train.worker import LOCAL_NODE
+
+        return {"tty": tty, "node_id": LOCAL_NODE}
+    import ray
+
     return {"tty": tty, "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def _fit(params: Params, loop_cfg: LoopConfig, cpus_per_worker: int, storage: str,
-         name: str, progress: dict[str, str] | None = None) -> Any:
+         name: str, progress: dict[str, str] | None = None,
+         local: dict[str, str | None] | None = None) -> Any:
+    """TorchTrainer.fit() with a certain failure as CertainTrainingError. `local` (the run
+    directory and the checkpoint to resume from) runs Ray Train's local mode."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from dltrain.train.epochlog import EpochLog
+    from dltrain.train.storage import KEEP_CHECKPOINTS
     from dltrain.train.worker import train_fn_per_worker
 
     t = params.train
-    from dltrain.train.epochlog import EpochLog
-
-    trainer = TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config={"loop": asdict(loop_cfg), "use_gpu": t.use_gpu,
-                           "progress": progress, "storage": storage, "name": name},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker},
-            placement_strategy=t.placement_strategy),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            # Each committed epoch into the run directory, for live tracking to send.
-            callbacks=[EpochLog(storage, name)],
-            logging_config=ray.train.LoggingConfig(log_level=rayenv.RAY_TRAIN_LOG_LEVEL)),
-    )
+    config = {"loop": asdict(loop_cfg), "use_gpu": t.use_gpu, "progress": progress,
+              "storage": storage, "name": name}
+    if local is not None:
+        trainer = TorchTrainer(
+            train_fn_per_worker, train_loop_config={**config, "local": True, **local},
+            scaling_config=ray.train.ScalingConfig(num_workers=0, use_gpu=t.use_gpu),
+            run_config=ray.train.RunConfig(name=name, storage_path=storage))
+    else:
+        trainer = TorchTrainer(
+            train_fn_per_worker,
+            train_loop_config=config,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=t.num_workers, use_gpu=t.use_gpu,
+                resources_per_worker={"CPU": cpus_per_worker},
+                placement_strategy=t.placement_strategy),
+            run_config=ray.train.RunConfig(
+                name=name, storage_path=storage,
+                failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+                # Each committed epoch into the run directory, for live tracking to send.
+                callbacks=[EpochLog(storage, name)],
+                logging_config=ray.train.LoggingConfig(
+                    log_level=rayenv.RAY_TRAIN_LOG_LEVEL)))
     read_failure(storage, name, remove=True)  # one of an earlier attempt of this run
     try:
         result = trainer.fit()
@@ -232,6 +352,15 @@ def _fit(params: Params, loop_cfg: LoopConfig, cpus_per_worker: int, storage: st
             raise CertainTrainingError(f"training stopped: {certain}") from exc
         raise TrainingError(f"training failed after {t.max_failures} allowed worker "
                             f"failure(s) (train.max_failures): {_root_cause(exc)}") from exc
+    except DltrainError:
+        raise
+    except Exception as exc:
+        if local is None:
+            raise
+        # Local mode raises the training function's own error, at once (no retries): one
+        # line, as a worker group's failure is.
+        raise TrainingError(f"training failed (local mode, no retries): "
+                            f"{_root_cause(exc)}") from exc
     # A worker that met a certain failure records it and ends (dltrain.train.worker), so that
     # Ray Train does not retry it: the run "finished", the failure is here.
     certain = read_failure(storage, name, remove=True)

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dltrain.atomic import atomic_dir
 from dltrain.errors import TrainingError
 from dltrain.paths import Workspace
+from dltrain.train.loopconfig import CHECKPOINT_HISTORY
 
 COMPLETE_MARKER = "dltrain-complete.json"
 LAST_RUN = "dltrain-last-run.json"  # beside the run directories: the latest run's inputs
@@ -27,6 +31,10 @@ EPOCHS_DIR = "dltrain-epochs"
 # worker that met it: a restarted worker group finds it and ends at once, and the driver reads it
 # (and removes it) to fail with its message instead of Ray Train's retries.
 FAILURE_FILE = "dltrain-certain-failure.json"
+# A checkpoint's folder in the run directory: epoch_NNNN, the epoch it ends. The latest ones are
+# kept: Ray Train's CheckpointConfig(num_to_keep) on a worker group, keep_checkpoint in local mode.
+CHECKPOINT_DIR = "epoch_{epoch:04d}"
+KEEP_CHECKPOINTS = 2
 
 
 def resolve_storage(storage_path: str | None, ws: Workspace) -> str:
@@ -185,6 +193,41 @@ def read_failure(storage: str, name: str, *, remove: bool = False) -> str | None
     if remove:
         fs.delete_file(path)
     return message
+
+
+def local_run_dir(storage: str, name: str) -> Path:
+    """Run `name`'s directory on this machine, for local mode (train.num_workers 0), which
+    keeps its own checkpoints there: Ray Train's local mode stores nothing in storage_path."""
+    if "://" in storage:
+        raise TrainingError(f"train.storage_path {storage!r} is not a path on this machine: "
+                            "local mode (train.num_workers 0) keeps its checkpoints on this "
+                            "machine; give a local path (or null), or train.num_workers >= 1")
+    return Path(storage) / name
+
+
+def keep_checkpoint(run_dir: Path, epoch: int, write: Callable[[Path], None]) -> Path:
+    """Local mode's checkpoint of `epoch`: `write(folder)` fills a staging folder, which then
+    becomes <run dir>/epoch_NNNN whole (a run killed while writing leaves the previous
+    checkpoint the latest); all but the latest KEEP_CHECKPOINTS are removed."""
+    final = run_dir / CHECKPOINT_DIR.format(epoch=epoch)
+    with atomic_dir(final) as staging:
+        write(staging)
+    for old in _checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The latest complete checkpoint folder of a local-mode run, or None."""
+    found = _checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoint folders, oldest first (a staging folder's name starts with a dot)."""
+    found = [p for p in run_dir.glob("epoch_*") if p.name[6:].isdigit()
+             and (p / CHECKPOINT_HISTORY).is_file()]
+    return sorted(found, key=lambda p: int(p.name[6:]))
 
 
 def _write(fs: Any, path: str, data: dict[str, Any]) -> None:

@@ -3,6 +3,12 @@ Ray Train's public API for the rest (rank and world size, DDP, checkpoints, repo
 
 Only the workers import torch (this module imports it inside the function): the driver hands
 the loop its config and installs the model bytes rank 0 puts in the last checkpoint.
+
+In Ray Train's local mode (train.num_workers 0, config["local"]) the same function runs in the
+stage's own process, as rank 0 of 1, with no Ray started. Ray Train then keeps nothing: the
+function keeps each epoch's checkpoint in the run directory itself, resumes from the one the
+driver passes (config["resume_from"]), and writes the epoch log that a worker group's callback
+writes (dltrain.train.epochlog).
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+# The node a local-mode run names in its reports: no Ray node exists.
+LOCAL_NODE = "local"
+
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Runs in each worker: the loop, with Ray's DDP, all-reduce and report."""
@@ -24,6 +33,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from dltrain.errors import CertainTrainingError
+    from dltrain.train.epochlog import record_epoch
     from dltrain.train.loop import (
         EpochRecord,
         LoopConfig,
@@ -32,18 +42,22 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         save_state,
         train_loop,
     )
-    from dltrain.train.storage import read_failure, write_failure
+    from dltrain.train.storage import keep_checkpoint, read_failure, write_failure
 
-    # Ray Train points the worker's root logger at the console at INFO, and logs every
-    # report() there (a long line per epoch); the epoch's own line says what matters.
-    logging.getLogger().setLevel(logging.WARNING)
+    local = bool(config.get("local"))
+    if not local:
+        # Ray Train points the worker's root logger at the console at INFO, and logs every
+        # report() there (a long line per epoch); the epoch's own line says what matters.
+        # In local mode this is the user's process: its logging is left alone.
+        logging.getLogger().setLevel(logging.WARNING)
     if config.get("storage") and read_failure(config["storage"], config["name"]):
         return  # restarted after a certain failure: the driver reports it, nothing to retry
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = LoopConfig(**config["loop"])
+    # Local mode's get_device() is this process' current CUDA device whenever one exists.
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
-    node_id = ray.get_runtime_context().get_node_id()
+    node_id = LOCAL_NODE if local else ray.get_runtime_context().get_node_id()
     # Rank 0's lines: on the driver's terminal with a progress bar, else to stdout (Ray
     # forwards them to the driver's output: a log, DVC's or Prefect's capture).
     out = Output.for_rank(rank, config.get("progress"), node_id)
@@ -51,7 +65,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if world > 1:
         nodes = [None] * world
         dist.all_gather_object(nodes, node_id)  # a barrier: every worker is up past here
-    if rank == 0:
+    if rank == 0 and not local:
         # The end of the wait the driver announced ("starting N Ray Train workers"): the
         # processes started, imported PyTorch and joined the process group.
         hosts = len(set(nodes))
@@ -69,12 +83,17 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         # One gradient bucket: the whole MLP is 1.6 MB, so a single all-reduce per step beats
         # several small ones on a CPU with no core spare to overlap them.
+        # move_to_device: the device chosen above (local mode would pick a GPU whenever
+        # there is one, train.use_gpu false or not).
         return ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"bucket_cap_mb": 64,
+            model, move_to_device=device, parallel_strategy_kwargs={"bucket_cap_mb": 64,
                                              "gradient_as_bucket_view": True})
 
     restored = None
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):
+        # Local mode: an interrupted run's latest checkpoint, found by the driver.
+        checkpoint = ray.train.Checkpoint.from_directory(config["resume_from"])
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             restored = load_state(Path(directory))
@@ -91,6 +110,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
             return
         out.line(format_epoch(record, cfg.epochs))
+        if local:
+            # Kept in the run directory, then reported (the run's result), then logged for
+            # live tracking: the order in which a worker group's epoch is committed.
+            kept = keep_checkpoint(Path(config["run_dir"]), record.epoch,
+                                   lambda folder: save_state(snapshot(), folder))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(kept)))
+            record_epoch(config["storage"], config["name"], metrics)
+            return
         with tempfile.TemporaryDirectory() as directory:
             save_state(snapshot(), Path(directory))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
