@@ -17,7 +17,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers_mlflow import training_runs
 from safetensors.torch import load_file
 
 from dltrain.config import params_from_dict
@@ -28,7 +27,9 @@ from dltrain.train.preflight import check_processed, run_key
 from dltrain.train.stage import train
 from dltrain.train.storage import FAILURE_FILE, read_epochs
 
-from conftest import make_processed, venv_env
+from helpers.data import make_processed
+from helpers.mlflow import training_runs
+from helpers.repo import venv_env
 
 RAY_PROCESSES = ("raylet", "gcs_server", "RayTrainWorker", "ray::")
 

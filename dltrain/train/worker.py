@@ -34,14 +34,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     from dltrain.errors import CertainTrainingError
     from dltrain.train.epochlog import record_epoch
-    from dltrain.train.loop import (
-        EpochRecord,
-        LoopConfig,
-        format_epoch,
-        load_state,
-        save_state,
-        train_loop,
-    )
+    from dltrain.train.loop import EpochRecord, LoopConfig, format_epoch, save_state, train_loop
     from dltrain.train.storage import keep_checkpoint, read_failure, write_failure
 
     local = bool(config.get("local"))
@@ -66,12 +59,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         nodes = [None] * world
         dist.all_gather_object(nodes, node_id)  # a barrier: every worker is up past here
     if rank == 0 and not local:
-        # The end of the wait the driver announced ("starting N Ray Train workers"): the
-        # processes started, imported PyTorch and joined the process group.
-        hosts = len(set(nodes))
-        out.line(f"{world} worker{'s' if world > 1 else ''} ready on {hosts} node"
-            f"{'s' if hosts > 1 else ''} (PyTorch {torch.__version__.split('+')[0]}, "
-            f"{device.type})")
+        _announce_ready(out, nodes, device.type)
 
     def allreduce(t: torch.Tensor) -> torch.Tensor:
         if world == 1:
@@ -89,18 +77,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             model, move_to_device=device, parallel_strategy_kwargs={"bucket_cap_mb": 64,
                                              "gradient_as_bucket_view": True})
 
-    restored = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.get("resume_from"):
-        # Local mode: an interrupted run's latest checkpoint, found by the driver.
-        checkpoint = ray.train.Checkpoint.from_directory(config["resume_from"])
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            restored = load_state(Path(directory))
-        if rank == 0:
-            last = restored.history[-1]["epoch"]
-            out.line(f"resuming from the checkpoint of epoch {last}: epoch {last + 1} of "
-                     f"{cfg.epochs} is next")
+    restored = _restored_state(config.get("resume_from"))
+    if restored is not None and rank == 0:
+        last = restored.history[-1]["epoch"]
+        out.line(f"resuming from the checkpoint of epoch {last}: epoch {last + 1} of "
+                 f"{cfg.epochs} is next")
 
     def on_epoch_end(record: EpochRecord, snapshot) -> None:
         # report() is a barrier: every rank reports once per epoch; rank 0 alone attaches the
@@ -132,19 +113,58 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         # together), or memory that the first attempt already lacked. Ray Train retries any
         # worker error (FailureConfig has no per-error policy), so the failure is recorded for
         # the driver, and a worker group started again for it ends at once (above).
-        certain = exc
-        if not isinstance(exc, CertainTrainingError):
-            if restored is not None:
-                raise  # a later attempt: the memory may have been taken by something else
-            certain = CertainTrainingError(
-                f"out of memory on worker {rank} in the first attempt: model.hidden_sizes "
-                f"{list(cfg.hidden_sizes)} with global batch {cfg.batch_size} does not fit "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+        certain = _as_certain(exc, first_attempt=restored is None, rank=rank, cfg=cfg)
+        if certain is None:
+            raise  # a later attempt: the memory may have been taken by something else
         write_failure(config["storage"], config["name"], str(certain))
         if certain is not exc and world > 1:
             raise  # the other ranks wait in a collective: end the group; its restart stops
     finally:
         out.close()
+
+
+def _announce_ready(out: Output, nodes: list[str], device_type: str) -> None:
+    """The end of the wait the driver announced ("starting N Ray Train workers"): the
+    processes started, imported PyTorch and joined the process group."""
+    import torch
+
+    world, hosts = len(nodes), len(set(nodes))
+    out.line(f"{world} worker{'s' if world > 1 else ''} ready on {hosts} node"
+             f"{'s' if hosts > 1 else ''} (PyTorch {torch.__version__.split('+')[0]}, "
+             f"{device_type})")
+
+
+def _restored_state(resume_from: str | None) -> Any:
+    """The loop state to continue from: the checkpoint Ray Train hands a restarted or restored
+    worker group; in local mode, the interrupted run's latest checkpoint that the driver found
+    (`resume_from`); else None."""
+    import ray.train
+
+    from dltrain.train.loop import load_state
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and resume_from:
+        checkpoint = ray.train.Checkpoint.from_directory(resume_from)
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return load_state(Path(directory))
+
+
+def _as_certain(exc: BaseException, *, first_attempt: bool, rank: int,
+                cfg: Any) -> BaseException | None:
+    """The certain failure `exc` stands for, or None when another attempt may succeed: a
+    non-finite loss always is one; running out of memory is one in the first attempt only."""
+    from dltrain.errors import CertainTrainingError
+
+    if isinstance(exc, CertainTrainingError):
+        return exc
+    if not first_attempt:
+        return None
+    return CertainTrainingError(
+        f"out of memory on worker {rank} in the first attempt: model.hidden_sizes "
+        f"{list(cfg.hidden_sizes)} with global batch {cfg.batch_size} does not fit "
+        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
 
 
 class Output:
