@@ -138,6 +138,13 @@ class DataConfig(_Section):
     source: Annotated[StrictStr, _no_password("data.source")] | None = None
     val_fraction: Number = Field(0.1, gt=0.0, lt=1.0)
     seed: StrictInt = Field(42, ge=0)
+    # Bounds on fetching one file, in the freshness check and the download: the whole transfer
+    # of a file must end within download_timeout_s (a source that trickles bytes or never ends
+    # its body is given up on); a file of a data.source may be at most max_file_bytes (the
+    # known data sets' files are bounded by their published sizes). 1 GiB: the IDX reader
+    # refuses more data than that anyway.
+    download_timeout_s: Number = Field(300.0, gt=0.0)
+    max_file_bytes: StrictInt = Field(1 << 30, ge=1)
 
 
 class ModelConfig(_Section):
