@@ -284,8 +284,9 @@ def _cause(exc: BaseException) -> str:
         root = root.__cause__
     lines = [line.strip() for line in str(root).splitlines() if line.strip()]
     text = lines[0] if lines else ""
+    # 500: room for an HTTP error's URL and, after it, its status.
     return shorten(f"{type(root).__name__}: {text}" if root is not exc else text or
-                   type(exc).__name__)
+                   type(exc).__name__, 500)
 
 
 def _details(log: Path, logged: bool) -> str:
