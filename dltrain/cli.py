@@ -27,6 +27,13 @@ def _load(args: argparse.Namespace):
     return ws, load_params(params_path, overrides)
 
 
+def _limits(params: Any) -> Any:
+    """The bounds on fetching one file of the data (data.download_timeout_s, max_file_bytes)."""
+    from dltrain.data.download import Limits
+
+    return Limits(params.data.download_timeout_s, params.data.max_file_bytes)
+
+
 def cmd_check(args: argparse.Namespace) -> None:
     from dltrain.data.freshness import check
 
@@ -35,7 +42,7 @@ def cmd_check(args: argparse.Namespace) -> None:
     # would make the directory look like a DVC repo); without it, a local source is hashed.
     stat_cache = ws.source_stat_cache_path if (ws.root / ".dvc").is_dir() else None
     check(params.data.dataset, params.data.source, ws.source_fingerprint_path,
-          stat_cache_path=stat_cache)
+          stat_cache_path=stat_cache, limits=_limits(params))
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -47,7 +54,8 @@ def cmd_download(args: argparse.Namespace) -> None:
         fingerprint = read_json(ws.source_fingerprint_path)
     except (OSError, ValueError):
         fingerprint = None
-    download(params.data.dataset, params.data.source, ws.raw_dir, fingerprint=fingerprint)
+    download(params.data.dataset, params.data.source, ws.raw_dir, fingerprint=fingerprint,
+             limits=_limits(params))
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:

@@ -34,7 +34,48 @@ from dltrain.paths import PARAMS_FILE
 from dltrain.urls import password_of, redact_text
 
 DATASETS = ("fashion-mnist", "mnist")
+# The most characters of a value an error message quotes: a value can be megabytes long (a
+# pasted list, an expanded YAML alias), and the message reaches terminals, logs and, in a
+# flow run, the state message of the run.
+QUOTE_CHARS = 200
 RAY_ADDRESS = re.compile(r"local|auto|(ray://)?[\w.\-\[\]:]+:\d{1,5}")
+
+
+def shorten(text: str, limit: int = QUOTE_CHARS) -> str:
+    """`text` cut to `limit` characters, an ellipsis marking the cut."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def quote(value: Any) -> str:
+    """`value` as an error message shows it: its repr, cut to a readable length."""
+    return shorten(repr(value))
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing anchors (`&name`) and aliases (`*name`): a few lines of
+    nested aliases expand to billions of values (an "alias bomb"), and params have no use for
+    them. Checked on each event before the node is built, so nothing is ever expanded."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _AliasFound(event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
+class _AliasFound(Exception):
+    def __init__(self, line: int) -> None:
+        super().__init__(line)
+        self.line = line
+
+
+_NO_ALIASES = ("YAML anchors and aliases (&name, *name) are not allowed in params; write the "
+               "value out")
+
+
+def _safe_load(text: str) -> Any:
+    """yaml.safe_load without anchors and aliases (_AliasFound names the line)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _number(value: Any) -> Any:
@@ -97,6 +138,13 @@ class DataConfig(_Section):
     source: Annotated[StrictStr, _no_password("data.source")] | None = None
     val_fraction: Number = Field(0.1, gt=0.0, lt=1.0)
     seed: StrictInt = Field(42, ge=0)
+    # Bounds on fetching one file, in the freshness check and the download: the whole transfer
+    # of a file must end within download_timeout_s (a source that trickles bytes or never ends
+    # its body is given up on); a file of a data.source may be at most max_file_bytes (the
+    # known data sets' files are bounded by their published sizes). 1 GiB: the IDX reader
+    # refuses more data than that anyway.
+    download_timeout_s: Number = Field(300.0, gt=0.0)
+    max_file_bytes: StrictInt = Field(1 << 30, ge=1)
 
 
 class ModelConfig(_Section):
@@ -202,7 +250,7 @@ def describe_error(exc: ValidationError) -> str:
     you mean train.epochs? ...` or `invalid value for train.epochs: 0; expected a value >= 1`."""
     error = exc.errors(include_url=False)[0]
     loc = [part for part in error["loc"] if not str(part).startswith("function-")]
-    key = ".".join(str(p) for p in loc if not isinstance(p, int))
+    key = ".".join(shorten(str(p)) for p in loc if not isinstance(p, int))
     key += "".join(f"[{p}]" for p in loc if isinstance(p, int))
     value = error.get("input")
     kind = error["type"]
@@ -212,21 +260,22 @@ def describe_error(exc: ValidationError) -> str:
         reason = str(error["ctx"]["error"])
         if reason.startswith("train.batch_size"):
             return f"invalid value for train.batch_size: {reason}"
-        return f"invalid value for {key}: {value!r}; {reason}"
+        return f"invalid value for {key}: {quote(value)}; {reason}"
     if kind in ("model_type", "dict_type") and len(loc) == 1:
-        return f"invalid section {key}: expected a mapping of keys, got {value!r}"
+        return f"invalid section {key}: expected a mapping of keys, got {quote(value)}"
     template = _EXPECTED.get(kind)
     expected = template.format(**error.get("ctx", {})) if template else error["msg"]
     word = "type" if kind.endswith(("_type", "_parsing")) else "value"
-    return f"invalid {word} for {key}: {value!r}; expected {expected}"
+    return f"invalid {word} for {key}: {quote(value)}; expected {expected}"
 
 
 def _unknown(loc: list[Any]) -> str:
     sections = list(Params.model_fields)
-    name = str(loc[-1])
+    name = shorten(str(loc[-1]))
     if len(loc) == 1:
         hint = difflib.get_close_matches(name, sections, n=1) if isinstance(loc[0], str) else []
-        return (f"unknown section {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        return (f"unknown section {quote(name)}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
                 + "; the sections are: " + ", ".join(sections))
     section = str(loc[0])
     keys = list(Params.model_fields[section].annotation.model_fields)
@@ -240,15 +289,17 @@ def parse_override(text: str) -> tuple[str, Any]:
     """Parse one `section.key=value` override; the value is YAML (3, true, null, [256])."""
     key, sep, value = text.partition("=")
     if not sep or "." not in key:
-        raise ConfigError(redact_text(f"invalid override {text!r}; expected "
+        raise ConfigError(redact_text(f"invalid override {quote(text)}; expected "
                                       "section.key=value, e.g. train.epochs=3"))
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), _safe_load(value)
+    except _AliasFound:
+        raise ConfigError(redact_text(f"invalid override {quote(text)}: {_NO_ALIASES}")) from None
     # PyYAML raises ValueError for an impossible date (2024-13-01) and RecursionError for
     # deeply nested brackets: both are a bad value, not a bug.
     except (yaml.YAMLError, ValueError, RecursionError) as exc:
-        raise ConfigError(redact_text(
-            f"invalid override {text!r}: the value is not valid YAML ({exc})")) from exc
+        raise ConfigError(redact_text(f"invalid override {quote(text)}: the value is not "
+                                      f"valid YAML ({shorten(str(exc))})")) from exc
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -259,21 +310,31 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     for dotted, value in overrides.items():
         section, _, key = dotted.partition(".")
         if not isinstance(merged.get(section, {}), dict):
-            raise ConfigError(f"invalid section {section}: expected a mapping")
+            raise ConfigError(f"invalid section {shorten(section)}: expected a mapping")
         merged.setdefault(section, {})[key] = value
     return merged
 
 
 def read_params_file(path: Path) -> dict[str, Any]:
-    """Read params.yaml as a raw mapping; a missing or unparsable file is a ConfigError."""
+    """Read params.yaml as a raw mapping; a missing or unparsable file (not UTF-8, not YAML,
+    YAML anchors or aliases) is a ConfigError."""
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
     except FileNotFoundError as exc:
         raise ConfigError(f"params file not found: {path}") from exc
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path} is not valid UTF-8: byte {exc.start} (0x{data[exc.start]:02x}, "
+                          f"line {line}) cannot be decoded; save the file as UTF-8") from None
+    try:
+        raw = _safe_load(text)
+    except _AliasFound as exc:
+        raise ConfigError(f"{path} line {exc.line}: {_NO_ALIASES}") from None
     except (yaml.YAMLError, ValueError, RecursionError) as exc:
-        raise ConfigError(redact_text(f"{path} is not valid YAML: {exc}")) from exc
+        raise ConfigError(redact_text(f"{path} is not valid YAML: {shorten(str(exc), 400)}")
+                          ) from exc
     if raw is None:
         return {}
     if not isinstance(raw, dict):

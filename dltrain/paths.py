@@ -198,6 +198,12 @@ class Workspace:
         return self.reports.registration
 
     @property
+    def register_log_path(self) -> Path:
+        """What MLflow logs while the register stage runs (its errors' tracebacks): kept off
+        the console, which gets the stage's one line naming this file. Git-ignored."""
+        return self.reports_dir / "register.log"
+
+    @property
     def ray_results_dir(self) -> Path:
         return self.root / ".ray_results"
 

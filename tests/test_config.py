@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,13 @@ from hypothesis import strategies as st
 
 from dltrain import cli
 from dltrain.config import (
+    QUOTE_CHARS,
     Params,
     apply_overrides,
     load_params,
     params_from_dict,
     parse_override,
+    quote,
     read_params_file,
 )
 from dltrain.errors import ConfigError
@@ -208,7 +211,8 @@ def test_any_override_string_is_parsed_or_a_config_error(text: str) -> None:
     try:
         key, value = parse_override(text)
     except ConfigError as exc:
-        assert text in str(exc) or repr(text) in str(exc)
+        # The override as typed (its repr), cut to a readable length when long.
+        assert quote(text) in str(exc) and len(quote(text)) <= QUOTE_CHARS
         return
     _loads_or_config_error(lambda: params_from_dict(apply_overrides({}, {key: value})))
 
@@ -266,8 +270,8 @@ def test_every_float_key_refuses_non_finite_values(tmp_path: Path, section: str,
 
 def test_the_float_keys_are_all_found():
     assert {".".join(k) for k in FLOAT_KEYS} == {
-        "data.val_fraction", "train.learning_rate", "train.ema_decay", "register.min_accuracy",
-        "register.min_improvement"}
+        "data.val_fraction", "data.download_timeout_s", "train.learning_rate", "train.ema_decay",
+        "register.min_accuracy", "register.min_improvement"}
 
 
 @pytest.mark.parametrize(("raw", "hint"), [
@@ -287,3 +291,68 @@ def test_negative_seeds_are_refused_before_any_work():
     for key in ("data", "train"):
         with pytest.raises(ConfigError, match=f"{key}.seed: -1; expected a value >= 0"):
             params_from_dict({key: {"seed": -1}})
+
+
+# --- hostile params files: an alias bomb, huge values, bytes that are not UTF-8 -------------
+
+def _alias_bomb(levels: int, width: int = 10) -> str:
+    """YAML whose anchors nest: `levels` lines of text expand to width**levels values."""
+    lines = ["x0: &x0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    for level in range(1, levels):
+        lines.append(f"x{level}: &x{level} [" + ", ".join([f"*x{level - 1}"] * width) + "]")
+    return "\n".join(lines)
+
+
+def test_an_alias_bomb_in_params_is_refused_before_it_expands(tmp_path: Path):
+    # 700 bytes of text, a million values once expanded (each further level: ten times more).
+    bomb = _alias_bomb(6).replace("\n", "\n  ")
+    path = tmp_path / "params.yaml"
+    path.write_text(f"model:\n  {bomb}\n  hidden_sizes: *x5\n")
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert time.monotonic() - started < 2
+    assert str(path) in message and "anchors and aliases" in message and "line 2" in message
+    assert len(message) < 400 and "\n" not in message
+
+
+def test_an_alias_bomb_in_an_override_is_refused(tmp_path: Path):
+    inline = "[" + ", ".join(["&a [1, 1]"] + ["*a"] * 9) + "]"
+    with pytest.raises(ConfigError, match="anchors and aliases"):
+        parse_override(f"model.hidden_sizes={inline}")
+
+
+@pytest.mark.parametrize(("raw", "key"), [
+    ({"model": {"hidden_sizes": [[1] * 20000]}}, "model.hidden_sizes[0]"),
+    ({"data": {"dataset": "x" * 100000}}, "data.dataset"),
+    ({"data": {"seed": "y" * 100000}}, "data.seed"),
+    ({"train": {"z" * 100000: 1}}, "unknown key train."),
+    ({"z" * 100000: {}}, "unknown section"),
+    ({"train": ["t"] * 20000}, "invalid section train"),
+])
+def test_a_value_quoted_in_an_error_is_cut_to_a_readable_length(raw, key):
+    with pytest.raises(ConfigError) as info:
+        params_from_dict(raw)
+    message = str(info.value)
+    assert key in message and len(message) < 600, message[:700]
+
+
+def test_a_huge_override_is_quoted_cut(tmp_path: Path):
+    with pytest.raises(ConfigError) as info:
+        parse_override("train.epochs" + "9" * 100000)
+    assert "…" in str(info.value) and len(str(info.value)) < 600
+
+
+def test_invalid_utf8_in_params_is_one_line_naming_the_file_and_the_byte(
+        workspace: Path, capsys: pytest.CaptureFixture[str]):
+    path = workspace / "params.yaml"
+    offset = path.stat().st_size
+    with open(path, "ab") as fh:
+        fh.write(b"\xff\xfe")
+    code = cli.main(["check", "--workspace", str(workspace)])
+    err = capsys.readouterr().err
+    assert code == ConfigError.exit_code
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert str(path) in err and f"byte {offset}" in err and "UTF-8" in err
+    assert sorted(p.name for p in workspace.iterdir()) == ["params.yaml"]

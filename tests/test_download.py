@@ -11,6 +11,7 @@ import http.server
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -32,6 +33,7 @@ from dltrain.errors import ConfigError, DownloadError
 from dltrain.paths import RAW_MANIFEST as MANIFEST_NAME
 
 from helpers.data import RAW_FILES, write_raw_dir
+from helpers.sources import endless_source
 
 NAMES = sorted(RAW_FILES.values())
 FAST = {"backoff_s": 0.0, "timeout_s": 5.0, "progress": False}
@@ -353,3 +355,52 @@ def test_raw_dir_that_is_not_verified_for_this_data_set_is_fetched_again(
                  **FAST)
     manifest = download("fashion-mnist", None, raw_dir, mirrors=[str(tiny_source)], **FAST)
     _assert_manifest_describes(raw_dir, manifest, tiny_source)
+
+
+# --- a source without bounds: a deadline and a byte cap per file ----------------------------
+
+def _download_cli(ws: Path, url: str, *settings: str) -> tuple[int, float]:
+    (ws / "params.yaml").write_text("data:\n  dataset: fashion-mnist\n")
+    started = time.monotonic()
+    code = cli.main(["download", "--workspace", str(ws), "-S", f"data.source={url}",
+                     *(arg for s in settings for arg in ("-S", s))])
+    return code, time.monotonic() - started
+
+
+def _raw_with_data(ws: Path, tiny_source: Path) -> dict[str, bytes]:
+    download("fashion-mnist", str(tiny_source), ws / "data" / "raw", progress=False)
+    return snapshot(ws / "data")
+
+
+def test_an_endless_body_stops_the_download_at_the_byte_cap_and_leaves_nothing(
+        tmp_path: Path, tiny_source: Path, capsys: pytest.CaptureFixture[str]):
+    # An ETag, so the check would not read the body: the download is what streams it.
+    before = _raw_with_data(tmp_path, tiny_source)
+    capsys.readouterr()
+    with endless_source(etag='"v1"') as source:
+        code, took = _download_cli(tmp_path, source.url, "data.max_file_bytes=1000000")
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and took < 12, (code, took)
+    assert err.count("\n") == 0, err
+    assert err.startswith("dltrain download: error: ")
+    assert "train-images-idx3-ubyte.gz" in err and "more than 1000000 bytes" in err
+    assert "data.max_file_bytes" in err
+    assert len(source.requests) == 1  # a file too big stays too big: not asked again
+    assert source.sent < 32 << 20  # the cap, plus what the sockets buffer
+    assert snapshot(tmp_path / "data") == before  # data/raw untouched
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["raw"]  # no .raw.*.tmp left
+
+
+def test_a_trickling_source_stops_the_download_at_its_deadline(
+        tmp_path: Path, tiny_source: Path, capsys: pytest.CaptureFixture[str]):
+    before = _raw_with_data(tmp_path, tiny_source)
+    capsys.readouterr()
+    with endless_source(trickle_s=0.2, etag='"v1"') as source:
+        code, took = _download_cli(tmp_path, source.url, "data.download_timeout_s=2")
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and took < 12, (code, took)
+    assert err.count("\n") == 0, err
+    assert "train-images-idx3-ubyte.gz" in err and "data.download_timeout_s" in err
+    assert len(source.requests) == 1
+    assert snapshot(tmp_path / "data") == before
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["raw"]

@@ -17,6 +17,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from dltrain.paths import RAW_MANIFEST as MANIFEST_NAME
 
 from helpers.data import RAW_FILES, write_raw_dir
 from helpers.repo import REPO_ROOT
+from helpers.sources import endless_source
 
 NAMES = list(RAW_FILES.values())
 FAST = {"backoff_s": 0.0, "timeout_s": 5.0, "progress": False}
@@ -181,7 +183,7 @@ def test_cli_check_failure_is_one_line_and_writes_nothing(
     assert code != 0
     assert err.count("\n") == 0 and err.startswith("dltrain check: error: data.source ")
     assert "nowhere" in err and "is not a directory" in err
-    assert not (tmp_path / "data").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
 # --- the download after a check: only what changed -----------------------------------------
@@ -412,3 +414,40 @@ def test_an_unreadable_source_file_is_a_clear_error(tmp_path: Path, tiny_source:
                                         r"denied\)"):
         check("mnist", str(tiny_source), tmp_path / "source.json", progress=False)
     assert not (tmp_path / "source.json").exists()
+
+
+# --- a source without bounds: a deadline and a byte cap per file ----------------------------
+
+def _check_cli(ws: Path, url: str, *settings: str) -> tuple[int, float]:
+    (ws / "params.yaml").write_text("data:\n  dataset: mnist\n")
+    started = time.monotonic()
+    code = cli.main(["check", "--workspace", str(ws), "-S", f"data.source={url}",
+                     *(arg for s in settings for arg in ("-S", s))])
+    return code, time.monotonic() - started
+
+
+def test_a_trickling_source_stops_the_check_at_its_deadline(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    # One byte every 0.2 s and no validators: each read succeeds, so only a deadline on the
+    # whole file ends it (the server itself stops after 30 s, which fails the test).
+    with endless_source(trickle_s=0.2) as source:
+        code, took = _check_cli(tmp_path, source.url, "data.download_timeout_s=2")
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and took < 12, (code, took)
+    assert err.count("\n") == 0, err
+    assert err.startswith("dltrain check: error: data.source ")
+    assert "train-images-idx3-ubyte.gz" in err and "data.download_timeout_s" in err
+    assert len(source.requests) == 1  # a slow source is not asked again: the deadline holds
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_an_endless_body_stops_the_check_at_the_byte_cap(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    with endless_source() as source:
+        code, took = _check_cli(tmp_path, source.url, "data.max_file_bytes=1000000")
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and took < 12, (code, took)
+    assert err.count("\n") == 0, err
+    assert "more than 1000000 bytes" in err and "data.max_file_bytes" in err
+    assert source.sent < 32 << 20  # read no further than the cap (plus what sockets buffer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

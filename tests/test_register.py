@@ -33,6 +33,7 @@ from dltrain.tracking.store import embedded_tracking_uri
 from helpers.data import new_test_split
 from helpers.mlflow import free_port, serve_mlflow
 from helpers.models import evaluated_workspace, plant_model, replace_weights
+from helpers.repo import venv_env
 
 
 def test_flatten_params() -> None:
@@ -417,3 +418,38 @@ def test_register_and_predict_through_an_mlflow_server(ws: Workspace, mlflow_ser
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.integration
+def test_a_full_disk_during_register_is_one_line_and_mlflows_tracebacks_go_to_the_log(
+        ws: Workspace) -> None:
+    """The store on a small tmpfs that fills: the console gets dltrain's one line only, naming
+    the log file where MLflow's own error records (with their tracebacks) went."""
+    mlruns = ws.root / "mlruns"
+    mlruns.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mlruns)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+    try:
+        args = ["dltrain", "register", "-S", "register.min_accuracy=0"]
+        first = subprocess.run(args, cwd=ws.root, env=venv_env(), capture_output=True,
+                               text=True, timeout=300)
+        assert first.returncode == 0, first.stderr
+        before = ws.registration_path.read_bytes()
+        replace_weights(ws, seed=3, accuracy=0.99)
+        free = shutil.disk_usage(mlruns).free
+        (mlruns / "filler").write_bytes(b"\0" * free)  # the disk is full
+
+        failed = subprocess.run(args, cwd=ws.root, env=venv_env(), capture_output=True,
+                                text=True, timeout=300)
+    finally:
+        subprocess.run(["umount", "-l", str(mlruns)], check=False)
+    out = (failed.stdout + failed.stderr).strip()
+    log = ws.reports_dir / "register.log"
+    assert failed.returncode == 1
+    assert out.count("\n") == 0, out  # one line: no MLflow traceback, no SQL
+    assert out.startswith("dltrain register: error: MLflow at ") and "disk is full" in out
+    assert str(log) in out
+    assert "SQLAlchemy database error" in log.read_text() and "Traceback" in log.read_text()
+    assert ws.registration_path.read_bytes() == before

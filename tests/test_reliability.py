@@ -43,6 +43,7 @@ from dltrain.paths import RAW_MANIFEST as MANIFEST_NAME
 from helpers.data import RAW_FILES, make_processed, write_raw_dir
 from helpers.mlflow import training_runs
 from helpers.repo import venv_env
+from helpers.sources import endless_source
 
 NAMES = sorted(RAW_FILES.values())
 
@@ -277,6 +278,24 @@ def test_download_onto_a_full_disk_stops_at_once_and_keeps_raw(
     assert len(mirrors["good"].requests) == 1  # neither retried nor another mirror tried
     assert snapshot(raw_dir) == before
     assert leftovers(disk) == []
+
+
+def test_a_source_file_that_may_not_fit_is_refused_before_writing(
+        tmp_path: Path, small_disk, capsys: pytest.CaptureFixture[str]) -> None:
+    # A source that sends no Content-Length may send up to data.max_file_bytes: on a disk with
+    # less free than that, nothing is written (the old code wrote until the disk was full).
+    ws = small_disk(4 << 20)
+    (ws / "params.yaml").write_text("data:\n  dataset: fashion-mnist\n")
+    write_raw_dir(ws / "data" / "raw", n_train=30, n_test=10, seed=9)
+    before = snapshot(ws / "data")
+    with endless_source(etag='"v1"') as source:
+        code = cli.main(["download", "--workspace", str(ws), "-S", f"data.source={source.url}",
+                         "-S", "data.max_file_bytes=16000000"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.count("\n") == 0, err
+    assert "train-images-idx3-ubyte.gz" in err and "data.max_file_bytes" in err
+    assert "free" in err and str(ws / "data" / "raw") in err
+    assert snapshot(ws / "data") == before and leftovers(ws) == []
 
 
 def _small_disk_with_a_model(small_disk) -> tuple[Path, Path, dict[str, bytes]]:

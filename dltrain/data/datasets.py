@@ -43,6 +43,18 @@ _CONTENT_MD5 = {
     },
 }
 
+# The size in bytes of each file as published (torchvision's mirrors): what bounds a download
+# from the known mirrors, which send no more than the cap (twice this: room for a mirror that
+# re-packs the same data, as Debian's package does) before the md5 decides.
+_PUBLISHED_BYTES = {
+    "mnist": {
+        TRAIN_IMAGES: 9912422, TRAIN_LABELS: 28881, TEST_IMAGES: 1648877, TEST_LABELS: 4542,
+    },
+    "fashion-mnist": {
+        TRAIN_IMAGES: 26421880, TRAIN_LABELS: 29515, TEST_IMAGES: 4422102, TEST_LABELS: 5148,
+    },
+}
+
 _TORCHVISION_CLASS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 _LOCAL_MIRRORS = {"fashion-mnist": [DEBIAN_FASHION_MNIST_DIR], "mnist": []}
 
@@ -52,6 +64,12 @@ class RawFile:
     name: str
     md5: str  # of the .gz archive as published (torchvision's `resources`)
     content_md5: str  # of the decompressed IDX bytes
+    size: int | None = None  # of the .gz archive as published; None: not known
+
+    @property
+    def max_bytes(self) -> int | None:
+        """The most bytes a mirror may send for this file (None: no bound of its own)."""
+        return None if self.size is None else 2 * self.size
 
 
 @dataclass(frozen=True)
@@ -92,6 +110,7 @@ def get_spec(name: str) -> DatasetSpec:
     if set(archive_md5) != set(RAW_FILES):
         raise AssertionError(f"torchvision {cls.__name__}.resources lists {sorted(archive_md5)}, "
                              f"expected {sorted(RAW_FILES)}")
-    files = tuple(RawFile(n, archive_md5[n], _CONTENT_MD5[name][n]) for n in RAW_FILES)
+    files = tuple(RawFile(n, archive_md5[n], _CONTENT_MD5[name][n], _PUBLISHED_BYTES[name][n])
+                  for n in RAW_FILES)
     mirrors = tuple(_LOCAL_MIRRORS[name]) + tuple(cls.mirrors)
     return DatasetSpec(name, files, mirrors, tuple(cls.classes))

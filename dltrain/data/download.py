@@ -9,6 +9,12 @@ From a `data.source`, only what changed is fetched: each file's manifest entry r
 version of the source file it came from (its `fingerprint`: size and sha256, or the HTTP
 validators), and a file whose version is still the one the freshness check found
 (data/source.json, dltrain/data/freshness.py) is kept from data/raw instead of fetched again.
+
+Every file is bounded: its whole transfer must end within a deadline (`data.download_timeout_s`),
+it may be no bigger than a cap (twice its published size for a known data set's file,
+`data.max_file_bytes` for a data.source's), and it is written only when the disk holding data/raw
+has room for it (its Content-Length, else the cap). A source that trickles, never ends its body
+or would fill the disk fails in one line, and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import http.client
 import netrc
 import os
 import shutil
+import stat
 import sys
 import time
 import urllib.error
@@ -33,17 +40,55 @@ from typing import IO, Any
 
 from dltrain.atomic import atomic_dir, disk_full_error, is_disk_full, read_json, write_json
 from dltrain.data.datasets import RAW_FILES, RawFile, check_dataset_name, get_spec
-from dltrain.errors import DataError, DownloadError
+from dltrain.errors import DataError, DiskFullError, DownloadError
 from dltrain.paths import RawFiles
 from dltrain.urls import redact_text, redact_url
 
 CHUNK = 1 << 20
 # Some mirrors refuse urllib's default agent; torchvision sends its own name for the same reason.
 USER_AGENT = "dltrain (+https://github.com/pytorch/vision)"
+# The defaults of data.download_timeout_s and data.max_file_bytes (dltrain/config.py).
+DEADLINE_S = 300.0
+MAX_FILE_BYTES = 1 << 30
 
 
 class _ChecksumError(Exception):
     """The bytes arrived but are not the expected file: try the next mirror, not this one again."""
+
+
+class LimitError(Exception):
+    """A file broke one of its bounds (its size cap, its deadline): asking the same source again
+    would only repeat that, so it is never retried there."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The bounds on fetching one file."""
+
+    deadline_s: float = DEADLINE_S  # the whole transfer, from the request to the last byte
+    max_bytes: int = MAX_FILE_BYTES
+    # The setting max_bytes comes from; None: the file's own bound (a known data set's file).
+    cap_key: str | None = "data.max_file_bytes"
+
+    def for_file(self, file: RawFile | str) -> Limits:
+        """The limits of one file: a known file's own cap instead of data.max_file_bytes."""
+        if isinstance(file, RawFile) and file.max_bytes is not None:
+            return Limits(self.deadline_s, file.max_bytes, None)
+        return self
+
+    def read_timeout(self, timeout_s: float) -> float:
+        """The timeout of each socket read: no longer than the whole deadline."""
+        return min(timeout_s, self.deadline_s)
+
+    def too_big(self, size: str) -> LimitError:
+        rule = (f"the most {self.cap_key} allows (raise it if the file is really that big)"
+                if self.cap_key else "twice the size this data set's file is published at")
+        return LimitError(f"more than {self.max_bytes} bytes ({size}), {rule}")
+
+    def too_slow(self) -> LimitError:
+        return LimitError(f"not complete after {self.deadline_s:g} s, the time "
+                          "data.download_timeout_s allows a file: the source is too slow or "
+                          "never ends its body (raise it for a slow link)")
 
 
 @dataclass(frozen=True)
@@ -57,7 +102,8 @@ class _Fetched:
 def download(dataset: str, source: str | None, raw_dir: Path, *,
              mirrors: list[str] | None = None, retries: int = 3, backoff_s: float = 1.0,
              timeout_s: float = 30.0, progress: bool = True,
-             fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
+             fingerprint: dict[str, Any] | None = None,
+             limits: Limits | None = None) -> dict[str, Any]:
     """Fetch `dataset`'s four IDX files into `raw_dir` and return the manifest written there.
 
     With `source` (a directory, file:// or http(s):// URL holding the four standard files) the
@@ -65,8 +111,9 @@ def download(dataset: str, source: str | None, raw_dir: Path, *,
     `fingerprint` (what the freshness check found at the source, data/source.json) a file
     whose source version is unchanged since it was fetched is kept from `raw_dir`. Without
     `source` they come from `mirrors` (default: the data set's known list), each verified by
-    md5. Raises DownloadError, naming every location tried and why it failed, when a file
-    cannot be had; `raw_dir` is then unchanged.
+    md5. `timeout_s` bounds each read, `limits` each file (Limits). Raises DownloadError,
+    naming every location tried and why it failed, when a file cannot be had, and
+    DiskFullError when the disk has no room for a file; `raw_dir` is then unchanged.
     """
     check_dataset_name(dataset)
     raw_dir = Path(raw_dir)
@@ -100,7 +147,8 @@ def download(dataset: str, source: str | None, raw_dir: Path, *,
                 continue
             entries[name] = _fetch_file(file, locations, staging, retries=retries,
                                         backoff_s=backoff_s, timeout_s=timeout_s,
-                                        progress=progress)
+                                        progress=progress, output=raw_dir,
+                                        limits=(limits or Limits()).for_file(file))
         manifest = {"dataset": dataset, "source": redact_url(source) if source else None,
                     "files": entries,
                     "checksum": data_checksum({n: e["sha256"] for n, e in entries.items()})}
@@ -185,21 +233,29 @@ def _unchanged_at_source(raw_dir: Path, dataset: str, source: str,
 # --- one file, all mirrors --------------------------------------------------------------------
 
 def _fetch_file(file: RawFile | str, locations: list[str], staging: Path, *, retries: int,
-                backoff_s: float, timeout_s: float, progress: bool) -> dict[str, Any]:
+                backoff_s: float, timeout_s: float, progress: bool, output: Path,
+                limits: Limits) -> dict[str, Any]:
     """Fetch one file from the first location that delivers it (verified when `file` carries
-    checksums) into `staging`; return its manifest entry."""
+    checksums) into `staging` (beside `output`, data/raw); return its manifest entry."""
     name = _name(file)
     part = staging / f".{name}.part"
     failures: list[str] = []
+    limited = False
     for index, location in enumerate(locations):
         where = join_location(location, name)
         for attempt in range(1, retries + 1):
             try:
-                fetched = _fetch(where, part, timeout_s=timeout_s, progress=progress)
+                fetched = _fetch(where, part, timeout_s=timeout_s, progress=progress,
+                                 limits=limits, output=output)
                 verified = _verify(part, file, fetched) if isinstance(file, RawFile) else None
-            except _ChecksumError as exc:
-                # A wrong file stays wrong on a retry: go to the next mirror.
-                failures.append(redact_text(f"{where}: {exc}"))
+            except DiskFullError:
+                part.unlink(missing_ok=True)  # our disk: no other mirror can help
+                raise
+            except (_ChecksumError, LimitError) as exc:
+                # A wrong, endless or too slow file stays so on a retry: the next mirror.
+                part.unlink(missing_ok=True)
+                failures.append(redact_text(f"{where}: {exc}", where))
+                limited = isinstance(exc, LimitError)
                 break
             except Exception as exc:  # noqa: BLE001 - classified just below
                 if is_disk_full(exc):
@@ -229,10 +285,12 @@ def _fetch_file(file: RawFile | str, locations: list[str], staging: Path, *, ret
         if index < len(locations) - 1:
             print(f"download: {failures[-1]}; trying the next mirror", file=sys.stderr)
     part.unlink(missing_ok=True)
+    hint = "Check the network, or set data.source to a directory or URL holding the four IDX files."
+    if len(failures) == 1:  # one source (a data.source): one line
+        raise DownloadError(f"could not download {name}: {failures[0]}"
+                            + ("" if limited else f". {hint}"))
     raise DownloadError(f"could not download {name}: every mirror failed:\n  "
-                        + "\n  ".join(failures)
-                        + "\nCheck the network, or set data.source to a directory or URL "
-                          "holding the four IDX files.")
+                        + "\n  ".join(failures) + f"\n{hint}")
 
 
 def join_location(location: str, name: str) -> str:
@@ -287,35 +345,70 @@ def _netrc_login(host: str | None) -> tuple[str, str] | None:
     return (entry[0], entry[2] or "") if entry else None
 
 
-def _fetch(where: str, dest: Path, *, timeout_s: float, progress: bool) -> _Fetched:
-    """Stream `where` into `dest`, hashing on the way."""
+def _fetch(where: str, dest: Path, *, timeout_s: float, progress: bool, limits: Limits,
+           output: Path) -> _Fetched:
+    """Stream `where` into `dest`, hashing on the way, within `limits`; `output` (the folder
+    `dest` is staged for) is what a lack of room names."""
+    deadline = time.monotonic() + limits.deadline_s
     path = local_path(where)
     if path is None:
-        with open_url(where, {"User-Agent": USER_AGENT}, timeout_s) as response:
-            total = response.headers.get("Content-Length")
-            fetched = _copy(response, dest, total=int(total) if total else None,
+        with open_url(where, {"User-Agent": USER_AGENT},
+                      limits.read_timeout(timeout_s)) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            _check_room(dest, output, total, limits)
+            fetched = _copy(response, dest, total=total,
                             desc=Path(urllib.parse.urlparse(where).path).name,
-                            progress=progress)
+                            progress=progress, limits=limits, deadline=deadline)
             return _Fetched(fetched.md5, fetched.sha256, fetched.size, response.headers)
     # A local copy is fast: no progress bar.
     with open(path, "rb") as fh:
-        return _copy(fh, dest, total=None, desc=path.name, progress=False)
+        st = os.fstat(fh.fileno())
+        # A regular file's size is known; anything else (a pipe, a device) may be endless.
+        _check_room(dest, output, st.st_size if stat.S_ISREG(st.st_mode) else None, limits)
+        return _copy(fh, dest, total=None, desc=path.name, progress=False, limits=limits,
+                     deadline=deadline)
 
 
-def _copy(stream: IO[bytes], dest: Path, *, total: int | None, desc: str,
-          progress: bool) -> _Fetched:
+def _check_room(dest: Path, output: Path, total: int | None, limits: Limits) -> None:
+    """Refuse a file bigger than its cap, or one that may not fit on the disk of `dest`,
+    before a byte of it is written: a download does not start what would fill the disk."""
+    if total is not None and total > limits.max_bytes:
+        raise limits.too_big(f"{total} announced")
+    needed = total if total is not None else limits.max_bytes
+    free = shutil.disk_usage(dest.parent).free
+    if needed > free:
+        why = ("its size" if total is not None
+               else f"no size announced, so up to {limits.cap_key or 'its bound'}")
+        lower = f" or lower {limits.cap_key}" if total is None and limits.cap_key else ""
+        name = dest.name.removeprefix(".").removesuffix(".part")
+        raise DiskFullError(f"no space left for {name} on the device holding {output}: it "
+                            f"needs {_human(needed)} ({why}), {_human(free)} is free; nothing "
+                            f"was written. Free some space (`df -h {output.parent}`){lower} "
+                            "and re-run the stage.")
+
+
+def _copy(stream: IO[bytes], dest: Path, *, total: int | None, desc: str, progress: bool,
+          limits: Limits, deadline: float) -> _Fetched:
     from tqdm import tqdm
 
     md5, sha256, size = hashlib.md5(), hashlib.sha256(), 0
+    # read1: what one socket read brings, so the deadline is checked however slowly the bytes
+    # come (read(n) waits until n bytes have arrived).
+    read = getattr(stream, "read1", stream.read)
     # disable=None: tqdm draws only on a terminal, so CI logs get no bar spam.
     with open(dest, "wb") as out, tqdm(total=total, unit="B", unit_scale=True,
                                        unit_divisor=1024, desc=desc, leave=False,
                                        disable=None if progress else True) as bar:
-        while chunk := stream.read(CHUNK):
+        while chunk := read(CHUNK):
+            size += len(chunk)
+            if size > limits.max_bytes:
+                raise limits.too_big("and still sending")
+            if time.monotonic() > deadline:
+                raise limits.too_slow()
             out.write(chunk)
             md5.update(chunk)
             sha256.update(chunk)
-            size += len(chunk)
             bar.update(len(chunk))
     if total is not None and size != total:
         raise http.client.IncompleteRead(b"", total - size)
@@ -387,4 +480,6 @@ def _human(size: int) -> str:
         return f"{size} B"
     if size < 1024 ** 2:
         return f"{size / 1024:.1f} KB"
-    return f"{size / 1024 ** 2:.1f} MB"
+    if size < 1024 ** 3:
+        return f"{size / 1024 ** 2:.1f} MB"
+    return f"{size / 1024 ** 3:.1f} GB"

@@ -20,6 +20,10 @@ How each kind of source is fingerprinted:
   no body is sent; a 200 with validators is closed before its body is read. Only a server
   that sends no validators at all has its files streamed through a hash (not kept).
 
+Each file is bounded as the download bounds it (dltrain.data.download.Limits): a file bigger
+than `data.max_file_bytes`, or one whose transfer takes longer than `data.download_timeout_s`,
+is a one-line error, never a check that runs until it is killed.
+
 This module is run on every `dvc repro` and every flow run, so it stays light: the standard
 library and dltrain's own small modules, never torch, ray or mlflow.
 """
@@ -30,6 +34,7 @@ import hashlib
 import http.client
 import json
 import os
+import stat
 import sys
 import time
 import urllib.error
@@ -43,6 +48,8 @@ from dltrain.data.datasets import RAW_FILES, check_dataset_name, content_md5s
 from dltrain.data.download import (
     CHUNK,
     USER_AGENT,
+    LimitError,
+    Limits,
     describe_error,
     is_transient,
     join_location,
@@ -69,17 +76,19 @@ class Freshness:
 
 def check(dataset: str, source: str | None, fingerprint_path: Path, *,
           stat_cache_path: Path | None = None, retries: int = 3, backoff_s: float = 1.0,
-          timeout_s: float = 30.0, progress: bool = True) -> Freshness:
+          timeout_s: float = 30.0, progress: bool = True,
+          limits: Limits | None = None) -> Freshness:
     """Fingerprint `dataset`'s four files at `source` (None: the known mirrors) and write it
     to `fingerprint_path` when it differs from the one there. Returns what changed.
 
     Raises DataError (a local source without its files, an unsupported URL) or DownloadError
-    (an http(s) source that does not answer, after `retries` attempts with backoff); the
-    fingerprint file is then left as it was.
+    (an http(s) source that does not answer, after `retries` attempts with backoff, or a
+    file that breaks `limits`); the fingerprint file is then left as it was.
     """
     check_dataset_name(dataset)
     if retries < 1:
         raise ValueError("retries must be >= 1")
+    limits = limits or Limits()
     fingerprint_path = Path(fingerprint_path)
     previous = _read_fingerprint(fingerprint_path)
     # The source as shown and stored: a password in its URL is never written or printed.
@@ -93,9 +102,10 @@ def check(dataset: str, source: str | None, fingerprint_path: Path, *,
         path = local_path(source)
         if path is None:
             files = _http_versions(source, before, retries=retries, backoff_s=backoff_s,
-                                   timeout_s=timeout_s)
+                                   timeout_s=timeout_s, limits=limits)
         else:
-            files = _local_versions(shown, path, stat_cache_path, progress=progress)
+            files = _local_versions(shown, path, stat_cache_path, progress=progress,
+                                    max_bytes=limits.max_bytes)
     body = {"dataset": dataset, "source": shown, "files": files}
     fingerprint = {**body, "id": _digest(body)}
     if fingerprint != previous:
@@ -152,7 +162,7 @@ def _read_fingerprint(path: Path) -> dict[str, Any] | None:
 # --- a directory or file:// -----------------------------------------------------------------
 
 def _local_versions(source: str, directory: Path, stat_cache_path: Path | None, *,
-                    progress: bool) -> dict[str, dict[str, Any]]:
+                    progress: bool, max_bytes: int) -> dict[str, dict[str, Any]]:
     if not directory.is_dir():
         raise DataError(f"data.source {source}: {directory} is not a directory; it must be "
                         f"a directory (or file:// URL) holding the four IDX files "
@@ -168,6 +178,10 @@ def _local_versions(source: str, directory: Path, stat_cache_path: Path | None, 
         except OSError as exc:
             raise DataError(f"data.source {source}: cannot read {name} "
                             f"({describe_error(exc)})") from exc
+        if not stat.S_ISREG(stats[name].st_mode) or stats[name].st_size > max_bytes:
+            # Not a regular file (a pipe, a device: maybe endless), or bigger than the cap.
+            raise DataError(f"data.source {source}: {name} is not a regular file of at most "
+                            f"{max_bytes} bytes (data.max_file_bytes)")
     keys = {n: _stat_key(stats[n]) for n in RAW_FILES}
     known = {n: cache[str(directory / n)]["sha256"] for n in RAW_FILES
              if cache.get(str(directory / n), {}).get("stat") == keys[n]}
@@ -234,14 +248,14 @@ def _write_stat_cache(path: Path | None, cache: dict[str, Any]) -> None:
 # --- http(s):// -----------------------------------------------------------------------------
 
 def _http_versions(source: str, before: dict[str, Any], *, retries: int, backoff_s: float,
-                   timeout_s: float) -> dict[str, dict[str, Any]]:
+                   timeout_s: float, limits: Limits) -> dict[str, dict[str, Any]]:
     return {name: _http_version(join_location(source, name), before.get(name), retries=retries,
-                                backoff_s=backoff_s, timeout_s=timeout_s)
+                                backoff_s=backoff_s, timeout_s=timeout_s, limits=limits)
             for name in RAW_FILES}
 
 
 def _http_version(url: str, before: dict[str, Any] | None, *, retries: int, backoff_s: float,
-                  timeout_s: float) -> dict[str, Any]:
+                  timeout_s: float, limits: Limits) -> dict[str, Any]:
     """The version of the file at `url`: `before` if the server says it is unchanged."""
     headers = {"User-Agent": USER_AGENT}
     if before and before.get("etag"):
@@ -249,16 +263,24 @@ def _http_version(url: str, before: dict[str, Any] | None, *, retries: int, back
     if before and before.get("last_modified"):
         headers["If-Modified-Since"] = before["last_modified"]
     for attempt in range(1, retries + 1):
+        deadline = time.monotonic() + limits.deadline_s
         try:
-            with open_url(url, headers, timeout_s) as response:
+            with open_url(url, headers, limits.read_timeout(timeout_s)) as response:
                 length = response.headers.get("Content-Length")
+                if length and length.isdigit() and int(length) > limits.max_bytes:
+                    raise limits.too_big(f"{length} announced")
                 version = source_version(response.headers, int(length) if length else None,
                                          None)
                 if "sha256" in version:
                     # No validators: only the content itself tells a change.
-                    version = _hash_body(response)
+                    version = _hash_body(response, limits, deadline)
                 # With validators, the body is never read: closing the response drops it.
                 return version
+        except LimitError as exc:
+            # Too big or too slow stays so when asked again: one line, no retry.
+            raise DownloadError(redact_text(
+                f"data.source {url}: {exc}; the freshness check stopped reading it", url)
+            ) from None
         except urllib.error.HTTPError as exc:
             if exc.code == 304 and before is not None:  # Not Modified: no body was sent
                 return before
@@ -278,9 +300,14 @@ def _http_version(url: str, before: dict[str, Any] | None, *, retries: int, back
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
-def _hash_body(response: Any) -> dict[str, Any]:
+def _hash_body(response: Any, limits: Limits, deadline: float) -> dict[str, Any]:
     sha256, size = hashlib.sha256(), 0
-    while chunk := response.read(CHUNK):
-        sha256.update(chunk)
+    # read1: one socket read at a time, so the deadline is checked however slowly bytes come.
+    while chunk := response.read1(CHUNK):
         size += len(chunk)
+        if size > limits.max_bytes:
+            raise limits.too_big("and still sending")
+        if time.monotonic() > deadline:
+            raise limits.too_slow()
+        sha256.update(chunk)
     return {"bytes": size, "sha256": sha256.hexdigest()}

@@ -27,9 +27,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from dltrain.atomic import read_json, write_json
-from dltrain.config import Params
-from dltrain.errors import DataError, ModelError, RegistryError
+from dltrain.atomic import is_disk_full, read_json, write_json
+from dltrain.config import Params, shorten
+from dltrain.errors import DataError, DiskFullError, ModelError, RegistryError
 from dltrain.evaluate.stage import matches, score_model, split_checksum
 from dltrain.model.weights import load_weights_and_digest
 from dltrain.paths import Workspace
@@ -38,7 +38,13 @@ from dltrain.registry.candidate import Candidate
 from dltrain.registry.gate import CHAMPION, EPS, Member, Score
 from dltrain.registry.mlflow_model import link_version, run_model, weights_in
 from dltrain.registry.runlog import log_run
-from dltrain.tracking.store import connect, display_uri, redact, resolve_tracking_uri
+from dltrain.tracking.store import (
+    connect,
+    display_uri,
+    mlflow_logs_to,
+    redact,
+    resolve_tracking_uri,
+)
 
 UNLOADABLE_CHOICES = ("fail", "promote")
 
@@ -269,6 +275,24 @@ def _register_new(client: Any, tracking_uri: str, ws: Workspace, params: Params,
             "history": [asdict(e) for e in moved]}
 
 
+def _cause(exc: BaseException) -> str:
+    """The first line of the innermost cause of `exc`: an MLflow error on a SQL store wraps
+    SQLAlchemy's, whose text runs to the statement and its parameters; the cause at the
+    bottom (`OperationalError: database or disk is full`) is what a user can act on."""
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    # 500: room for an HTTP error's URL and, after it, its status.
+    return shorten(f"{type(root).__name__}: {text}" if root is not exc else text or
+                   type(exc).__name__, 500)
+
+
+def _details(log: Path, logged: bool) -> str:
+    return f" (MLflow's own report: {log})" if logged else ""
+
+
 def _scores(champion: Score | None) -> dict[str, Any]:
     """The champion's score that the gate compared with, for registration.json."""
     if champion is None:
@@ -291,7 +315,9 @@ def register(ws: Workspace, params: Params, *, attempts: int = 4, backoff_s: flo
     from mlflow.exceptions import MlflowException
     from requests import RequestException
 
-    with promotion.serialised(tracking_uri, params.register.model_name) as serialised:
+    log = ws.register_log_path
+    with mlflow_logs_to(log) as logged, \
+            promotion.serialised(tracking_uri, params.register.model_name) as serialised:
         client = connect(tracking_uri, attempts=attempts, backoff_s=backoff_s)
         try:
             outcome = _register(client, tracking_uri, ws, params, cand, serialised=serialised,
@@ -299,9 +325,18 @@ def register(ws: Workspace, params: Params, *, attempts: int = 4, backoff_s: flo
         except (MlflowException, RequestException) as exc:
             raise RegistryError(
                 f"MLflow at {display_uri(tracking_uri)} failed during registration: "
-                f"{redact(str(exc), tracking_uri)}. The model stays in models/; re-run "
-                "`dltrain register` (or `dvc repro`) once the store is reachable: it finishes "
-                "what this run left undone.") from exc
+                f"{redact(_cause(exc), tracking_uri)}{_details(log, logged())}. The model "
+                "stays in models/; re-run `dltrain register` (or `dvc repro`) once the store "
+                "is reachable and has room: it finishes what this run left undone.") from exc
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            # MLflow writing the run's artifacts into the store (a local artifact folder).
+            raise DiskFullError(
+                f"no space left while MLflow at {display_uri(tracking_uri)} stored the "
+                f"registration ({exc.strerror}){_details(log, logged())}. The model stays in "
+                "models/; free some space where the store keeps its artifacts and re-run "
+                "`dltrain register`: it finishes what this run left undone.") from exc
     write_json(ws.registration_path, outcome)
     where = (f"version {outcome['version']} ({', '.join(outcome['aliases']) or 'no alias'})"
              if outcome["version"] else "not registered")

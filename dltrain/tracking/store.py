@@ -6,11 +6,13 @@ Shared by the register stage (writes) and `dltrain predict` (reads models:/<name
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import time
 import urllib.parse
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dltrain.errors import ModelError, RegistryError
@@ -61,6 +63,57 @@ def quiet_mlflow() -> None:
 
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class _LogFile(logging.FileHandler):
+    """A log file that stays silent when it cannot be written (the disk that failed the
+    registration may be the one it is on): `written` tells whether it holds this run's records."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, mode="a", encoding="utf-8", delay=True)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.written = False
+        self._failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed = False
+        super().emit(record)
+        self.written = self.written or not self._failed
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's API
+        self._failed = True  # instead of logging's "--- Logging error ---" on stderr
+
+
+@contextlib.contextmanager
+def mlflow_logs_to(path: Path) -> Iterator[Callable[[], bool]]:
+    """While the block runs, what MLflow and its database migrations (alembic) log goes to
+    the file `path` instead of the console: a failure of the store then reaches the console
+    as the caller's one line, not as MLflow's tracebacks. Yields a function that tells whether
+    the file received any of it (the line then names the file). Through logging's public API
+    only: the loggers' handlers are swapped for the block and restored after it."""
+    quiet_mlflow()  # MLflow imported, and its own console handler set up, before the swap
+    path = Path(path)
+    with contextlib.suppress(OSError):  # an unwritable folder: the handler stays silent
+        path.parent.mkdir(parents=True, exist_ok=True)
+    handler = _LogFile(path)
+    saved = {}
+    for name in ("mlflow", "alembic"):
+        logger = logging.getLogger(name)
+        saved[name] = (list(logger.handlers), logger.propagate)
+        for old in saved[name][0]:
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.propagate = False
+    try:
+        yield lambda: handler.written
+    finally:
+        for name, (handlers, propagate) in saved.items():
+            logger = logging.getLogger(name)
+            logger.removeHandler(handler)
+            for old in handlers:
+                logger.addHandler(old)
+            logger.propagate = propagate
+        handler.close()
 
 
 def wait_for_server(uri: str, attempts: int, backoff_s: float) -> None:
