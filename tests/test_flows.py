@@ -138,7 +138,7 @@ def test_a_stopped_stage_takes_its_workers_with_it(tmp_path, stubborn, monkeypat
     """What a timeout, a cancellation or the flow run's exit does to a running stage: SIGINT
     to it and every process under it (also a worker in a session of its own), SIGKILL after
     the grace period for one that ignores SIGINT."""
-    monkeypatch.setattr(mt, "GRACE_S", 3.0)
+    monkeypatch.setattr(mt, "GRACE_S", 3.0 if stubborn else 30.0)
     stage = tmp_path / "stage.py"
     stage.write_text(STAGE_SCRIPT)
     proc = subprocess.Popen([sys.executable, str(stage), str(tmp_path),
@@ -154,7 +154,9 @@ def test_a_stopped_stage_takes_its_workers_with_it(tmp_path, stubborn, monkeypat
     finally:
         _kill_all(pids)
     assert (tmp_path / "sigint").exists() != stubborn
-    assert took < 3.0 if not stubborn else 3.0 <= took < 15
+    # Polite: SIGINT ended it, well inside a grace period long enough that a loaded host
+    # cannot stretch the exit past it; stubborn: SIGKILL, only once the grace period was over.
+    assert took < mt.GRACE_S if not stubborn else took >= mt.GRACE_S
 
 
 # A stand-in for the flow-run process: its own session (as Prefect starts a flow run), the
