@@ -4,6 +4,7 @@ register stage keeps in the registry, read back and acted on."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,9 @@ def _failed(uri: str, exc: Exception) -> RegistryError:
     return RegistryError(f"MLflow at {display_uri(uri)} failed: {redact(str(exc), uri)}")
 
 
-def load_history(ws: Workspace, params: Params) -> list[history.Entry]:
-    """The alias history of register.model_name, oldest first."""
+def load_history(ws: Workspace, params: Params
+                 ) -> tuple[list[history.Entry], list[history.Unreadable]]:
+    """The alias history of register.model_name, oldest first, and its unreadable tags."""
     from mlflow.exceptions import MlflowException
     from requests import RequestException
 
@@ -41,11 +43,15 @@ def load_history(ws: Workspace, params: Params) -> list[history.Entry]:
         raise _failed(uri, exc) from exc
     if model is None:
         raise RegistryError(f"no registered model {name} in {display_uri(uri)}")
-    return history.entries(model.tags or {})
+    return history.read(model.tags or {})
 
 
 def show_history(ws: Workspace, params: Params, *, as_json: bool) -> list[history.Entry]:
-    entries = load_history(ws, params)
+    """Print the history (a table, or JSON on stdout); each unreadable entry is named in one
+    line on stderr, and the rest is shown."""
+    entries, unreadable = load_history(ws, params)
+    for bad in unreadable:
+        print(f"registry: {bad.describe()}", file=sys.stderr)
     if as_json:
         print(json.dumps([asdict(e) for e in entries], indent=2))
     elif entries:
@@ -67,7 +73,7 @@ def rollback(ws: Workspace, params: Params, *, to: int | None,
         try:
             entry = promotion.rollback(client, name, to=to, reason=reason,
                                        min_accuracy=params.register.min_accuracy,
-                                       dataset=params.data.dataset)
+                                       dataset=params.data.dataset, tracking_uri=uri)
         except (MlflowException, RequestException) as exc:
             raise _failed(uri, exc) from exc
     print(f"registry: {name} champion {entry.from_version} -> {entry.to_version} (rollback): "

@@ -12,6 +12,7 @@ import re
 import time
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 from dltrain.errors import ModelError, RegistryError
 from dltrain.urls import redact_text, redact_url
@@ -158,11 +159,10 @@ def parse_model_ref(ref: str) -> tuple[str, str] | None:
     return (match["name"], match["alias"]) if match else None
 
 
-def download_version(ref: str, tracking_uri: str, dst: Path, *, attempts: int = 4,
-                     backoff_s: float = 1.0) -> Path:
-    """Download the files of the version that `models:/<name>@<alias>` points to into `dst`;
-    return the folder: an MLflow model (dltrain.registry.mlflow_model.weights_in finds its
-    weights)."""
+def version_by_alias(ref: str, tracking_uri: str, *, attempts: int = 4,
+                     backoff_s: float = 1.0) -> tuple[Any, Any]:
+    """The client and the model version (with its tags) that `models:/<name>@<alias>` points
+    to; its files are fetched and checked by dltrain.registry.verify."""
     parsed = parse_model_ref(ref)
     if parsed is None:
         raise ModelError(f"invalid model reference {ref!r}; expected models:/<name>@<alias>, "
@@ -173,18 +173,10 @@ def download_version(ref: str, tracking_uri: str, dst: Path, *, attempts: int = 
         raise ModelError(f"no MLflow registry at {tracking_uri} (run `dltrain register` first, "
                          "or pass --tracking-uri)")
     client = connect(tracking_uri, attempts=attempts, backoff_s=backoff_s)
-    from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
     try:
-        version = client.get_model_version_by_alias(name, alias)
+        return client, client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         raise ModelError(f"{ref}: no such model version in {display_uri(tracking_uri)} "
                          f"({exc.message})") from exc
-    try:
-        local = download_artifacts(artifact_uri=version.source, dst_path=str(dst),
-                                   tracking_uri=tracking_uri)
-    except (MlflowException, OSError) as exc:
-        raise RegistryError(f"{ref} (version {version.version}): could not download its files "
-                            f"from {version.source}: {exc}") from exc
-    return Path(local)
