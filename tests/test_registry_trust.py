@@ -244,3 +244,69 @@ def test_a_broken_cache_falls_back_to_mlflow_and_says_so_once(two_versions, caps
     finally:
         if root.is_dir():
             os.chmod(root, 0o755)
+
+
+# ------------------------------------------------------------ 8: a workspace that moves
+
+def _files_under(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
+            if p.is_file()}
+
+
+def test_a_moved_or_copied_workspace_never_writes_outside_itself(
+        two_versions, tmp_path: Path, capsys, monkeypatch) -> None:
+    """cp -a ws copy; mv ws ws.away: in the copy, predict and register stop in one line naming
+    `dltrain registry relocate`, and nothing appears at the old place; after the relocation
+    both work there. A plain copy beside its original never writes into the original's store."""
+    import subprocess
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ws, _ = two_versions
+    images = np.load(ws.processed_dir / "test_images.npy")[:3]
+    pngs = []
+    for i, pixels in enumerate(images):
+        pngs.append(str(tmp_path / f"in{i}.png"))
+        Image.fromarray(pixels, mode="L").save(pngs[-1])
+    copy, away = tmp_path / "copy", tmp_path / "ws.away"
+    subprocess.run(["cp", "-a", str(ws.root), str(copy)], check=True)
+    ws.root.rename(away)
+    monkeypatch.chdir(copy)
+
+    code, out, err = _run(capsys, "predict", "--model", CHAMPION_REF, *pngs)
+    assert code == 1 and out == ""
+    assert "moved or copied" in _one_line(err) and "dltrain registry relocate" in err
+    plant_model(Workspace.at(copy), seed=7, epochs=4)
+    code, _, err = _run(capsys, "register", "--workspace", str(copy), "-S",
+                        "register.min_accuracy=0")
+    assert code == 1 and "dltrain registry relocate" in _one_line(err)
+    assert not ws.root.exists()
+
+    code, out, err = _run(capsys, "registry", "relocate", "--workspace", str(copy))
+    assert code == 0, err
+    assert str(copy / "mlruns" / "artifacts") in out
+    code, out, err = _run(capsys, "predict", "--model", CHAMPION_REF, "--json", *pngs)
+    assert code == 0, err
+    assert [r["class"] for r in json.loads(out)] == [
+        int(k) for k in np.load(copy / "data" / "processed" / "test_labels.npy")[:3]]
+    assert _run(capsys, "register", "--workspace", str(copy), "-S",
+                "register.min_accuracy=0")[0] == 0
+    assert not ws.root.exists()
+    versions = _client(copy).search_model_versions("name = 'mnist-mlp'")
+    assert len(versions) == 3
+    for version in versions:
+        assert version.source.startswith((copy / "mlruns" / "artifacts").as_uri() + "/")
+    # A second relocation finds nothing to do.
+    code, out, _ = _run(capsys, "registry", "relocate", "--workspace", str(copy))
+    assert code == 0 and "nothing to relocate" in out
+
+    # A plain copy beside its original (the original relocated in place first).
+    assert _run(capsys, "registry", "relocate", "--workspace", str(away))[0] == 0
+    original = _files_under(away / "mlruns")
+    twin = tmp_path / "twin"
+    subprocess.run(["cp", "-a", str(away), str(twin)], check=True)
+    plant_model(Workspace.at(twin), seed=8, epochs=4)
+    args = ["register", "--workspace", str(twin), "-S", "register.min_accuracy=0"]
+    assert _run(capsys, *args)[0] == 1
+    assert _run(capsys, "registry", "relocate", "--workspace", str(twin))[0] == 0
+    assert _run(capsys, *args)[0] == 0
+    assert _files_under(away / "mlruns") == original
