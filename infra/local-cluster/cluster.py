@@ -29,8 +29,12 @@ Why it is built this way:
 - Every node is started with --node-ip-address 127.0.0.1, and the head's GCS is first reached
   at 127.0.0.1:PORT. Ray registers a loopback node under the machine's own IP, and that is the
   cluster's address: it is read back from Ray once the head has joined (the head's
-  NodeManagerAddress in ray.nodes()), not predicted. The GCS listens on all interfaces, which
-  is what the token protects.
+  NodeManagerAddress in ray.nodes()), not predicted. The GCS and the raylet listen on all
+  interfaces, some agents on the machine's address (README, Security): `ray start` documents
+  no option to bind them to loopback, so the token is what protects them.
+- A recorded process group is signalled only while it is still that node's: a group id is
+  reused once the group is gone (a crash, a reboot). `up` records each node's `ray start`
+  command line and start time; `down`, `up` and `kill-node` check them (group_is_node).
 - Which nodes have joined is asked of Ray through its public API: this process connects as a
   driver (ray.init with the cluster's address and token) once per command, reads ray.nodes()
   and disconnects at the end. The CLI's node listing (`ray list nodes`) needs the dashboard,
