@@ -175,6 +175,15 @@ def _token_path(pid: int) -> str | None:
         return None
 
 
+def _runs(actual: list[str], given: list[str]) -> bool:
+    """`actual` (a process's command line) is the command `given` to Popen: its arguments
+    after the program, behind whatever ran the program (`ray` is a Python script, so the
+    kernel runs it as `python .../ray start ...`)."""
+    args = given[1:]
+    return bool(given) and actual[len(actual) - len(args):] == args and any(
+        Path(part).name == Path(given[0]).name for part in actual[:len(actual) - len(args)])
+
+
 def group_is_node(record: NodeRecord, state: ClusterState) -> bool:
     """The recorded process group is alive and is still this node's: its leader is the
     `ray start` recorded at start (command line and start time), or, once the leader has
@@ -190,7 +199,7 @@ def group_is_node(record: NodeRecord, state: ClusterState) -> bool:
                 cmdline = leader.cmdline()
                 return "start" in cmdline and record.name in cmdline and "--block" in cmdline
             return (abs(leader.create_time() - record.started) < 0.05
-                    and leader.cmdline() == record.cmdline)
+                    and _runs(leader.cmdline(), record.cmdline or []))
     except psutil.NoSuchProcess:
         pass
     except psutil.Error:
@@ -266,9 +275,10 @@ def start_node(state: ClusterState, name: str, cpus: int, *, head: bool,
     with open(state.logs_dir / f"{name}.log", "ab") as log:
         proc = subprocess.Popen(cmd, env=node_env(state), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO_ROOT)
-    leader = psutil.Process(proc.pid)
-    record = NodeRecord(name=name, pgid=proc.pid, cpus=cpus, cmdline=leader.cmdline(),
-                        started=leader.create_time())
+    # The start time is the fork's, so it can be read at once; the command line is the one
+    # given to Popen (read back now, it could still be this process's, before the exec).
+    record = NodeRecord(name=name, pgid=proc.pid, cpus=cpus, cmdline=cmd,
+                        started=psutil.Process(proc.pid).create_time())
     state.nodes[name] = record
     state.save()
     return record
@@ -353,10 +363,11 @@ def wait_for_nodes(state: ClusterState, names: list[str], timeout_s: float) -> d
 # --------------------------------------------------------------------------- commands
 
 def head_running(state: ClusterState) -> bool:
-    """The recorded head is this cluster's (group_is_node) and its GCS answers."""
+    """The recorded head is still this cluster's `ray start` (group_is_node): never a process
+    group whose id another program got. Its GCS is not asked: a slow answer from a busy
+    machine must not make `up` stop a head that works."""
     head = state.nodes.get("head")
-    return (head is not None and group_is_node(head, state)
-            and bool(state.address) and gcs_answers(state.address))
+    return head is not None and group_is_node(head, state)
 
 
 def up(state: ClusterState, workers: int, head_cpus: int, worker_cpus: int, dashboard: bool,
