@@ -108,6 +108,13 @@ def cmd_registry_rollback(args: argparse.Namespace) -> None:
     rollback(ws, params, to=args.to, reason=args.reason)
 
 
+def cmd_registry_relocate(args: argparse.Namespace) -> None:
+    from dltrain.registry.commands import relocate
+
+    ws, params = _load(args)
+    relocate(ws, params)
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from dltrain.registry.predict import predict_command
 
@@ -134,9 +141,11 @@ def _version() -> str:
 
 
 def _add_registry(sub: Any) -> None:
-    """`dltrain registry history|rollback`: the alias history kept in the registry."""
-    p = sub.add_parser("registry", help="the model registry: alias history and rollback",
-                       description="The model registry's alias history, and rollback.")
+    """`dltrain registry history|rollback|relocate`: the alias history kept in the registry,
+    and the embedded store of a workspace that moved."""
+    p = sub.add_parser("registry", help="the model registry: alias history, rollback, relocate",
+                       description="The model registry's alias history, rollback, and the "
+                                   "relocation of a moved workspace's embedded store.")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     h = actions.add_parser("history", help="every move of champion and challenger",
                            description="Every move of champion and challenger, oldest first.")
@@ -151,6 +160,13 @@ def _add_registry(sub: Any) -> None:
                    help="the version to make champion")
     r.add_argument("--reason", default=None, help="why, recorded in the history")
     r.set_defaults(func=cmd_registry_rollback)
+    m = actions.add_parser("relocate", help="point a moved or copied workspace's registry at "
+                                            "the artifacts beside it",
+                           description="After the workspace was moved or copied: rewrite the "
+                                       "artifact locations the embedded MLflow store records "
+                                       "(absolute paths) to this workspace's mlruns/artifacts.")
+    _common(m)
+    m.set_defaults(func=cmd_registry_relocate)
 
 
 def build_parser() -> argparse.ArgumentParser:

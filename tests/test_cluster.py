@@ -183,6 +183,51 @@ def test_ray_up_starts_one_warm_head_with_all_cpus_and_ray_down_stops_it(
     assert (idle.returncode, idle.stdout, idle.stderr) == (0, "", "")
 
 
+def test_a_reused_process_group_id_is_never_signalled_nor_reported_up(
+        warm_head_dir: LocalCluster) -> None:
+    """The head crashed (its whole group SIGKILLed) and its process group id now belongs to
+    another program (a `setsid` sleeper stands in for it, its id written into cluster.json):
+    `down` leaves that program alone, says the head is gone and cleans the state; `up` does not
+    report "already up" at the dead address, but starts a new head, which `down` stops."""
+    import signal
+
+    local = warm_head_dir
+    local.run("up", "--workers", "0", "--head-cpus", "1", "--no-dashboard", "--brief")
+    head = local.state()["nodes"][0]
+    os.killpg(head["pgid"], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while local.leftover_processes() and time.monotonic() < deadline:
+        time.sleep(0.3)
+    other = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        crashed = local.state()
+        crashed["nodes"][0]["pgid"] = other.pid
+        saved = json.dumps(crashed)
+        (local.state_dir / "cluster.json").write_text(saved)
+
+        out = local.run("down")
+        assert "head is gone" in out and "left alone" in out, out
+        assert other.poll() is None  # not signalled
+        assert not (local.state_dir / "cluster.json").exists()
+
+        (local.state_dir / "cluster.json").write_text(saved)
+        out = local.run("up", "--workers", "0", "--head-cpus", "1", "--no-dashboard",
+                        "--brief")
+        assert "already" not in out and "Ray head up at" in out, out
+        assert other.poll() is None
+        new = local.state()
+        assert new["nodes"][0]["pgid"] != other.pid
+        env = venv_env(**local.client_env())
+        client = _client(env)
+        assert client.returncode == 0 and int(client.stdout) == 1, client.stdout + client.stderr
+        assert "stopped head" in local.run("down")
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+        local.pgids.discard(other.pid)
+
+
 def test_client_without_the_token_is_refused(cluster: LocalCluster, tmp_path: Path) -> None:
     cluster.ensure_two_nodes()
     env = venv_env(RAY_ADDRESS=cluster.client_env()["RAY_ADDRESS"], HOME=str(tmp_path))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from dltrain.cli import main
 from dltrain.config import params_from_dict
 from dltrain.data.idx import write_idx
 from dltrain.paths import Workspace
@@ -156,6 +157,8 @@ def test_predict_uses_its_cache_until_the_store_changes(
 
     ws = Workspace.at(tmp_path / "ws")
     shutil.copytree(registered.root, ws.root)
+    # A copy: its store records the original's artifact folder until it is relocated.
+    assert main(["registry", "relocate", "--workspace", str(ws.root)]) == 0
     uri = embedded_tracking_uri(ws.root)
     monkeypatch.setattr(model_cache, "STAMP_MARGIN_S", 0.0)  # no wait for a settled store
     first_sha = json.loads(ws.model_card_path.read_text())["weights_sha256"]

@@ -21,19 +21,19 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from dltrain.atomic import atomic_dir, read_json, write_json
-from dltrain.errors import DiskFullError, ModelError
+from dltrain.errors import DltrainError, ModelError, RegistryError
 from dltrain.paths import ModelFiles, card_path_for
 from dltrain.tracking.store import sqlite_path
 
 STAMP_MARGIN_S = 2.0
 CACHE_ENV = "DLTRAIN_MODEL_CACHE"  # where the cache of a tracking server's versions lives
-
 
 
 def cache_root(tracking_uri: str) -> Path:
@@ -144,41 +144,51 @@ def cached(ref_name: str, alias: str, tracking_uri: str
 def fetch(ref: str, tracking_uri: str, *, attempts: int = 4, backoff_s: float = 1.0
           ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The checked weights and card of the version `ref` (models:/<name>@<alias>) points to:
-    from the cache when the store is unchanged, else resolved through MLflow, downloaded once
-    per weights, and remembered."""
-    from dltrain.tracking.store import download_version, parse_model_ref
+    from the cache when the store is unchanged, else resolved through MLflow, downloaded and
+    checked against the registry (dltrain.registry.verify), and remembered. A cache that cannot
+    be written costs speed only: one line on stderr, and the fetched model is used."""
+    from dltrain.tracking.store import display_uri, parse_model_ref, redact, version_by_alias
 
     parsed = parse_model_ref(ref)
     if parsed is not None:
         hit = cached(*parsed, tracking_uri)
         if hit is not None:
             return hit
+    from mlflow.exceptions import MlflowException  # a miss only: a hit imports no MLflow
+
+    from dltrain.registry.verify import fetch_checked
+
     db = sqlite_path(tracking_uri)
     taken_ns = time.time_ns()
     before = store_stamp(db) if db is not None else None
     root = cache_root(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="dltrain-predict-") as tmp:
-        folder = download_version(ref, tracking_uri, Path(tmp), attempts=attempts,
-                                  backoff_s=backoff_s)
-        from dltrain.model.weights import load_weights_and_digest
-        from dltrain.registry.mlflow_model import weights_in
-
-        weights = weights_in(folder)
-        # Checked as any model file: safetensors against its card, the card's weights_sha256.
-        state, card, digest = load_weights_and_digest(weights)
+        _client, version = version_by_alias(ref, tracking_uri, attempts=attempts,
+                                           backoff_s=backoff_s)
+        try:
+            checked = fetch_checked(version, tracking_uri, Path(tmp))
+        except MlflowException as exc:
+            raise RegistryError(f"{ref} (version {version.version}): MLflow at "
+                                f"{display_uri(tracking_uri)} failed while its files were "
+                                f"fetched: {redact(str(exc), tracking_uri)}") from exc
+        digest = checked.weights_sha256
         try:
             target = _weights_dir(root, digest)
             if _load(target, digest) is None:
                 with atomic_dir(target) as staging:
                     copy = ModelFiles(staging)
-                    shutil.copy2(weights, copy.weights)
-                    shutil.copy2(card_path_for(weights), copy.card)
+                    shutil.copy2(checked.weights, copy.weights)
+                    shutil.copy2(card_path_for(checked.weights), copy.card)
             # Remembered only if nothing wrote to the store meanwhile (an alias moving while
             # this call resolved it) and the stamp is settled (STAMP_MARGIN_S).
             if (parsed is not None and db is not None and store_stamp(db) == before
                     and _settled(before, taken_ns)):
                 write_json(_alias_file(root, *parsed),
                            {"ref": ref, "stamp": before, "weights_sha256": digest})
-        except (OSError, DiskFullError):
-            pass  # a cache that cannot be written only costs the next call its speed
-    return state, card
+        except (OSError, DltrainError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            print(f"predict: note: the model cache {root} cannot be written "
+                  f"({' '.join(why.split())}); the model was fetched from MLflow, and will be "
+                  "again on each call until the cache is repaired (remove it to reset it)",
+                  file=sys.stderr, flush=True)
+    return checked.state, checked.card

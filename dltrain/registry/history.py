@@ -48,8 +48,46 @@ class Entry:
 
     @classmethod
     def from_json(cls, text: str) -> Entry:
-        data = json.loads(text)
+        """The entry a tag holds; ValueError saying what is wrong when it is not one (any
+        writer of the registry can leave a tag: by hand, another tool, a partial write)."""
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError):
+            raise ValueError("not JSON") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        for f in fields(cls):
+            value = data.get(f.name)
+            kinds = _KINDS[f.name]
+            if (value is None and f.name in _REQUIRED) or not (
+                    value is None or (isinstance(value, kinds) and not isinstance(value, bool))):
+                raise ValueError(f"{f.name} is {_quote(value)}, not "
+                                 f"{' or '.join(k.__name__ for k in kinds)}")
         return cls(**{f.name: data.get(f.name) for f in fields(cls)})
+
+
+# What each field of an entry may hold (None too, except for the required ones).
+_KINDS: dict[str, tuple[type, ...]] = {
+    "time": (str,), "alias": (str,), "from_version": (int,), "to_version": (int,),
+    "action": (str,), "reason": (str,), "candidate_accuracy": (int, float),
+    "champion_accuracy": (int, float), "test_sha256": (str,), "data_checksum": (str,),
+    "git_commit": (str,), "flow_run_id": (str,)}
+_REQUIRED = ("time", "alias", "action", "reason")
+
+
+def _quote(value: Any) -> str:
+    return "missing" if value is None else repr(value)[:40]
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A history tag that holds no entry: named, never fatal."""
+
+    key: str
+    why: str
+
+    def describe(self) -> str:
+        return f"history entry {self.key} is unreadable ({self.why}): skipped"
 
 
 _last_ns = 0
@@ -70,9 +108,23 @@ def record(client: Any, name: str, entry: Entry) -> str:
     return key
 
 
+def read(tags: dict[str, str]) -> tuple[list[Entry], list[Unreadable]]:
+    """The history held in a registered model's tags, oldest first, and the history tags that
+    hold no entry."""
+    found: list[Entry] = []
+    unreadable: list[Unreadable] = []
+    for key in sorted(tags):
+        if key.startswith(HISTORY_PREFIX):
+            try:
+                found.append(Entry.from_json(tags[key]))
+            except ValueError as exc:
+                unreadable.append(Unreadable(key, str(exc)))
+    return found, unreadable
+
+
 def entries(tags: dict[str, str]) -> list[Entry]:
-    """The history held in a registered model's tags, oldest first."""
-    return [Entry.from_json(tags[key]) for key in sorted(tags) if key.startswith(HISTORY_PREFIX)]
+    """The readable entries of the history (read), oldest first."""
+    return read(tags)[0]
 
 
 def _cell(value: Any, digits: int | None = None) -> str:

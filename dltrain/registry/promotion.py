@@ -27,9 +27,12 @@ import contextlib
 import fcntl
 import json
 import re
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dltrain.errors import RegistryError
@@ -44,6 +47,7 @@ from dltrain.registry.gate import (
     Step,
     resolve,
 )
+from dltrain.registry.verify import fetch_checked
 from dltrain.tracking.store import sqlite_path
 
 ANCHOR_TAG = "dltrain.registry.gate.anchor"
@@ -298,22 +302,29 @@ def previous_champion(entries: list[history.Entry], current: int) -> int | None:
 
 
 def rollback(client: Any, name: str, *, to: int | None, reason: str | None,
-             min_accuracy: float, dataset: str) -> history.Entry:
+             min_accuracy: float, dataset: str, tracking_uri: str) -> history.Entry:
     """Move `champion` to version `to` (default: the champion before the current one was
-    promoted) and record the move. Refuses a version below `min_accuracy` or trained on
-    another data set than `dataset`."""
+    promoted, from the readable entries of the history) and record the move. Refuses a
+    version below `min_accuracy`, trained on another data set than `dataset`, or whose files
+    fail predict's checks (dltrain.registry.verify: fetched and checked before the alias
+    moves)."""
     from mlflow.exceptions import MlflowException
 
     model = registered_model(client, name)
     current = alias_of(model, CHAMPION)
     if model is None or current is None:
         raise RegistryError(f"{name} has no champion to roll back (register a model first)")
-    entries = history.entries(model.tags or {})
     if to is None:
+        entries, unreadable = history.read(model.tags or {})
         to = previous_champion(entries, current)
         if to is None:
+            skipped = (f" ({len(unreadable)} of its entries are unreadable: "
+                       f"{', '.join(u.key for u in unreadable[:3])}"
+                       f"{', ...' if len(unreadable) > 3 else ''})" if unreadable else "")
             raise RegistryError(f"the history of {name} records no champion before version "
-                                f"{current}; name the version: --to VERSION")
+                                f"{current}{skipped}; name the version: --to VERSION")
+        for bad in unreadable:
+            print(f"registry: {bad.describe()}", file=sys.stderr)
     if to == current:
         raise RegistryError(f"version {to} of {name} is already the champion")
     try:
@@ -330,6 +341,8 @@ def rollback(client: Any, name: str, *, to: int | None, reason: str | None,
     if tags.get("dataset") != dataset:
         raise RegistryError(f"version {to} of {name} was trained on {tags.get('dataset')}, but "
                             f"the pipeline's data set is {dataset} (data.dataset): refused")
+    with tempfile.TemporaryDirectory(prefix="dltrain-rollback-") as tmp:
+        fetch_checked(target, tracking_uri, Path(tmp))  # VersionCheckError names the check
     anchor = read_anchor(model, list_versions(client, name))
     current_tags = client.get_model_version(name, str(current)).tags
     entry = history.Entry.now(

@@ -36,8 +36,9 @@ from dltrain.paths import Workspace
 from dltrain.registry import promotion
 from dltrain.registry.candidate import Candidate
 from dltrain.registry.gate import CHAMPION, EPS, Member, Score
-from dltrain.registry.mlflow_model import link_version, run_model, weights_in
+from dltrain.registry.mlflow_model import link_version, run_model
 from dltrain.registry.runlog import log_run
+from dltrain.registry.verify import fetch_checked
 from dltrain.tracking.store import (
     connect,
     display_uri,
@@ -143,7 +144,6 @@ class ChampionScorer:
         return self._cache[number]
 
     def _score(self, number: int) -> Score:
-        from mlflow.artifacts import download_artifacts
         from mlflow.exceptions import MlflowException
 
         try:
@@ -158,16 +158,12 @@ class ChampionScorer:
             return Score(number, own_accuracy, own_accuracy=own_accuracy)
         try:
             with tempfile.TemporaryDirectory(prefix="dltrain-champion-") as tmp:
-                folder = download_artifacts(artifact_uri=version.source, dst_path=tmp,
-                                            tracking_uri=self.tracking_uri)
-                metrics = score_model(weights_in(Path(folder)), self.ws.processed_dir,
+                # Checked as predict checks a version, against the registry's own checksum.
+                checked = fetch_checked(version, self.tracking_uri, Path(tmp))
+                metrics = score_model(checked.weights, self.ws.processed_dir,
                                       batch_size=self.batch_size)
         except (ModelError, OSError) as exc:
             return Score(number, None, True, own_accuracy, error=str(exc))
-        except MlflowException as exc:
-            if promotion.error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            return Score(number, None, True, own_accuracy, error=exc.message)
         return Score(number, float(metrics["accuracy"]), True, own_accuracy)
 
 

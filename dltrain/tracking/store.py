@@ -14,6 +14,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from dltrain.errors import ModelError, RegistryError
 from dltrain.urls import redact_text, redact_url
@@ -163,7 +164,44 @@ def connect(uri: str, *, attempts: int = 4, backoff_s: float = 1.0):
             database.parent.mkdir(parents=True, exist_ok=True)
     # An explicit client, never mlflow.set_tracking_uri: that one also exports
     # MLFLOW_TRACKING_URI, which would leak this store into every later resolution.
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if database is not None:
+        check_artifact_root(client, database)
+    return client
+
+
+def moved_artifact_root(client: Any, database: Path) -> Path | None:
+    """For an embedded store (<workspace>/mlruns/mlflow.db), the artifact folder its experiment
+    records when that is not the one beside the database: the workspace was moved or copied,
+    and MLflow, which records absolute artifact paths, would read and write the old place.
+    None when the store is not embedded, has no experiment yet, or is where it was made."""
+    if database.name != "mlflow.db" or database.parent.name != "mlruns":
+        return None
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    location = experiment.artifact_location if experiment is not None else ""
+    if not location.startswith("file://"):
+        return None
+    recorded = Path(urllib.parse.unquote(urllib.parse.urlsplit(location).path))
+    here = database.resolve().parent / "artifacts"
+    # Only a folder that an embedded store made (mlruns/artifacts) is taken as moved: a store
+    # that a user pointed at artifacts of their own elsewhere is theirs to keep so.
+    if recorded == here or recorded.parts[-2:] != ("mlruns", "artifacts"):
+        return None
+    return recorded
+
+
+def check_artifact_root(client: Any, database: Path) -> None:
+    """RegistryError naming the cause and the fix when the embedded store was moved or
+    copied (moved_artifact_root): nothing is read from or written to the old place."""
+    recorded = moved_artifact_root(client, database)
+    if recorded is None:
+        return
+    here = database.resolve().parent
+    raise RegistryError(
+        f"the MLflow store {database} records its artifacts in {recorded}, not beside it: the "
+        f"workspace was moved or copied from {recorded.parent.parent}. Run `dltrain registry "
+        f"relocate --workspace {here.parent}` to point it at {here / 'artifacts'} "
+        "(nothing else changes); until then dltrain neither reads nor writes the old folder")
 
 
 def check_sqlite_store(database: Path) -> None:
@@ -211,11 +249,10 @@ def parse_model_ref(ref: str) -> tuple[str, str] | None:
     return (match["name"], match["alias"]) if match else None
 
 
-def download_version(ref: str, tracking_uri: str, dst: Path, *, attempts: int = 4,
-                     backoff_s: float = 1.0) -> Path:
-    """Download the files of the version that `models:/<name>@<alias>` points to into `dst`;
-    return the folder: an MLflow model (dltrain.registry.mlflow_model.weights_in finds its
-    weights)."""
+def version_by_alias(ref: str, tracking_uri: str, *, attempts: int = 4,
+                     backoff_s: float = 1.0) -> tuple[Any, Any]:
+    """The client and the model version (with its tags) that `models:/<name>@<alias>` points
+    to; its files are fetched and checked by dltrain.registry.verify."""
     parsed = parse_model_ref(ref)
     if parsed is None:
         raise ModelError(f"invalid model reference {ref!r}; expected models:/<name>@<alias>, "
@@ -226,18 +263,10 @@ def download_version(ref: str, tracking_uri: str, dst: Path, *, attempts: int = 
         raise ModelError(f"no MLflow registry at {tracking_uri} (run `dltrain register` first, "
                          "or pass --tracking-uri)")
     client = connect(tracking_uri, attempts=attempts, backoff_s=backoff_s)
-    from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
     try:
-        version = client.get_model_version_by_alias(name, alias)
+        return client, client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         raise ModelError(f"{ref}: no such model version in {display_uri(tracking_uri)} "
                          f"({exc.message})") from exc
-    try:
-        local = download_artifacts(artifact_uri=version.source, dst_path=str(dst),
-                                   tracking_uri=tracking_uri)
-    except (MlflowException, OSError) as exc:
-        raise RegistryError(f"{ref} (version {version.version}): could not download its files "
-                            f"from {version.source}: {exc}") from exc
-    return Path(local)

@@ -163,7 +163,15 @@ class LiveRun:
 
                     check_sqlite_store(Path(database))
                 os.makedirs(os.path.dirname(database), exist_ok=True)
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            client = MlflowClient(tracking_uri=self.tracking_uri)
+            if self.tracking_uri.startswith("sqlite:///"):
+                from pathlib import Path
+
+                from dltrain.tracking.store import check_artifact_root
+
+                # A moved workspace's store: a note, and nothing written to the old place.
+                check_artifact_root(client, Path(self.tracking_uri.removeprefix("sqlite:///")))
+            self._client = client
         client = self._client
         experiment_id = tracking.experiment_id(client, self.tracking_uri, self.ws.root)
         flat = tracking.flatten({k: v for k, v in self.params.to_dict().items()

@@ -29,8 +29,12 @@ Why it is built this way:
 - Every node is started with --node-ip-address 127.0.0.1, and the head's GCS is first reached
   at 127.0.0.1:PORT. Ray registers a loopback node under the machine's own IP, and that is the
   cluster's address: it is read back from Ray once the head has joined (the head's
-  NodeManagerAddress in ray.nodes()), not predicted. The GCS listens on all interfaces, which
-  is what the token protects.
+  NodeManagerAddress in ray.nodes()), not predicted. The GCS and the raylet listen on all
+  interfaces, some agents on the machine's address (README, Security): `ray start` documents
+  no option to bind them to loopback, so the token is what protects them.
+- A recorded process group is signalled only while it is still that node's: a group id is
+  reused once the group is gone (a crash, a reboot). `up` records each node's `ray start`
+  command line and start time; `down`, `up` and `kill-node` check them (group_is_node).
 - Which nodes have joined is asked of Ray through its public API: this process connects as a
   driver (ray.init with the cluster's address and token) once per command, reads ray.nodes()
   and disconnects at the end. The CLI's node listing (`ray list nodes`) needs the dashboard,
@@ -54,6 +58,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 JOIN_TIMEOUT_S = float(os.environ.get("DLTRAIN_CLUSTER_TIMEOUT_S", "180"))
@@ -74,6 +80,11 @@ class NodeRecord:
     cpus: int
     node_id: str | None = None
     gpus: int = 0  # as Ray counted them when the node joined
+    # Who leads the group, as recorded at start: a process group id is reused once the group
+    # is gone (a crash, a reboot), and only a leader with this command line and this start
+    # time is this node's `ray start`.
+    cmdline: list[str] | None = None
+    started: float | None = None  # psutil's create_time of the leader
 
 
 @dataclass
@@ -157,6 +168,47 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
+def _token_path(pid: int) -> str | None:
+    try:
+        return psutil.Process(pid).environ().get("RAY_AUTH_TOKEN_PATH")
+    except (psutil.Error, OSError):
+        return None
+
+
+def _runs(actual: list[str], given: list[str]) -> bool:
+    """`actual` (a process's command line) is the command `given` to Popen: its arguments
+    after the program, behind whatever ran the program (`ray` is a Python script, so the
+    kernel runs it as `python .../ray start ...`)."""
+    args = given[1:]
+    return bool(given) and actual[len(actual) - len(args):] == args and any(
+        Path(part).name == Path(given[0]).name for part in actual[:len(actual) - len(args)])
+
+
+def group_is_node(record: NodeRecord, state: ClusterState) -> bool:
+    """The recorded process group is alive and is still this node's: its leader is the
+    `ray start` recorded at start (command line and start time), or, once the leader has
+    exited, every process left in the group carries this cluster's token path in its
+    environment (node_env gives it to every process of a node). Anything else is another
+    program that got the id: never signalled."""
+    if not group_alive(record.pgid):
+        return False
+    try:
+        leader = psutil.Process(record.pgid)
+        if leader.status() != psutil.STATUS_ZOMBIE:
+            if record.started is None:  # a record from before start times were kept
+                cmdline = leader.cmdline()
+                return "start" in cmdline and record.name in cmdline and "--block" in cmdline
+            return (abs(leader.create_time() - record.started) < 0.05
+                    and _runs(leader.cmdline(), record.cmdline or []))
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.Error:
+        return False
+    token = str(state.token_path)
+    members = _group_members(record.pgid)
+    return bool(members) and all(_token_path(pid) == token for pid in members)
+
+
 def stop_group(pgid: int, grace_s: float) -> None:
     """SIGTERM the node's `ray start --block` (it shuts its node down in order), then SIGKILL
     whatever of the group is left after `grace_s`; returns once the group is gone."""
@@ -223,7 +275,10 @@ def start_node(state: ClusterState, name: str, cpus: int, *, head: bool,
     with open(state.logs_dir / f"{name}.log", "ab") as log:
         proc = subprocess.Popen(cmd, env=node_env(state), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO_ROOT)
-    record = NodeRecord(name=name, pgid=proc.pid, cpus=cpus)
+    # The start time is the fork's, so it can be read at once; the command line is the one
+    # given to Popen (read back now, it could still be this process's, before the exec).
+    record = NodeRecord(name=name, pgid=proc.pid, cpus=cpus, cmdline=cmd,
+                        started=psutil.Process(proc.pid).create_time())
     state.nodes[name] = record
     state.save()
     return record
@@ -308,8 +363,11 @@ def wait_for_nodes(state: ClusterState, names: list[str], timeout_s: float) -> d
 # --------------------------------------------------------------------------- commands
 
 def head_running(state: ClusterState) -> bool:
+    """The recorded head is still this cluster's `ray start` (group_is_node): never a process
+    group whose id another program got. Its GCS is not asked: a slow answer from a busy
+    machine must not make `up` stop a head that works."""
     head = state.nodes.get("head")
-    return head is not None and group_alive(head.pgid)
+    return head is not None and group_is_node(head, state)
 
 
 def up(state: ClusterState, workers: int, head_cpus: int, worker_cpus: int, dashboard: bool,
@@ -332,7 +390,7 @@ def up(state: ClusterState, workers: int, head_cpus: int, worker_cpus: int, dash
         state.save()
         if not quiet:
             print(f"head node up at {state.address} ({head_cpus} CPU)", flush=True)
-    running = [n for n, r in state.nodes.items() if n != "head" and group_alive(r.pgid)]
+    running = [n for n, r in state.nodes.items() if n != "head" and group_is_node(r, state)]
     started = [add_node(state, worker_cpus, wait=False).name
                for _ in range(max(0, workers - len(running)))]
     wait_for_nodes(state, started, timeout_s)
@@ -358,7 +416,8 @@ def kill_node(state: ClusterState, which: str) -> NodeRecord:
     """SIGKILL every process of one node at once: what a machine crash looks like to Ray."""
     for record in state.nodes.values():
         if which in (record.name, record.node_id):
-            stop_group(record.pgid, grace_s=0)
+            if group_is_node(record, state):
+                stop_group(record.pgid, grace_s=0)
             del state.nodes[record.name]
             state.save()
             return record
@@ -366,11 +425,21 @@ def kill_node(state: ClusterState, which: str) -> NodeRecord:
 
 
 def down(state: ClusterState, quiet: bool = False) -> None:
-    """Stop exactly this cluster's nodes (workers first), remove its Ray temp dir and token."""
+    """Stop exactly this cluster's nodes (workers first), remove its Ray temp dir and token.
+    A node whose process group is gone, or now belongs to another program, is not signalled:
+    it is said to be gone, and its record removed with the rest."""
     for name in sorted(state.nodes, key=lambda n: n == "head"):
-        stop_group(state.nodes[name].pgid, grace_s=5)
+        record = state.nodes[name]
+        if group_is_node(record, state):
+            stop_group(record.pgid, grace_s=5)
+            message = f"stopped {name}"
+        elif group_alive(record.pgid):
+            message = (f"{name} is gone (its process group {record.pgid} now belongs to "
+                       "another program, which was left alone)")
+        else:
+            message = f"{name} is gone (its processes had exited)"
         if not quiet:
-            print(f"stopped {name}", flush=True)
+            print(message, flush=True)
     if state.temp_dir:
         shutil.rmtree(state.temp_dir, ignore_errors=True)
     for path in (state.file, state.token_path, state.state_dir / "env"):
