@@ -28,7 +28,7 @@ from dltrain.train.stage import train
 from dltrain.train.storage import FAILURE_FILE, read_epochs
 
 from helpers.data import make_processed
-from helpers.mlflow import training_runs
+from helpers.mlflow import seed_workspace_store, training_runs
 from helpers.repo import venv_env
 
 RAY_PROCESSES = ("raylet", "gcs_server", "RayTrainWorker", "ray::")
@@ -42,6 +42,7 @@ def params(**train_overrides):
 
 def _workspace(processed_ws: Path, tmp_path: Path) -> Workspace:
     shutil.copytree(processed_ws / "data", tmp_path / "data")
+    seed_workspace_store(tmp_path)
     return Workspace.at(tmp_path)
 
 
