@@ -33,3 +33,14 @@ def fresh_clone(tmp_path: Path) -> Path:
 def processed_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workspace holding tiny processed data (shared: tests must not write into it)."""
     return make_processed(tmp_path_factory.mktemp("processed"))
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server and database for every test of the session that runs the
+    flow (its start-up is the cost, so it is paid once; a generous timeout for a busy
+    machine). Tests share it: each reads back its own flow run's logs and artifacts."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
