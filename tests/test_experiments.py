@@ -13,11 +13,12 @@ import yaml
 
 from dltrain.atomic import read_json
 from dltrain.config import params_from_dict
-from dltrain.paths import experiment_origin
+from dltrain.paths import Workspace, experiment_origin
 from dltrain.registry.mlflow_model import run_model
 from dltrain.registry.register import register
 from dltrain.tracking.runs import EXPERIMENT_TAG
 from dltrain.tracking.store import EXPERIMENT, embedded_tracking_uri
+from dltrain.train.connect import ray_dir
 
 from helpers.data import write_raw_dir
 from helpers.models import evaluated_workspace, replace_weights
@@ -56,6 +57,9 @@ def test_an_experiment_in_a_copy_stands_for_the_repository_it_came_from(tmp_path
     assert experiment_origin(copy, {"DVC_ROOT": str(repo)}) == copy
     assert experiment_origin(copy, {"DVC_EXP_NAME": "tiny"}) == copy
     assert embedded_tracking_uri(copy) == f"sqlite:///{copy.resolve()}/mlruns/mlflow.db"
+    # The warm Ray that `make ray-up` recorded in the repository serves its experiments too.
+    assert ray_dir(Workspace.at(copy), inside) == repo.resolve() / ".ray"
+    assert ray_dir(Workspace.at(copy), {}) == copy / ".ray"
 
 
 # --- register inside an experiment, in-process ---------------------------------------------------
