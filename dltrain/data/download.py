@@ -33,6 +33,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
@@ -89,6 +90,20 @@ class Limits:
         return LimitError(f"not complete after {self.deadline_s:g} s, the time "
                           "data.download_timeout_s allows a file: the source is too slow or "
                           "never ends its body (raise it for a slow link)")
+
+    def chunks(self, read: Callable[[int], bytes], deadline: float) -> Iterator[bytes]:
+        """The body, chunk by chunk, until it ends; LimitError once it passes max_bytes or the
+        deadline (a time.monotonic() value). `read` should be one socket read at a time
+        (read1), so the deadline is checked however slowly the bytes come: read(n) waits until
+        n bytes have arrived."""
+        size = 0
+        while chunk := read(CHUNK):
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise self.too_big("and still sending")
+            if time.monotonic() > deadline:
+                raise self.too_slow()
+            yield chunk
 
 
 @dataclass(frozen=True)
@@ -393,19 +408,13 @@ def _copy(stream: IO[bytes], dest: Path, *, total: int | None, desc: str, progre
     from tqdm import tqdm
 
     md5, sha256, size = hashlib.md5(), hashlib.sha256(), 0
-    # read1: what one socket read brings, so the deadline is checked however slowly the bytes
-    # come (read(n) waits until n bytes have arrived).
-    read = getattr(stream, "read1", stream.read)
+    read = getattr(stream, "read1", stream.read)  # a file:// or local stream has no read1
     # disable=None: tqdm draws only on a terminal, so CI logs get no bar spam.
     with open(dest, "wb") as out, tqdm(total=total, unit="B", unit_scale=True,
                                        unit_divisor=1024, desc=desc, leave=False,
                                        disable=None if progress else True) as bar:
-        while chunk := read(CHUNK):
+        for chunk in limits.chunks(read, deadline):
             size += len(chunk)
-            if size > limits.max_bytes:
-                raise limits.too_big("and still sending")
-            if time.monotonic() > deadline:
-                raise limits.too_slow()
             out.write(chunk)
             md5.update(chunk)
             sha256.update(chunk)

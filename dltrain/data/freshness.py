@@ -302,12 +302,7 @@ def _http_version(url: str, before: dict[str, Any] | None, *, retries: int, back
 
 def _hash_body(response: Any, limits: Limits, deadline: float) -> dict[str, Any]:
     sha256, size = hashlib.sha256(), 0
-    # read1: one socket read at a time, so the deadline is checked however slowly bytes come.
-    while chunk := response.read1(CHUNK):
+    for chunk in limits.chunks(response.read1, deadline):
         size += len(chunk)
-        if size > limits.max_bytes:
-            raise limits.too_big("and still sending")
-        if time.monotonic() > deadline:
-            raise limits.too_slow()
         sha256.update(chunk)
     return {"bytes": size, "sha256": sha256.hexdigest()}
