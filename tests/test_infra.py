@@ -204,6 +204,7 @@ def test_s3_remote_script_refuses_a_non_s3_url(fresh_clone: Path) -> None:
 
 # ----------------------------------------------------------------------------- make deploy
 
+@pytest.mark.integration
 def test_deploy_shows_prefects_error_and_the_api_url_when_the_pool_cannot_be_made(
         tmp_path: Path) -> None:
     """`make deploy` against an API nothing answers at: Prefect's own message and the URL it

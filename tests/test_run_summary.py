@@ -69,7 +69,7 @@ def test_no_reports_yet_says_which_is_missing(tmp_path, capsys):
     assert "no registration yet" in out
 
 
-# --- `make run` itself, with a stand-in for `dvc repro` -------------------------------------
+# --- `make run` itself, with a stand-in for `dvc repro` (subprocesses: the integration tier) --
 
 # DVC's output after a run that changed dvc.lock, as `dvc repro` prints it on stdout.
 DVC_OUTPUT = """Running stage 'evaluate':
@@ -107,6 +107,7 @@ def clone_with_reports(fresh_clone: Path) -> Path:
     return fresh_clone
 
 
+@pytest.mark.integration
 def test_make_run_ends_with_the_summary_not_dvcs_hints(clone_with_reports, tmp_path):
     # The stand-in rewrites the reports, as the evaluate and register stages do.
     touch = "touch reports/metrics.json reports/registration.json"
@@ -121,6 +122,7 @@ def test_make_run_ends_with_the_summary_not_dvcs_hints(clone_with_reports, tmp_p
     assert all(any(cmd in line for line in tail[2:]) for cmd in NEXT), done.stdout
 
 
+@pytest.mark.integration
 def test_make_run_that_changed_nothing_ends_with_one_line(clone_with_reports, tmp_path):
     past = time.time() - 3600
     for path in (clone_with_reports / "reports").iterdir():
@@ -137,6 +139,7 @@ EOF""")
     assert "dvc push" not in done.stdout and "registry:" not in done.stdout
 
 
+@pytest.mark.integration
 def test_make_run_fails_as_dvc_does_with_its_error_and_no_summary(clone_with_reports, tmp_path):
     done = _make_run(clone_with_reports, tmp_path, """echo "Running stage 'train':"
 echo "ERROR: failed to reproduce 'train': failed to run: dltrain train, exited with 1" >&2
