@@ -11,12 +11,13 @@ PYTEST_ARGS ?=
 # Stage commands in dvc.yaml call `dltrain`, `dvc` calls them: both must come from the venv.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help setup data-package run test lint clean-outputs stack-up stack-down deploy deploy-cluster \
+.PHONY: help setup data-package run test test-quick lint clean-outputs stack-up stack-down deploy deploy-cluster \
 	cluster-up cluster-down ray-up ray-down mlflow-ui
 
 help:
 	@echo "make run    set up, run the pipeline (dvc repro), then summarize it (dltrain summary)"
-	@echo "make test   set up, then run the whole test suite"
+	@echo "make test   set up, then run the whole test suite (what CI runs)"
+	@echo "make test-quick  the unit tier only: no Ray, no servers, no subprocess pipelines"
 	@echo "make lint   ruff check, lint-imports (the layers) and deptry (declared dependencies)"
 	@echo "make stack-up    start a local Prefect server + worker (PREFECT_HOME, PREFECT_SERVER_API_PORT), and ray-up;"
 	@echo "                 its Prefect profile dltrain-local becomes the CLI's active profile"
@@ -60,6 +61,12 @@ run: setup
 
 test: setup
 	@pytest $(PYTEST_ARGS)
+
+# The inner loop: every test without the integration or e2e marker (those start Ray, a server
+# or a `dvc repro`/`dltrain` subprocess pipeline).
+QUICK := not integration and not e2e
+test-quick: setup
+	@pytest -m "$(QUICK)" $(PYTEST_ARGS)
 
 lint: setup
 	@ruff check . && lint-imports && deptry .

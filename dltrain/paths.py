@@ -9,12 +9,38 @@ dvc.yaml's outs spell the same paths: tests/test_dvc_deps.py checks that they ag
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 # The Prefect flow run a stage runs in: the flow sets it in the stage's environment, and the
 # registry records it with each alias move.
 FLOW_RUN_ID_ENV = "DLTRAIN_FLOW_RUN_ID"
+
+# DVC sets both in a stage command's environment. DVC_EXP_NAME only inside an experiment
+# (`dvc exp run`): its name. DVC_ROOT: the repository the stage belongs to; for an experiment
+# that runs in a temporary copy (`--temp`, `--queue`), the repository it came from.
+DVC_EXPERIMENT_ENV = "DVC_EXP_NAME"
+DVC_ROOT_ENV = "DVC_ROOT"
+
+
+def dvc_experiment(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The name of the DVC experiment this stage runs in; None outside one."""
+    return environ.get(DVC_EXPERIMENT_ENV) or None
+
+
+def experiment_origin(root: Path, environ: Mapping[str, str] = os.environ) -> Path:
+    """The workspace that `root` stands for: `root` itself, except inside a DVC experiment that
+    runs in a copy of the repository, where it is the same place in the repository the
+    experiment came from (DVC_ROOT). What outlives the run (the embedded MLflow store) belongs
+    there: DVC deletes the copy when the experiment ends."""
+    origin = environ.get(DVC_ROOT_ENV)
+    if not dvc_experiment(environ) or not origin:
+        return Path(root)
+    here = Path(root).resolve()
+    copy = next((p for p in (here, *here.parents) if (p / ".dvc").is_dir()), None)
+    return Path(root) if copy is None else Path(origin).resolve() / here.relative_to(copy)
 
 PARAMS_FILE = "params.yaml"
 RAW_MANIFEST = "manifest.json"  # beside the data set's files: source, sha256, bytes

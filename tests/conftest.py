@@ -33,3 +33,28 @@ def fresh_clone(tmp_path: Path) -> Path:
 def processed_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workspace holding tiny processed data (shared: tests must not write into it)."""
     return make_processed(tmp_path_factory.mktemp("processed"))
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server and database for every test of the session that runs the
+    flow (its start-up is the cost, so it is paid once; a generous timeout for a busy
+    machine). Tests share it: each reads back its own flow run's logs and artifacts."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def session_ray():
+    """The session's own Ray head (helpers.ray: `ray start --head` on loopback, token
+    authentication, a temporary directory), for tests that need a real Ray but do not test
+    starting or stopping one: they connect and disconnect (a workspace whose .ray/env names
+    it, as `make ray-up` writes it). Stopped at the session's end, pass or fail. The tests of
+    Ray's own lifecycle (a private Ray, a killed worker or driver, a user's Ray, the token, the
+    cluster) start their own."""
+    from helpers.ray import ray_head
+
+    with ray_head(num_cpus=2, prefix="sr") as head:
+        yield head

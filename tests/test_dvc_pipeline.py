@@ -106,7 +106,8 @@ def test_offline_debian_copy_a_no_op_repro_runs_only_the_check(fresh_clone: Path
 
 # --- a source directory that changes: the scenario, through training --------------
 
-TINY_TRAIN = {"epochs": 1, "num_workers": 1, "batch_size": 64}
+# Local mode: these tests are about what DVC re-runs, not about Ray.
+TINY_TRAIN = {"epochs": 1, "num_workers": 0, "batch_size": 64}
 
 
 @pytest.fixture(scope="module")

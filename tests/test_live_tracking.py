@@ -2,9 +2,10 @@
 each epoch while training runs, completed by register; and training while MLflow is down.
 
 The first tests drive dltrain.train.live against a real SQLite store without Ray; the
-integration tests train with real Ray (`dltrain train` in a subprocess) and read the store
-while it runs. Restarts (a killed worker, a killed driver) are asserted in the kill tests of
-tests/test_train.py and tests/test_reliability.py.
+integration tests run `dltrain train` in a subprocess (local mode: the tracking is the
+driver's, with a worker group or without) and read the store while it runs. Restarts (a
+killed worker, a killed driver) are asserted in the kill tests of tests/test_train.py and
+tests/test_reliability.py.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dltrain.train.epochlog import EpochLog
 from dltrain.train.storage import EPOCHS_DIR, IDENTITY_FILE, read_epochs, write_epoch
 
 from helpers.data import make_processed
-from helpers.mlflow import free_port, serve_mlflow
+from helpers.mlflow import free_port, seed_workspace_store, serve_mlflow
 from helpers.repo import venv_env
 
 
@@ -56,7 +57,7 @@ def _wait(predicate, timeout_s: float = 60.0, what: str = "") -> None:
         time.sleep(0.1)
 
 
-# ----------------------------------------------------------------------------- no Ray
+# ----------------------------------------------------------------------------- in this process
 
 def test_the_callback_writes_rank_0s_epoch_into_the_run_directory(tmp_path: Path) -> None:
     callback = EpochLog(str(tmp_path), "run")
@@ -79,6 +80,7 @@ def test_a_resumed_training_continues_its_run_and_logs_every_epoch_once(tmp_path
     params = params_from_dict({"train": {"epochs": 4}})
     summary = {"dataset": "fashion-mnist", "data_checksum": "c" * 64}
     lines: list[str] = []
+    seed_workspace_store(ws.root)
     client = _client(embedded_tracking_uri(ws.root))
 
     first = live.LiveRun(params, ws, summary, storage=storage, name="dltrain-x",
@@ -140,13 +142,16 @@ def test_an_unreachable_store_is_one_line_and_nothing_waits(
     assert password not in lines[0] + json.dumps(record)
 
 
-# ----------------------------------------------------------------------------- real Ray
+# ----------------------------------------------------------------------------- dltrain train
 
-def _workspace(tmp_path: Path, epochs: int, n_train: int, **register: Any) -> Path:
+def _workspace(tmp_path: Path, epochs: int, n_train: int, hidden: int = 32,
+               **register: Any) -> Path:
+    """A git workspace whose `dltrain train` runs in local mode (train.num_workers 0): what
+    these tests check is the driver's tracking, the same with a worker group or without."""
     ws = make_processed(tmp_path, n_train=n_train, n_test=200)
     (ws / "params.yaml").write_text(json.dumps({
-        "model": {"hidden_sizes": [32]},
-        "train": {"epochs": epochs, "batch_size": 32, "num_workers": 1, "max_failures": 0},
+        "model": {"hidden_sizes": [hidden]},
+        "train": {"epochs": epochs, "batch_size": 32, "num_workers": 0},
         "register": {"min_accuracy": 0.5, **register}}))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
     subprocess.run(git + ["init", "-q"], cwd=ws, check=True)
@@ -165,11 +170,11 @@ def _evaluate_and_register(ws_root: Path) -> dict[str, Any]:
 @pytest.mark.integration
 def test_epochs_reach_mlflow_while_training_runs_and_register_completes_that_run(
         tmp_path: Path) -> None:
-    epochs = 12
-    ws = _workspace(tmp_path, epochs, n_train=3000)
+    # Epochs long enough (a second or more) that the run is read while it still trains.
+    epochs = 8
+    ws = _workspace(tmp_path, epochs, n_train=12000, hidden=256)
     uri = embedded_tracking_uri(ws)
-    client = _client(uri)
-    client.search_experiments()  # the store's schema, made before the driver connects
+    client = _client(uri)  # the store is there (_workspace): the driver and this test share it
     proc = subprocess.Popen([sys.executable, "-m", "dltrain", "train", "--workspace", str(ws)],
                             env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

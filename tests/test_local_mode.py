@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from dltrain.train.stage import train
 from dltrain.train.storage import FAILURE_FILE, read_epochs
 
 from helpers.data import make_processed
-from helpers.mlflow import training_runs
+from helpers.mlflow import seed_workspace_store, training_runs
 from helpers.repo import venv_env
 
 RAY_PROCESSES = ("raylet", "gcs_server", "RayTrainWorker", "ray::")
@@ -42,6 +41,7 @@ def params(**train_overrides):
 
 def _workspace(processed_ws: Path, tmp_path: Path) -> Workspace:
     shutil.copytree(processed_ws / "data", tmp_path / "data")
+    seed_workspace_store(tmp_path)
     return Workspace.at(tmp_path)
 
 
@@ -205,21 +205,30 @@ def test_a_killed_local_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_local_mode_trains_the_weights_of_a_one_worker_ray_run(
-        processed_ws: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same function, seed and thread count: local mode and a 1-worker Ray Train run
-    (a real private Ray) ship the same weights."""
-    monkeypatch.setenv("DLTRAIN_LIVE_TRACKING", "0")
-    ws = _workspace(processed_ws, tmp_path)
+        processed_ws: Path, tmp_path: Path, session_ray) -> None:
+    """The same function, seed and thread count: local mode and a 1-worker Ray Train run (on
+    the session's running Ray, which the workspace's .ray/env names, as `make ray-up` leaves
+    it) ship the same weights."""
     shipped = {}
     for workers in (0, 1):
-        ray_tmpdir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short socket paths
-        monkeypatch.setenv("RAY_TMPDIR", str(ray_tmpdir))
-        try:
-            report = train(params(num_workers=workers, threads_per_worker=1, max_failures=0,
-                                  ray_address="local"), ws)
-        finally:
-            shutil.rmtree(ray_tmpdir, ignore_errors=True)
+        ws = _workspace(processed_ws, tmp_path / f"workers-{workers}")
+        ws.params_path.write_text(json.dumps({
+            "model": {"hidden_sizes": [64]},
+            "train": {"epochs": 3, "batch_size": 32, "num_workers": workers,
+                      "threads_per_worker": 1, "max_failures": 0, "ray_address": "auto"}}))
+        session_ray.env_file(ws.root / ".ray")
+        env = venv_env(DLTRAIN_LIVE_TRACKING="0")
+        for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN",
+                    "DLTRAIN_RAY_DIR"):
+            env.pop(key, None)
+        done = subprocess.run([sys.executable, "-m", "dltrain", "train", "--workspace",
+                               str(ws.root)], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        report = json.loads(ws.training_report_path.read_text())
         assert report["mode"] == ("local" if workers == 0 else "worker-group")
+        if workers:
+            assert report["nodes"] == [session_ray.node_id]  # the running Ray, not a new one
         shipped[workers] = (load_file(ws.model_path), report["epochs"])
     local, group = shipped[0], shipped[1]
     assert local[0].keys() == group[0].keys()

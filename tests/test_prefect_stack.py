@@ -181,7 +181,8 @@ def test_deploy_and_run_the_pipeline_then_rerun_skips(local_stack, tmp_path):
     assert "Flow run finished in state 'Failed'" in bad.stdout + bad.stderr
 
     source = write_raw_dir(tmp_path / "source")
-    params = {"epochs": 1, "num_workers": 1, "overrides": {"data.source": source.as_uri()}}
+    # Local mode: these runs are about the deployment (its limit, its skips), not about Ray.
+    params = {"epochs": 1, "num_workers": 0, "overrides": {"data.source": source.as_uri()}}
     runs = [_start_deployment(local_stack, params), _start_deployment(local_stack, params)]
     deadline = time.monotonic() + RUN_TIMEOUT_S
     queued = None
@@ -338,6 +339,16 @@ def test_worker_killed_mid_train_then_the_rerun_resumes_from_the_dvc_cache(local
     # it Running (RELIABILITY.md: Prefect's zombie-flow automation).
     state = _flow_run_state(local_stack, run_id)
     assert state == ("CRASHED" if victims == "worker" else "RUNNING")
+    if state == "RUNNING":
+        # What Prefect's "Detect zombie flows" automation does (README's troubleshooting):
+        # mark the run Crashed. Leaving Running frees its deployment's concurrency slot now;
+        # without it the re-run waits in AwaitingConcurrencySlot until the slot's lease,
+        # no longer renewed, runs out (RELIABILITY.md's open points).
+        local_stack.api(f"/flow_runs/{run_id}/set_state", {
+            "state": {"type": "CRASHED", "name": "Crashed",
+                      "message": "its process was killed (marked by the test)"},
+            "force": True})
+        assert _flow_run_state(local_stack, run_id) == "CRASHED"
 
     up = local_stack.stack("up")  # the worker again (the server kept running)
     assert up.returncode == 0 and "starting a process worker" in up.stdout, up.stdout + up.stderr

@@ -19,14 +19,6 @@ from helpers.mlflow import free_port, serve_mlflow
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _files_holding(root: Path, secret: bytes) -> list[str]:
     found = []
     for path in root.rglob("*"):
@@ -39,28 +31,45 @@ def _files_holding(root: Path, secret: bytes) -> list[str]:
     return found
 
 
-def _prefect_texts() -> list[str]:
-    """Everything the Prefect API keeps of the runs: every log line, every artifact, every flow
-    run's parameters and state message."""
+def _prefect_texts(flow_run_id=None) -> list[str]:
+    """Everything the Prefect API keeps of the runs (of flow run `flow_run_id` only, if given:
+    the server is the session's, shared with other tests): every log line, every artifact,
+    every flow run's parameters and state message."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
 
-    def every(read) -> list:  # the API answers a page at a time
+    def every(read, **only) -> list:  # the API answers a page at a time
         items, page = [], 100
         while True:
-            got = read(limit=page, offset=len(items))
+            got = read(limit=page, offset=len(items), **only)
             items += got
             if len(got) < page:
                 return items
 
+    ids = [flow_run_id]
+    one = flow_run_id is not None
     with get_client(sync_client=True) as client:
-        texts = [log.message for log in every(client.read_logs)]
-        texts += [f"{a.key} {a.description} {a.data}" for a in every(client.read_artifacts)]
-        texts += [f"{r.parameters} {r.state.message if r.state else ''}"
-                  for r in every(client.read_flow_runs)]
+        logs = every(client.read_logs, **(
+            {"log_filter": LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids))} if one else {}))
+        artifacts = every(client.read_artifacts, **(
+            {"artifact_filter": ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids))}
+            if one else {}))
+        runs = every(client.read_flow_runs, **(
+            {"flow_run_filter": FlowRunFilter(id=FlowRunFilterId(any_=ids))} if one else {}))
+    texts = [log.message for log in logs]
+    texts += [f"{a.key} {a.description} {a.data}" for a in artifacts]
+    texts += [f"{r.parameters} {r.state.message if r.state else ''}" for r in runs]
     return texts
 
 
-def test_a_planted_password_is_nowhere_at_rest(prefect_api, fresh_clone: Path,
+def test_a_planted_password_is_nowhere_at_rest(prefect_harness, fresh_clone: Path,
                                                tiny_source: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch,
                                                capsys) -> None:
@@ -88,7 +97,7 @@ def test_a_planted_password_is_nowhere_at_rest(prefect_api, fresh_clone: Path,
     # runs against a real server that ignores the login, live tracking included.
     with serve_mlflow(port, tmp_path / "mlflow-store"):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{planted}@127.0.0.1:{port}")
-        state = mt.mnist_training(epochs=1, num_workers=1, workspace=str(fresh_clone),
+        state = mt.mnist_training(epochs=1, num_workers=0, workspace=str(fresh_clone),
                                   overrides={"data.source": tiny_source.as_uri()},
                                   return_state=True)
         assert state.is_completed(), state.message
@@ -100,9 +109,9 @@ def test_a_planted_password_is_nowhere_at_rest(prefect_api, fresh_clone: Path,
     assert (fresh_clone / "dvc.lock").is_file() and (fresh_clone / ".dvc" / "cache").is_dir()
     assert _files_holding(fresh_clone, secret) == []  # workspace, dvc.lock, .dvc/cache, ...
     assert _files_holding(tmp_path / "mlflow-store", secret) == []  # runs, params, artifacts
-    texts = _prefect_texts()
-    assert any("params for this run" in t for t in texts)  # the logs did arrive
-    assert any("mnist-training-summary" in t for t in texts)  # and the summary artifact
-    assert [t for t in texts if planted in t] == []
+    own = _prefect_texts(state.state_details.flow_run_id)
+    assert any("params for this run" in t for t in own)  # the run's logs did arrive
+    assert any("mnist-training-summary" in t for t in own)  # and its summary artifact
+    assert [t for t in _prefect_texts() if planted in t] == []
     out = capsys.readouterr()
     assert planted not in out.out + out.err

@@ -3,7 +3,6 @@ private local Ray, beside a user's own Ray, and on a running one."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -13,9 +12,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -44,6 +42,7 @@ from dltrain.train.storage import FAILURE_FILE, check_storage
 
 from helpers.data import make_processed
 from helpers.mlflow import training_runs
+from helpers.ray import NODE_ID, Head, ray_head
 from helpers.repo import venv_env
 
 
@@ -312,33 +311,32 @@ def test_a_non_finite_loss_stops_the_run_without_retries(processed_ws: Path, tmp
     assert "[FailurePolicy]" not in logs
 
 
-@pytest.mark.integration
 def test_params_edited_while_training_runs_fail_without_outputs(
-        processed_ws: Path, tmp_path: Path, private_ray_tmpdir: Path) -> None:
+        processed_ws: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """train.epochs edited from 3 to 2 in params.yaml while the run trains: it fails naming
     the key and writes neither models/ nor reports/training.json (DVC would record them
-    against epochs 2)."""
+    against epochs 2). In local mode: the check is the stage's, not Ray's."""
+    import dltrain.train.storage as storage
+
     ws = Workspace.at(tmp_path)
     shutil.copytree(processed_ws / "data", tmp_path / "data")
     ws.params_path.write_text("model:\n  hidden_sizes: [64]\ntrain:\n  epochs: 3\n"
-                              "  batch_size: 32\n  num_workers: 1\n  ray_address: local\n")
+                              "  batch_size: 32\n  num_workers: 0\n")
     started = load_params(ws.params_path)
+    keep = storage.keep_checkpoint
 
-    def edit_after_the_first_checkpoint() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if list(ws.ray_results_dir.glob("dltrain-*/epoch_0001")):
-                ws.params_path.write_text(ws.params_path.read_text().replace(
-                    "epochs: 3", "epochs: 2"))
-                return
-            time.sleep(0.05)
+    def edit_after_the_first_checkpoint(run_dir, epoch, save):
+        kept = keep(run_dir, epoch, save)
+        if epoch == 1:  # the run goes on with epochs 2 and 3
+            ws.params_path.write_text(ws.params_path.read_text().replace(
+                "epochs: 3", "epochs: 2"))
+        return kept
 
-    editor = threading.Thread(target=edit_after_the_first_checkpoint, daemon=True)
-    editor.start()
+    monkeypatch.setattr(storage, "keep_checkpoint", edit_after_the_first_checkpoint)
     with pytest.raises(TrainingError, match=r"params.yaml changed while training ran "
                        r"\(train.epochs 3 -> 2\).* re-run `dvc repro train`"):
         train(started, ws, reload=lambda: load_params(ws.params_path))
-    editor.join()
+    assert list(ws.ray_results_dir.glob("dltrain-*/epoch_0003"))  # it trained to the end
     assert not ws.model_path.exists() and not ws.model_card_path.exists()
     assert not ws.training_report_path.exists()
 
@@ -405,11 +403,18 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(tmp_path: Path) -> Non
     assert history == [(e["epoch"], pytest.approx(e["val_accuracy"])) for e in report["epochs"]]
     # Output that is not a terminal (a log, DVC's or Prefect's capture): a line at each step a
     # user waits on, in order, and no colour codes.
+    # Only the orders the code makes: the driver's own lines, and each rank 0's lines (Ray
+    # forwards every worker process' output on its own, so the first worker group's last
+    # lines and the restored group's first ones arrive in either order).
     assert "\x1b[" not in done.stdout
     _in_order(done.stdout, "starting a private local Ray", "Ray ready in",
-              "starting 2 Ray Train workers", "2 workers ready on 1 node", "epoch 1/8  loss",
-              "epoch 2/8  loss", "2 workers ready on 1 node",
+              "starting 2 Ray Train workers", "2 workers ready on 1 node")
+    _in_order(done.stdout, "starting 2 Ray Train workers", "epoch 1/8  loss", "epoch 2/8  loss")
+    _in_order(done.stdout, "starting 2 Ray Train workers",
               "resuming from the checkpoint of epoch", "epoch 8/8  loss")
+    ready = [line for line in done.stdout.splitlines()
+             if line.startswith("2 workers ready on 1 node")]
+    assert len(ready) >= 2, done.stdout  # the first worker group's, and the restored one's
     assert "\ntrained 8 epochs in" in done.stdout
 
 
@@ -436,76 +441,12 @@ def test_worker_failure_without_retries_fails_clearly(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- beside a user's Ray
 
-@dataclass
-class UsersRay:
-    """A `ray start --head` as a user runs one: on loopback, with token authentication, its
-    temp root under RAY_TMPDIR (so a plain ray.init() there finds it, as it finds a user's Ray
-    in /tmp/ray)."""
-    address: str
-    node_id: str
-    tmpdir: Path
-    token_path: Path
-    pgid: int
-
-    def client_env(self, **extra: str) -> dict[str, str]:
-        return venv_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path),
-                        **extra)
-
-    def pids(self) -> set[int]:
-        return {p.pid for p in psutil.process_iter() if _pgid(p.pid) == self.pgid}
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
-
-
-NODE_ID = """
-import os, ray
-ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR", log_to_driver=False)
-print(ray.get_runtime_context().get_node_id(), len(ray.nodes()))
-"""
-
-
 @pytest.fixture(scope="module")
-def users_ray(tmp_path_factory: pytest.TempPathFactory):
-    tmpdir = Path(tempfile.mkdtemp(prefix="ur", dir="/tmp"))  # Ray's socket paths are short
-    token_path = tmpdir / "token"
-    token_path.write_text(secrets.token_hex(32))
-    token_path.chmod(0o600)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = venv_env(RAY_TMPDIR=str(tmpdir), RAY_AUTH_MODE="token",
-                   RAY_AUTH_TOKEN_PATH=str(token_path), RAY_USAGE_STATS_ENABLED="0")
-    start = subprocess.Popen(
-        ["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
-    pgid = start.pid
-    try:
-        out, _ = start.communicate(timeout=180)
-        assert start.returncode == 0, out
-        address = (tmpdir / "ray" / "ray_current_cluster").read_text().strip()
-        probe = subprocess.run([sys.executable, "-c", NODE_ID], capture_output=True, text=True,
-                               timeout=180, env={**env, "RAY_ADDRESS": address})
-        assert probe.returncode == 0, probe.stderr
-        node_id = probe.stdout.split()[-2]
-        yield UsersRay(address, node_id, tmpdir, token_path, pgid)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        while [p for p in psutil.process_iter() if _pgid(p.pid) == pgid]:
-            if time.monotonic() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pgid, signal.SIGKILL)
-                break
-            time.sleep(0.5)
-        shutil.rmtree(tmpdir, ignore_errors=True)
+def users_ray() -> Iterator[Head]:
+    """A `ray start --head` as a user runs one, of this module's own (the tests beside it
+    check that it is left alone): 1 CPU, on loopback, with token authentication."""
+    with ray_head(num_cpus=1, prefix="ur") as head:
+        yield head
 
 
 def _train_cli(ws: Path, env: dict[str, str], *args: str, timeout: float = 600
@@ -517,7 +458,7 @@ def _train_cli(ws: Path, env: dict[str, str], *args: str, timeout: float = 600
 
 @pytest.mark.integration
 def test_the_default_trains_on_a_private_ray_beside_a_users_ray(
-        users_ray: UsersRay, processed_ws: Path, tmp_path: Path) -> None:
+        users_ray: Head, processed_ws: Path, tmp_path: Path) -> None:
     """The collision that broke `dvc repro`: with a user's Ray found by a plain ray.init(),
     the default run starts a Ray of its own and leaves the user's one as it was."""
     shutil.copytree(processed_ws / "data", tmp_path / "data")
@@ -543,7 +484,7 @@ def test_the_default_trains_on_a_private_ray_beside_a_users_ray(
 
 
 @pytest.mark.integration
-def test_auto_trains_on_the_running_warm_ray(users_ray: UsersRay, processed_ws: Path,
+def test_auto_trains_on_the_running_warm_ray(users_ray: Head, processed_ws: Path,
                                              tmp_path: Path) -> None:
     """`auto` with the workspace's warm Ray recorded in .ray/env (what `make ray-up` writes):
     the run's worker is on that head's node, and the head keeps running after it."""
@@ -567,7 +508,7 @@ def test_auto_trains_on_the_running_warm_ray(users_ray: UsersRay, processed_ws: 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("token", ["missing", "wrong"])
-def test_a_cluster_that_refuses_the_token_is_one_line(users_ray: UsersRay, tmp_path: Path,
+def test_a_cluster_that_refuses_the_token_is_one_line(users_ray: Head, tmp_path: Path,
                                                       processed_ws: Path, token: str) -> None:
     shutil.copytree(processed_ws / "data", tmp_path / "data")
     (tmp_path / "params.yaml").write_text(json.dumps({"model": {"hidden_sizes": [64]}}))

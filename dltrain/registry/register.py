@@ -17,6 +17,12 @@ The gate (aliases, not the deprecated stages; dltrain.registry.gate has the rule
   explicit, recorded promotion.
 Aliases move under dltrain.registry.promotion's lock (SQLite) or reconciliation (a server),
 and every move is recorded in the registry's alias history (`dltrain registry history`).
+
+Inside a DVC experiment (`dvc exp run`: DVC names it in the stage's environment) the stage
+registers nothing: an experiment is a question, not a release. It completes the MLflow run,
+tagged with the experiment's name so experiments compare in the MLflow UI, and writes
+registration.json with `registered: false`; the model reaches the registry only from a run
+on the workspace, once the experiment is applied there.
 """
 
 from __future__ import annotations
@@ -32,13 +38,14 @@ from dltrain.config import Params, shorten
 from dltrain.errors import DataError, DiskFullError, ModelError, RegistryError
 from dltrain.evaluate.stage import matches, score_model, split_checksum
 from dltrain.model.weights import load_weights_and_digest
-from dltrain.paths import Workspace
+from dltrain.paths import Workspace, dvc_experiment
 from dltrain.registry import promotion
 from dltrain.registry.candidate import Candidate
 from dltrain.registry.gate import CHAMPION, EPS, Member, Score
 from dltrain.registry.mlflow_model import link_version, run_model
 from dltrain.registry.runlog import log_run
 from dltrain.registry.verify import fetch_checked
+from dltrain.tracking.runs import EXPERIMENT_TAG
 from dltrain.tracking.store import (
     connect,
     display_uri,
@@ -194,6 +201,9 @@ def _register(client: Any, tracking_uri: str, ws: Workspace, params: Params, can
         "champion_version": None, "champion_accuracy": None, "champion_rescored": False,
         "history": [],
     }
+    experiment = dvc_experiment()
+    if experiment is not None:
+        return _log_experiment(client, tracking_uri, ws, params, cand, outcome, experiment)
     model = promotion.registered_model(client, name)
     existing = _same_weights(client, name, cand.weights_sha256) if model is not None else None
     versions = promotion.list_versions(client, name) if model is not None else []
@@ -205,6 +215,18 @@ def _register(client: Any, tracking_uri: str, ws: Workspace, params: Params, can
                                 serialised=serialised)
     return _register_new(client, tracking_uri, ws, params, cand, scorer, outcome, anchor,
                          serialised=serialised, promote_unloadable=promote_unloadable)
+
+
+def _log_experiment(client: Any, tracking_uri: str, ws: Workspace, params: Params,
+                    cand: Candidate, outcome: dict[str, Any], experiment: str
+                    ) -> dict[str, Any]:
+    """A DVC experiment's model: its MLflow run completed and tagged with the experiment, and
+    nothing read from or written to the registry (no version, no alias, no champion scored)."""
+    run_id = log_run(client, tracking_uri, ws, params, cand, params.register.model_name)
+    client.set_tag(run_id, EXPERIMENT_TAG, experiment)
+    client.set_tag(run_id, "dltrain.registered", "false")
+    return {**outcome, "run_id": run_id, "experiment": experiment,
+            "reason": f"experiment {experiment}: not registered"}
 
 
 def _finish_existing(client: Any, name: str, cand: Candidate, scorer: ChampionScorer,
@@ -334,6 +356,13 @@ def register(ws: Workspace, params: Params, *, attempts: int = 4, backoff_s: flo
                 "models/; free some space where the store keeps its artifacts and re-run "
                 "`dltrain register`: it finishes what this run left undone.") from exc
     write_json(ws.registration_path, outcome)
+    if outcome.get("experiment"):
+        name = outcome["experiment"]
+        print(f"register: experiment {name}: test accuracy {cand.accuracy:.4f}, logged to "
+              f"MLflow run {outcome['run_id']}, not registered. To register it: "
+              f"`dvc exp apply {name}`, then `dvc repro -f -s register` (or `dltrain register`) "
+              "in the workspace")
+        return outcome
     where = (f"version {outcome['version']} ({', '.join(outcome['aliases']) or 'no alias'})"
              if outcome["version"] else "not registered")
     print(f"register: {outcome['model_name']} {where}: {outcome['reason']}")

@@ -52,6 +52,7 @@ def experiment_id(client: Any, tracking_uri: str, root: Path) -> str:
 RUN_NAME_TAG = "dltrain.run_name"
 TRAINING_ID_TAG = "dltrain.training_id"
 TRAINING_STATE_TAG = "dltrain.training"  # running, complete, failed, interrupted
+EXPERIMENT_TAG = "dltrain.experiment"  # the DVC experiment the run trained in (`dvc exp run`)
 # Logged with every epoch's batch: its steps are the epochs the run holds already.
 EPOCH_MARK = "val_accuracy"
 # What the train stage logs as params; evaluate's and register's sections are register's to add.

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dltrain.errors import ModelError, RegistryError
+from dltrain.paths import experiment_origin
 from dltrain.urls import redact_text, redact_url
 
 EXPERIMENT = "mnist-training"
@@ -25,12 +26,13 @@ _MODEL_REF = re.compile(r"^models:/(?P<name>[^@/]+)@(?P<alias>[\w-]+)$")
 
 
 def embedded_tracking_uri(root: Path) -> str:
-    """The default store: SQLite inside the repo, in the git-ignored mlruns/."""
-    return f"sqlite:///{Path(root).resolve() / 'mlruns' / 'mlflow.db'}"
+    """The default store: SQLite inside the repo, in the git-ignored mlruns/ (the repository's
+    own for a DVC experiment run in a temporary copy: dltrain.paths.experiment_origin)."""
+    return f"sqlite:///{experiment_origin(root).resolve() / 'mlruns' / 'mlflow.db'}"
 
 
 def embedded_artifact_uri(root: Path) -> str:
-    return (Path(root).resolve() / "mlruns" / "artifacts").as_uri()
+    return (experiment_origin(root).resolve() / "mlruns" / "artifacts").as_uri()
 
 
 def resolve_tracking_uri(configured: str | None, root: Path) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dltrain.errors import DltrainError
-from dltrain.paths import Workspace
+from dltrain.paths import Workspace, experiment_origin
 
 LOCAL, AUTO = "local", "auto"
 # Where `make ray-up` keeps the warm head's address and token (infra/local-cluster/cluster.py).
@@ -56,7 +56,9 @@ class RayTarget:
 
 
 def ray_dir(ws: Workspace, environ: Mapping[str, str] = os.environ) -> Path:
-    return Path(environ.get(RAY_DIR_ENV) or ws.root / ".ray")
+    """Where `make ray-up` records its warm Ray: the repository's, also for a DVC experiment
+    run in a temporary copy of it (dltrain.paths.experiment_origin)."""
+    return Path(environ.get(RAY_DIR_ENV) or experiment_origin(ws.root, environ) / ".ray")
 
 
 def read_env_file(path: Path) -> dict[str, str]:

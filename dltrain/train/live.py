@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dltrain.config import Params
-from dltrain.paths import Workspace
+from dltrain.paths import Workspace, dvc_experiment
 from dltrain.tracking import runs as tracking
 from dltrain.tracking.store import display_uri, redact, resolve_tracking_uri
 from dltrain.train import storage as run_storage
@@ -194,6 +194,7 @@ class LiveRun:
         commit = git_commit(self.ws.root)
         tags = {tracking.RUN_NAME_TAG: self.name, tracking.TRAINING_ID_TAG: self.training_id,
                 tracking.TRAINING_STATE_TAG: "running",
+                tracking.EXPERIMENT_TAG: dvc_experiment(),
                 "dataset": self.summary.get("dataset"),
                 "data_checksum": self.summary.get("data_checksum"),
                 # Local mode (0 workers) is one process: world size 1.

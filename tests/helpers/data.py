@@ -54,15 +54,19 @@ def write_raw_dir(path: Path, n_train: int = 600, n_test: int = 200, gz: bool = 
 def make_processed(root: Path, n_train: int = 600, n_test: int = 200,
                    dataset: str = "fashion-mnist") -> Path:
     """A workspace under `root` with data/raw and data/processed made by the real download and
-    preprocess stages from a tiny synthetic source."""
+    preprocess stages from a tiny synthetic source, and an empty embedded MLflow store (the
+    training's live tracking writes there)."""
     from dltrain.data.download import download
     from dltrain.data.preprocess import preprocess
+
+    from helpers.mlflow import seed_workspace_store
 
     source = write_raw_dir(root / "source", n_train=n_train, n_test=n_test)
     ws = root / "ws"
     download(dataset, str(source), ws / "data" / "raw", progress=False)
     preprocess(ws / "data" / "raw", ws / "data" / "processed", dataset=dataset,
                val_fraction=0.1, seed=0)
+    seed_workspace_store(ws)
     return ws
 
 

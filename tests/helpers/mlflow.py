@@ -1,17 +1,21 @@
-"""Test helpers: a real `mlflow server` on loopback, and a fault-injecting HTTP proxy to put in
-front of it (an error status for chosen requests, or a request held until the test releases
-it), so that registry faults are injected into the real client and server."""
+"""Test helpers: an empty MLflow SQLite store made once and copied where a test needs one, a
+real `mlflow server` on loopback, and a fault-injecting HTTP proxy to put in front of it (an
+error status for chosen requests, or a request held until the test releases it), so that
+registry faults are injected into the real client and server."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -25,6 +29,35 @@ from pathlib import Path
 Rule = Callable[[str, str, dict | None], "int | threading.Event | None"]
 
 
+@functools.cache
+def _empty_store() -> Path:
+    """An MLflow SQLite store that MLflow has created and migrated, holding nothing else; made
+    once per test process (creating a store runs every schema migration, the slow part of a
+    test's first MLflow call) and removed with the process' temporary directory."""
+    from mlflow import MlflowClient
+
+    folder = tempfile.TemporaryDirectory(prefix="mlflow-empty-")
+    db = Path(folder.name) / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    _empty_store.folder = folder  # kept alive as long as the cache
+    return db
+
+
+def seed_store(db: Path) -> Path:
+    """A copy of the empty migrated store at `db` (e.g. a workspace's mlruns/mlflow.db, the
+    embedded store), as MLflow would create it on first use; an existing store is kept."""
+    db = Path(db)
+    if not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_empty_store(), db)
+    return db
+
+
+def seed_workspace_store(root: Path) -> Path:
+    """The workspace's embedded store (mlruns/mlflow.db under `root`), seeded empty."""
+    return seed_store(Path(root) / "mlruns" / "mlflow.db")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -36,6 +69,7 @@ def serve_mlflow(port: int, store: Path) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1:`port` with its SQLite store in `store`; stopped
     when the block ends, pass or fail."""
     store.mkdir(exist_ok=True)
+    seed_store(store / "mlflow.db")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
