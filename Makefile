@@ -15,7 +15,7 @@ export PATH := $(BIN):$(PATH)
 	cluster-up cluster-down ray-up ray-down mlflow-ui
 
 help:
-	@echo "make run    set up, then run the pipeline (dvc repro)"
+	@echo "make run    set up, run the pipeline (dvc repro), then summarize it (dltrain summary)"
 	@echo "make test   set up, then run the whole test suite (what CI runs)"
 	@echo "make test-quick  the unit tier only: no Ray, no servers, no subprocess pipelines"
 	@echo "make lint   ruff check, lint-imports (the layers) and deptry (declared dependencies)"
@@ -49,8 +49,15 @@ data-package:
 	  fi; \
 	fi
 
+# The run ends with dltrain's summary, not with DVC's advice to `git add` and `dvc push`: those
+# lines (and blank ones) are dropped from DVC's stdout; its errors, on stderr, are not. The
+# filter ignores Ctrl-C, so that it passes on what DVC prints while it stops; the run fails as
+# DVC does, and then prints no summary.
+DVC_HINTS := ^([[:space:]]*|To track the changes with git.*|To enable auto staging.*|[[:space:]]+git add .*|[[:space:]]+dvc config core.autostage.*|Use `dvc push`.*)$$
 run: setup
-	@dvc repro
+	@start=$$(date +%s); set -o pipefail; \
+	  dvc repro | { trap '' INT; grep --line-buffered -v -E '$(DVC_HINTS)' || true; } && \
+	  echo && dltrain summary --since $$start
 
 test: setup
 	@pytest $(PYTEST_ARGS)

@@ -122,6 +122,44 @@ def cmd_predict(args: argparse.Namespace) -> None:
                     tracking_uri=args.tracking_uri)
 
 
+def _report(path: Path) -> dict[str, Any]:
+    """A JSON report as a mapping; empty if it is missing or unreadable."""
+    from dltrain.atomic import read_json
+
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def summary_lines(ws: Workspace, since: float | None = None) -> list[str]:
+    """What `make run` ends with: the test accuracy, the registry's outcome and where to look
+    next; one line if no stage wrote a report at or after `since` (a Unix time)."""
+    metrics, reg = _report(ws.metrics_path), _report(ws.registration_path)
+    acc = metrics.get("accuracy")
+    accuracy = (f"test accuracy {acc:.4f}" if isinstance(acc, (int, float)) else
+                f"no test accuracy yet ({ws.metrics_path.relative_to(ws.root)} is missing)")
+    version = (f"{reg.get('model_name')} version {reg['version']}"
+               + (f" ({', '.join(reg['aliases'])})" if reg.get("aliases") else "")
+               if reg.get("version") is not None else "no registered version")
+    reports = (ws.training_report_path, ws.metrics_path, ws.registration_path)
+    if since is not None and not any(p.is_file() and p.stat().st_mtime >= since for p in reports):
+        return [f"dltrain: nothing changed, every stage is up to date: {accuracy}; {version}"]
+    what = ("registered a new version" if reg.get("new_version") else
+            "already registered" if reg.get("registered") else "not registered")
+    return [f"dltrain: {accuracy}",
+            f"  registry: {what}: {version}" + (f"; {reg['reason']}" if reg.get("reason") else "")
+            if reg else "  registry: no registration yet (the register stage did not run)",
+            "  next: dvc metrics show           the test figures",
+            "        make mlflow-ui             the runs and model versions",
+            "        dltrain predict IMAGE.png  classify with the trained model"]
+
+
+def cmd_summary(args: argparse.Namespace) -> None:
+    print("\n".join(summary_lines(Workspace.at(args.workspace), args.since)))
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workspace", default=".", metavar="DIR",
                         help="the pipeline's root directory (default: the current directory)")
@@ -210,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG images or an IDX file")
     p.set_defaults(func=cmd_predict)
+    help_text = "the last pipeline run's outcome: test accuracy, registry, where to look next"
+    p = sub.add_parser("summary", help=help_text, description=help_text)
+    p.add_argument("--workspace", default=".", metavar="DIR",
+                   help="the pipeline's root directory (default: the current directory)")
+    p.add_argument("--since", type=float, default=None, metavar="UNIX_TIME",
+                   help="when the run started: if no stage wrote a report since, say that "
+                        "nothing changed, in one line")
+    p.set_defaults(func=cmd_summary)
     return parser
 
 

@@ -14,7 +14,7 @@ import math
 import re
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -266,7 +266,19 @@ def describe_error(exc: ValidationError) -> str:
     template = _EXPECTED.get(kind)
     expected = template.format(**error.get("ctx", {})) if template else error["msg"]
     word = "type" if kind.endswith(("_type", "_parsing")) else "value"
-    return f"invalid {word} for {key}: {quote(value)}; expected {expected}"
+    near = _nearest_choice(loc, value) if kind == "literal_error" else None
+    return (f"invalid {word} for {key}: {quote(value)}"
+            + (f" (did you mean {near!r}?)" if near else "") + f"; expected {expected}")
+
+
+def _nearest_choice(loc: list[Any], value: Any) -> str | None:
+    """The choice of a key with a fixed set of values (data.dataset) nearest to `value`."""
+    if len(loc) != 2 or not isinstance(value, str) or loc[0] not in Params.model_fields:
+        return None
+    field = Params.model_fields[str(loc[0])].annotation.model_fields.get(str(loc[1]))
+    choices = [str(choice) for choice in get_args(field.annotation)] if field else []
+    near = difflib.get_close_matches(value.lower(), choices, n=1)
+    return near[0] if near else None
 
 
 def _unknown(loc: list[Any]) -> str:

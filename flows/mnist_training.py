@@ -203,15 +203,14 @@ def run_pipeline(ws: Workspace, logger: logging.Logger | logging.LoggerAdapter) 
     if not changed_stages(rest, ws.root):
         logger.info("skipped: data unchanged, and DVC finds every stage up to date")
         return outcomes | {stage: "skipped" for stage in rest}
-    for stage in rest:
-        outcomes[stage] = TASKS[stage](str(ws.root))
-    return outcomes
+    return outcomes | {stage: TASKS[stage](str(ws.root)) for stage in rest}  # in order
 
 
 def one_line(record: logging.LogRecord) -> bool:
-    """No traceback for an error dltrain raises on purpose (it names the cause and the fix)."""
+    """No traceback for an error of dltrain's own (its one line says it all), nor a repeat."""
     if record.exc_info and isinstance(record.exc_info[1], DltrainError):
         record.exc_info, record.exc_text = None, None
+        return record.name != "prefect.flow_runs"
     return True
 
 

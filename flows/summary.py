@@ -32,11 +32,12 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def headline(outcomes: dict[str, str]) -> str:
-    """Which happened: skipped (nothing after the check ran), retrained or ran."""
-    if all(outcome == "skipped" for outcome in list(outcomes.values())[1:]):
+    """What the run did, then why: the first stage after the check that DVC did not skip."""
+    first = next((stage for stage, done in list(outcomes.items())[1:] if done != "skipped"), "")
+    if not first:
         return "**skipped: data unchanged**: DVC finds every stage up to date"
-    data = "changed" if outcomes.get("download") == "ran" else "unchanged"
-    return f"**{'retrained' if outcomes.get('train') == 'ran' else 'ran'}: data {data}**"
+    why = {"download": "the data changed"}.get(first, f"{first}'s code or params changed")
+    return f"**{'retrained' if outcomes.get('train') == 'ran' else 'ran'}: {why}**"
 
 
 def data_lines(ws: Workspace) -> list[str]:

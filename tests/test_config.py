@@ -279,12 +279,28 @@ def test_the_float_keys_are_all_found():
     ({"train": {"learningrate": 0.1}}, "did you mean train.learning_rate?"),
     ({"trian": {}}, "did you mean 'train'?"),
     ({"regster": {}}, "did you mean 'register'?"),
+    ({"data": {"dataset": "mnsit"}}, "'mnsit' (did you mean 'mnist'?); expected one of"),
+    ({"data": {"dataset": "Fashion_MNIST"}}, "(did you mean 'fashion-mnist'?)"),
 ])
 def test_unknown_keys_suggest_the_nearest_one(raw, hint):
     with pytest.raises(ConfigError) as info:
         params_from_dict(raw)
     assert hint in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_data_set_name_far_from_any_suggests_none_and_lists_them():
+    with pytest.raises(ConfigError) as info:
+        params_from_dict({"data": {"dataset": "cifar10"}})
+    assert "did you mean" not in str(info.value) and "'fashion-mnist' or 'mnist'" in str(info.value)
+
+
+def test_the_data_set_check_suggests_the_nearest_name():
+    from dltrain.data.datasets import check_dataset_name
+
+    with pytest.raises(ConfigError, match=r"'fashion_mnist' for data\.dataset \(did you mean "
+                                          r"'fashion-mnist'\?\); expected one of: mnist, "):
+        check_dataset_name("fashion_mnist")
 
 
 def test_negative_seeds_are_refused_before_any_work():

@@ -337,9 +337,11 @@ SKIPPED = {"check": "ran", **{s: "skipped" for s in mt.STAGES[1:]}}
 
 @pytest.mark.parametrize("outcomes, line", [
     (SKIPPED, "**skipped: data unchanged**"),
-    ({s: "ran" for s in mt.STAGES}, "**retrained: data changed**"),
-    ({**SKIPPED, "train": "ran", "evaluate": "ran"}, "**retrained: data unchanged**"),
-    ({**SKIPPED, "evaluate": "ran"}, "**ran: data unchanged**"),
+    ({s: "ran" for s in mt.STAGES}, "**retrained: the data changed**"),
+    ({**SKIPPED, "preprocess": "ran", "train": "ran"}, "**retrained: preprocess's code or params"),
+    ({**SKIPPED, "train": "ran", "evaluate": "ran"}, "**retrained: train's code or params changed"),
+    ({**SKIPPED, "train": "restored"}, "**ran: train's code or params changed"),
+    ({**SKIPPED, "evaluate": "ran"}, "**ran: evaluate's code or params changed**"),
 ])
 def test_the_headline_says_what_the_run_did(outcomes, line):
     assert headline(outcomes).startswith(line)
@@ -644,6 +646,27 @@ def test_flow_rejects_a_bad_override_before_any_stage(prefect_harness, fresh_clo
     assert dvc_lock_text(fresh_clone) == lock
     assert not (fresh_clone / "data" / "raw").exists()
     assert (fresh_clone / "params.yaml").read_text() == params_before
+
+
+@pytest.mark.integration
+def test_a_bad_parameter_fails_a_deployment_run_in_one_line(prefect_harness, fresh_clone):
+    """Run by Prefect's engine, as a worker runs a deployment's flow run: the user's bad value
+    ends the run Failed with its one line, and nothing in the log reads like a crash."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    mt.mnist_training.to_deployment(name="bad-input").apply()
+    run = run_deployment("mnist-training/bad-input", timeout=0,
+                         parameters={"epochs": -1, "workspace": str(fresh_clone)})
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    done = subprocess.run([sys.executable, "-m", "prefect", "flow-run", "execute", str(run.id)],
+                          cwd=mt.REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert "unexpected exception" not in done.stdout + done.stderr, done.stdout + done.stderr
+    logs = _run_logs(run.id)
+    said = [m for m in logs if "train.epochs" in m and not m.startswith("Finished in state")]
+    assert len(said) == 1 and said[0].startswith("invalid value for train.epochs: -1"), logs
+    assert any(m.startswith("Finished in state Failed") for m in logs), logs
+    assert not [m for m in logs if "unexpected exception" in m or "Traceback" in m], logs
 
 
 @pytest.mark.integration

@@ -202,6 +202,30 @@ def test_s3_remote_script_refuses_a_non_s3_url(fresh_clone: Path) -> None:
     assert out.returncode == 2 and "usage:" in out.stderr
 
 
+# ----------------------------------------------------------------------------- make deploy
+
+@pytest.mark.integration
+def test_deploy_shows_prefects_error_and_the_api_url_when_the_pool_cannot_be_made(
+        tmp_path: Path) -> None:
+    """`make deploy` against an API nothing answers at: Prefect's own message and the URL it
+    used (its credentials left out), not a bare `Error 1`."""
+    import socket
+
+    with socket.socket() as sock:  # a loopback port that was free a moment ago: closed now
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    done = subprocess.run(
+        [str(INFRA / "prefect" / "deploy.sh"), "local"], capture_output=True, text=True,
+        env=venv_env(PREFECT_API_URL=url.replace("//", "//user:secret@"),
+                     PREFECT_HOME=str(tmp_path / "prefect-home")), timeout=180)
+    assert done.returncode != 0
+    out = done.stdout + done.stderr
+    assert f"could not create work pool dltrain-local at the Prefect API {url}:" in out, out
+    assert "ConnectError: All connection attempts failed" in out, out  # Prefect's message
+    assert "secret" not in out and "Traceback" not in out, out
+
+
 # ----------------------------------------------------------------------------- secrets
 
 SECRET_PATTERNS = [

@@ -96,6 +96,16 @@ def test_local_mode_trains_in_this_process_with_outputs_and_live_tracking(
     assert report["mlflow"]["unsent_epochs"] is None
 
 
+def test_one_epoch_is_said_in_the_singular(processed_ws: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DLTRAIN_LIVE_TRACKING", "0")
+    train(params(epochs=1), _workspace(processed_ws, tmp_path))
+    out = capsys.readouterr().out
+    assert ", 1 epoch, global batch" in out and "\ntrained 1 epoch in " in out, out
+    assert "1 epochs" not in out, out
+
+
 def test_a_non_finite_loss_stops_at_that_epoch(processed_ws: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DLTRAIN_LIVE_TRACKING", "0")

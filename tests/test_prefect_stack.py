@@ -558,7 +558,7 @@ def test_scheduled_retraining_skips_unchanged_data_in_seconds_and_retrains_on_ne
           f"(start to end), {_from_pickup(local_stack, run):.1f} s from the worker's pickup, "
           f"`prefect deployment run --watch` {time.monotonic() - started:.1f} s")
     summary = _latest_summary(local_stack)
-    assert "**retrained: data changed**" in summary, summary
+    assert "**retrained: the data changed**" in summary, summary
     for stage in ("download", "preprocess", "train", "evaluate", "register"):
         assert f"| {stage} | ran |" in summary, summary
     assert "train: 270 samples" in summary  # 300 new images, 10% to val

@@ -8,6 +8,7 @@ so it is imported only when a data set's spec is asked for, never at module impo
 
 from __future__ import annotations
 
+import difflib
 import functools
 from dataclasses import dataclass
 
@@ -86,8 +87,10 @@ def dataset_names() -> tuple[str, ...]:
 
 def check_dataset_name(name: str) -> None:
     if name not in _TORCHVISION_CLASS:
-        raise ConfigError(f"unknown data set {name!r} (data.dataset); expected one of: "
-                          + ", ".join(_TORCHVISION_CLASS))
+        near = difflib.get_close_matches(str(name).lower(), _TORCHVISION_CLASS, n=1)
+        raise ConfigError(f"unknown data set {name!r} for data.dataset"
+                          + (f" (did you mean {near[0]!r}?)" if near else "")
+                          + "; expected one of: " + ", ".join(_TORCHVISION_CLASS))
 
 
 def content_md5s(name: str) -> dict[str, str]:

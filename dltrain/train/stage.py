@@ -72,6 +72,11 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+def plural(n: int, noun: str) -> str:
+    """`1 epoch`, `3 epochs`."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def train(params: Params, ws: Workspace, *, resume: str = "auto",
           reload: Callable[[], Params] | None = None) -> dict[str, Any]:
     """Train with Ray Train and write models/model.safetensors, models/model.json and
@@ -122,7 +127,8 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto",
         loop_cfg = _loop_config(params, ws, t.threads_per_worker or cpus_per_worker)
         say(f"Ray ready in {connect_s:.1f}s (Ray {ray.__version__}); training "
             f"{params.data.dataset}: {t.num_workers} worker(s) x {cpus_per_worker} CPU, "
-            f"{'GPU' if t.use_gpu else 'CPU'}, {t.epochs} epochs, global batch {t.batch_size}"
+            f"{'GPU' if t.use_gpu else 'CPU'}, {plural(t.epochs, 'epoch')}, "
+            f"global batch {t.batch_size}"
             + (f"; resuming run {name} from its latest checkpoint" if resuming else ""))
         trainer_import.join()
         # The longest silent wait of a run: new processes each import PyTorch and join the
@@ -199,7 +205,7 @@ def _train_in_process(params: Params, ws: Workspace, summary: dict[str, Any], st
     say(f"training {params.data.dataset} in this process (Ray Train local mode, Ray "
         f"{ray.__version__}, PyTorch {torch.__version__.split('+')[0]}): {threads} "
         f"thread{'s' if threads > 1 else ''}, {'GPU' if t.use_gpu else 'CPU'}, "
-        f"{t.epochs} epochs, global batch {t.batch_size}"
+        f"{plural(t.epochs, 'epoch')}, global batch {t.batch_size}"
         + (f"; resuming run {name} from its latest checkpoint" if resume_from else ""))
     if tracker is not None:
         tracker.wait_open()  # see live.OPEN_WAIT_S
@@ -258,7 +264,7 @@ def _finish(params: Params, ws: Workspace, summary: dict[str, Any], checkpoint: 
 
 def _say_trained(report: dict[str, Any], ws: Workspace, overhead: str) -> None:
     best = next(e for e in report["epochs"] if e["epoch"] == report["best_epoch"])
-    say(f"trained {len(report['epochs'])} epochs in {report['wall_time_s']:.1f}s "
+    say(f"trained {plural(len(report['epochs']), 'epoch')} in {report['wall_time_s']:.1f}s "
         f"({report['samples_per_s']:.0f} samples/s, {overhead} "
         f"{report['ray_overhead_s']:.1f}s); best val_acc {best['val_accuracy']:.4f} at epoch "
         f"{best['epoch']}; wrote {ws.model_path.relative_to(ws.root)}")

@@ -30,10 +30,23 @@ case "${1:-local}" in
   *) echo "usage: $0 [local|cluster]" >&2; exit 2 ;;
 esac
 
+# The API these commands use, as Prefect resolves it, with any user:password@ left out.
+api_url() {
+  local url="${PREFECT_API_URL:-}"
+  [ -n "$url" ] || url="$(grep -m1 "^PREFECT_API_URL=" <<<"${view:-}" | cut -d= -f2- | cut -d"'" -f2)"
+  sed -E 's#//[^/@]*@#//#' <<<"${url:-none set}"
+}
+
 if prefect work-pool inspect "$pool" >/dev/null 2>&1; then
   echo "work pool $pool: exists"
-else
-  prefect work-pool create "$pool" --type process >/dev/null
+elif out="$(prefect work-pool create "$pool" --type process 2>&1)"; then
   echo "work pool $pool: created"
+else
+  # Prefect's own message, without its traceback's frames (the exception lines stay).
+  msg="$(grep -v -E '^(Traceback |[[:space:]]|During handling|The above exception|$)' <<<"$out" || true)"
+  echo "deploy: could not create work pool $pool at the Prefect API $(api_url):" >&2
+  echo "${msg:-$out}" >&2
+  echo "deploy: is the server up (make stack-up) and is PREFECT_API_URL right?" >&2
+  exit 1
 fi
 prefect --no-prompt deploy --name "$deployment"
