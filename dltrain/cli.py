@@ -153,8 +153,10 @@ def _add_registry(sub: Any) -> None:
     h.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     h.set_defaults(func=cmd_registry_history)
     r = actions.add_parser("rollback", help="move champion back to an earlier version",
-                           description="Move champion back (default: to the champion before "
-                                       "the current one was promoted) and record the move.")
+                           description="Move champion back (default: to the champion the "
+                                       "current one replaced, as the history records it, so "
+                                       "a second rollback undoes the first) and record the "
+                                       "move.")
     _common(r)
     r.add_argument("--to", type=int, default=None, metavar="VERSION",
                    help="the version to make champion")
