@@ -119,7 +119,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from dltrain.registry.predict import predict_command
 
     predict_command(args.model, [Path(p) for p in args.inputs], as_json=args.json,
-                    tracking_uri=args.tracking_uri)
+                    tracking_uri=args.tracking_uri, workspace=Path(args.workspace))
 
 
 def _report(path: Path) -> dict[str, Any]:
@@ -191,8 +191,10 @@ def _add_registry(sub: Any) -> None:
     h.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     h.set_defaults(func=cmd_registry_history)
     r = actions.add_parser("rollback", help="move champion back to an earlier version",
-                           description="Move champion back (default: to the champion before "
-                                       "the current one was promoted) and record the move.")
+                           description="Move champion back (default: to the champion the "
+                                       "current one replaced, as the history records it, so "
+                                       "a second rollback undoes the first) and record the "
+                                       "move.")
     _common(r)
     r.add_argument("--to", type=int, default=None, metavar="VERSION",
                    help="the version to make champion")
@@ -239,12 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_registry(sub)
     p = sub.add_parser("predict", help="classify PNG images or an IDX file with a model",
                        description="Classify PNG images or an IDX file with a model.")
-    p.add_argument("--model", default=str(Workspace(Path()).model_path),
+    p.add_argument("-C", "--workspace", default=".", metavar="DIR",
+                   help="the workspace whose model and registry to use, as `git -C` names a "
+                        "repository from elsewhere (default: the current directory); "
+                        "--model paths and inputs stay relative to the current directory")
+    p.add_argument("--model", default=None,
                    help="a weights file (its card beside it) or "
-                        "models:/<name>@<alias> (default: %(default)s)")
+                        "models:/<name>@<alias> (default: "
+                        f"WORKSPACE/{Workspace(Path()).model_path})")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI for models:/ references "
-                        "(default: MLFLOW_TRACKING_URI, else the embedded SQLite store)")
+                        "(default: MLFLOW_TRACKING_URI, else the workspace's embedded SQLite "
+                        "store)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG images or an IDX file")
     p.set_defaults(func=cmd_predict)

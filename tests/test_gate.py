@@ -144,12 +144,14 @@ def test_history_entries_round_trip_and_sort_by_time(monkeypatch) -> None:
     assert "0.8000" in lines[2] and "0.9000" in lines[2] and "0f1e2d3c" in lines[2]
 
 
-def test_previous_champion_follows_promotions_not_rollbacks() -> None:
+def test_previous_champion_is_the_one_the_current_replaced_last() -> None:
     def entry(alias, before, after, action="register"):
         return history.Entry("t", alias, before, after, action, "r")
 
     entries = [entry(CHAMPION, None, 1), entry(CHAMPION, 1, 2), entry(CHALLENGER, None, 1),
                entry(CHAMPION, 2, 3), entry(CHAMPION, 3, 2, "rollback")]
+    assert previous_champion(entries, 2) == 3  # a second rollback undoes the first
     assert previous_champion(entries, 3) == 2
-    assert previous_champion(entries, 2) == 1  # a second rollback goes one step further back
-    assert previous_champion(entries, 1) is None
+    assert previous_champion(entries, 1) is None  # the first champion replaced none
+    # A version made champion only by a rollback goes back to the one it replaced.
+    assert previous_champion([*entries, entry(CHAMPION, 2, 1, "rollback")], 1) == 2

@@ -25,7 +25,7 @@ from dltrain.registry.predict import load_inputs, predict_command
 from dltrain.registry.register import register
 from dltrain.tracking.store import embedded_tracking_uri
 
-from helpers.models import evaluated_workspace
+from helpers.models import evaluated_workspace, write_params
 from helpers.payload import Payload
 from helpers.repo import venv_env
 
@@ -119,6 +119,7 @@ def test_registry_reference_resolves_the_champion(ws: Workspace, pngs: list[Path
                  str(pngs[0])]) == 1
     err = capsys.readouterr().err
     assert "models:/mnist-mlp@nobody" in err and "no such model version" in err
+    assert "aliases of mnist-mlp: @champion (version 1)" in err
 
 
 @pytest.mark.parametrize("payload", [
@@ -162,7 +163,85 @@ def test_pickle_payload_is_refused_and_never_runs(ws: Workspace, pngs: list[Path
 def test_missing_model_is_a_clear_error(pngs: list[Path], tmp_path: Path,
                                         capsys: pytest.CaptureFixture) -> None:
     assert main(["predict", "--model", str(tmp_path / "none.safetensors"), str(pngs[0])]) == 1
-    assert "none.json" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"model file not found: {tmp_path / 'none.safetensors'};" in err
+
+
+def test_a_missing_model_path_is_named_as_given_with_a_fix_that_fits(
+        pngs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """A path outside the workspace's models/: DVC cannot restore it, so no `dvc checkout`."""
+    write_params(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", "--model", "elsewhere/nothere.safetensors", str(pngs[0])]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dltrain predict: error: model file not found: "
+                          f"elsewhere/nothere.safetensors (relative to {tmp_path}); ")
+    assert "nothere.json" not in err and "dvc checkout" not in err
+    assert len(err.strip().splitlines()) == 1
+
+    # Weights without their card: the card is named, as the user would spell it.
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(pngs[0], tmp_path / "elsewhere" / "nothere.safetensors")
+    assert main(["predict", "--model", "elsewhere/nothere.safetensors", str(pngs[0])]) == 1
+    err = capsys.readouterr().err
+    assert ("elsewhere/nothere.safetensors has no model card beside it: elsewhere/nothere.json "
+            f"(relative to {tmp_path}) is missing") in err
+    assert "dvc checkout" not in err
+
+
+def test_the_workspace_model_missing_advises_restoring_it(
+        pngs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    write_params(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", str(pngs[0])]) == 1
+    err = capsys.readouterr().err
+    assert (f"model file not found: models/model.safetensors (the default model, in {tmp_path});"
+            " restore it from DVC's cache (`dvc checkout models`)") in err
+
+
+def test_outside_the_workspace_predict_says_so_and_C_names_it(
+        ws: Workspace, pngs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """Run elsewhere, the model that exists in the workspace is not called missing: predict
+    says the folder is no workspace and how to name one (-C), and -C DIR works from there."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(pngs[0], tmp_path / "digit.png")
+    assert main(["predict", "digit.png"]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is not a dltrain workspace" in err and "-C DIR" in err
+    assert "dvc checkout" not in err and "not found" not in err
+
+    for flag in ("-C", "--workspace"):
+        assert main(["predict", flag, str(ws.root), "--json", "digit.png"]) == 0
+        [result] = json.loads(capsys.readouterr().out)
+        assert result["path"] == "digit.png"  # inputs stay relative to the current directory
+
+    # In a folder inside a workspace, the workspace above is named.
+    monkeypatch.chdir(pngs[0].parent)
+    assert main(["predict", pngs[0].name]) == 1
+    assert f"pass `-C {ws.root}`" in capsys.readouterr().err
+
+
+def test_one_unreadable_input_costs_only_its_own_result(
+        ws: Workspace, pngs: list[Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"plain text, not an image")
+    missing = tmp_path / "missing.png"
+    assert main(["predict", "--model", str(ws.model_path), str(pngs[0]), str(bad),
+                 str(pngs[1])]) == 1
+    out, err = capsys.readouterr()
+    assert [line.split(":")[0] for line in out.splitlines()] == [str(pngs[0]), str(pngs[1])]
+    assert err.startswith(f"dltrain predict: error: {bad}: cannot decode the image")
+
+    assert main(["predict", "--model", str(ws.model_path), "--json", str(bad), str(pngs[2]),
+                 str(missing)]) == 1
+    out, err = capsys.readouterr()
+    assert [r["path"] for r in json.loads(out)] == [str(pngs[2])]
+    assert "2 of 3 inputs could not be read" in err and str(bad) in err
+    assert f"{missing}: input not found" in err
 
 
 def test_a_directory_input_says_so(ws: Workspace, pngs: list[Path],

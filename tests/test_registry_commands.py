@@ -131,11 +131,19 @@ def test_history_then_rollback_that_predict_follows(three_versions, tmp_path: Pa
         "champion", 2, 1, "rollback")
     assert last["reason"] == "version 2 misclassifies sandals in production"
 
-    # No champion before version 1 was promoted: a further default rollback names the fix.
-    code, _, err = _run(capsys, "registry", "rollback", "--workspace", str(ws.root))
-    assert code == 1 and "--to VERSION" in err
-    assert _run(capsys, "registry", "rollback", "--workspace", str(ws.root), "--to", "2")[0] == 0
-    assert _champion(ws) == 2
+    # A plain rollback undoes the last one: back to the champion version 1 replaced.
+    code, out, err = _run(capsys, "registry", "rollback", "--workspace", str(ws.root))
+    assert code == 0, err
+    assert "champion 1 -> 2 (rollback)" in out and _champion(ws) == 2
+    # So does it after a rollback to a named version.
+    assert _run(capsys, "registry", "rollback", "--workspace", str(ws.root), "--to", "1")[0] == 0
+    assert _champion(ws) == 1
+    code, out, err = _run(capsys, "registry", "rollback", "--workspace", str(ws.root))
+    assert code == 0, err
+    assert "champion 1 -> 2 (rollback)" in out and _champion(ws) == 2
+    moves = [(e["alias"], e["from_version"], e["to_version"], e["action"])
+             for e in _history(ws, capsys)[-4:]]
+    assert moves == [("champion", 2, 1, "rollback"), ("champion", 1, 2, "rollback")] * 2
 
     # Back to the challenger (the state a registration leaves when it displaces a champion):
     # the champion it replaces becomes the challenger, recorded too; no version is left
@@ -150,6 +158,12 @@ def test_history_then_rollback_that_predict_follows(three_versions, tmp_path: Pa
     last = _history(ws, capsys)[-1]
     assert (last["alias"], last["from_version"], last["to_version"], last["action"]) == (
         "challenger", 1, 2, "rollback")
+
+    # A champion set outside dltrain has no recorded predecessor: the default names the fix.
+    MlflowClient(embedded_tracking_uri(ws.root)).set_registered_model_alias(
+        "mnist-mlp", "champion", "3")
+    code, _, err = _run(capsys, "registry", "rollback", "--workspace", str(ws.root))
+    assert code == 1 and "records no champion before version 3" in err and "--to VERSION" in err
 
 
 @pytest.mark.parametrize(("args", "message"), [

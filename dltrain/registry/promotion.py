@@ -294,17 +294,21 @@ def _entry(alias: str, current: int | None, target: int | None, step: Step | Non
 # ----------------------------------------------------------------------------------- rollback
 
 def previous_champion(entries: list[history.Entry], current: int) -> int | None:
-    """The champion before `current` was promoted (by the gate, not by a rollback)."""
+    """The champion that `current` last took over from, whatever moved it (the gate, a
+    reconciliation or a rollback): so a rollback is undone by the next one, and a version made
+    champion by a rollback rolls back to the one it replaced. None when the history records
+    none (`current` was the first champion)."""
     for entry in reversed(entries):
-        if entry.alias == CHAMPION and entry.to_version == current and entry.action != "rollback":
-            return entry.from_version
+        if entry.alias == CHAMPION and entry.to_version == current:
+            if entry.from_version is not None and entry.from_version != current:
+                return entry.from_version
     return None
 
 
 def rollback(client: Any, name: str, *, to: int | None, reason: str | None,
              min_accuracy: float, dataset: str, tracking_uri: str) -> history.Entry:
-    """Move `champion` to version `to` (default: the champion before the current one was
-    promoted, from the readable entries of the history) and record the move. Refuses a
+    """Move `champion` to version `to` (default: the champion the current one last replaced,
+    from the readable entries of the history) and record the move. Refuses a
     version below `min_accuracy`, trained on another data set than `dataset`, or whose files
     fail predict's checks (dltrain.registry.verify: fetched and checked before the alias
     moves)."""

@@ -271,4 +271,22 @@ def version_by_alias(ref: str, tracking_uri: str, *, attempts: int = 4,
         return client, client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         raise ModelError(f"{ref}: no such model version in {display_uri(tracking_uri)} "
-                         f"({exc.message})") from exc
+                         f"({exc.message}); {_what_exists(client, name)}") from exc
+
+
+def _what_exists(client: Any, name: str) -> str:
+    """What a reference could name instead: the aliases of `name`, or the registered models."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        aliases = sorted((client.get_registered_model(name).aliases or {}).items())
+    except MlflowException:
+        try:
+            names = sorted(m.name for m in client.search_registered_models(max_results=20))
+        except MlflowException:
+            return "the registry cannot list its models"
+        return (f"registered models: {', '.join(names)}" if names
+                else "the registry holds no model yet (run `dltrain register` first)")
+    if not aliases:
+        return f"{name} has no aliases"
+    return f"aliases of {name}: " + ", ".join(f"@{a} (version {v})" for a, v in aliases)
