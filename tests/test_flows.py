@@ -98,8 +98,11 @@ def test_one_stage_streams_its_output_line_by_line_and_names_its_cause(tmp_path,
 STAGE_SCRIPT = """\
 import os, signal, subprocess, sys, time
 out, stubborn = sys.argv[1], sys.argv[2] == "stubborn"
-worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
-                          start_new_session=True)
+# The worker takes SIGINT as Python's default does, also when this test runs with SIGINT
+# ignored (a background job of a non-interactive shell inherits it ignored).
+worker = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                           "signal.signal(signal.SIGINT, signal.default_int_handler); "
+                           "time.sleep(600)"], start_new_session=True)
 def on_sigint(*_):
     open(os.path.join(out, "sigint"), "w").write(str(time.monotonic()))
     sys.exit(130)
