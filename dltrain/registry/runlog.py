@@ -20,6 +20,7 @@ from dltrain.registry.mlflow_model import example_images, log_model
 from dltrain.tracking.runs import (
     RUN_NAME_TAG,
     TRAINING_ID_TAG,
+    display_name,
     experiment_id,
     find_training_run,
     flatten,
@@ -125,8 +126,9 @@ def training_run(client: Any, tracking_uri: str, ws: Workspace, cand: Candidate,
         tags[TRAINING_ID_TAG] = training
     if cand.training.get("run_name"):
         tags[RUN_NAME_TAG] = cand.training["run_name"]
-    return client.create_run(experiment, tags=tags, run_name=cand.training.get("run_name")
-                             or f"{model_name}-{cand.weights_sha256[:8]}")
+    key = cand.training.get("run_name") or f"{model_name}-{cand.weights_sha256[:8]}"
+    return client.create_run(experiment, tags=tags,
+                             run_name=display_name(key, cand.card.get("data", {}).get("dataset")))
 
 
 def log_run(client: Any, tracking_uri: str, ws: Workspace, params: Params, cand: Candidate,
