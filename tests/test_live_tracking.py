@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,13 @@ from dltrain.config import params_from_dict
 from dltrain.evaluate.stage import evaluate
 from dltrain.paths import Workspace
 from dltrain.registry.register import register
-from dltrain.tracking.runs import EPOCH_KEYS, RUN_NAME_TAG, TRAINING_ID_TAG, TRAINING_STATE_TAG
+from dltrain.tracking.runs import (
+    EPOCH_KEYS,
+    RUN_NAME_TAG,
+    TRAINING_ID_TAG,
+    TRAINING_STATE_TAG,
+    display_name,
+)
 from dltrain.tracking.store import EXPERIMENT, embedded_tracking_uri
 from dltrain.train import live
 from dltrain.train.epochlog import EpochLog
@@ -60,6 +67,13 @@ def _wait(predicate, timeout_s: float = 60.0, what: str = "") -> None:
 
 
 # ----------------------------------------------------------------------------- in this process
+
+def test_a_run_name_is_the_data_set_the_start_time_and_the_short_key() -> None:
+    at = datetime(2026, 12, 7, 18, 22, 1)
+    assert display_name("dltrain-4590e012b1c8", "mnist", at) == "mnist-20261207-182201-4590e012"
+    # register's own run (training never reached MLflow): <model name>-<weights sha256>
+    assert display_name("mnist-mlp-5b1e6e0e", None, at) == "20261207-182201-5b1e6e0e"
+
 
 def test_the_callback_writes_rank_0s_epoch_into_the_run_directory(tmp_path: Path) -> None:
     callback = EpochLog(str(tmp_path), "run")

@@ -66,7 +66,7 @@ def display_name(run_key: str, dataset: str | None, started: datetime | None = N
     so the time is what tells two of them apart in the run list. Nothing finds a run by this
     name: the tags RUN_NAME_TAG (the whole key) and TRAINING_ID_TAG do."""
     when = (started or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    short = run_key.removeprefix("dltrain-")[:8]
+    short = run_key.rsplit("-", 1)[-1][:8]  # dltrain-4590e012b1c8 -> 4590e012
     return "-".join(part for part in (dataset, when, short) if part)
 
 
