@@ -119,11 +119,14 @@ def test_min_improvement_is_each_member_s_own() -> None:
 
 def test_history_entries_round_trip_and_sort_by_time(monkeypatch) -> None:
     monkeypatch.setenv(history.FLOW_RUN_ID_ENV, "0f1e2d3c-flow")
-    written = {}
+    written: dict[str, dict[str, str]] = {}  # version -> its tags
 
     class Client:
-        def set_registered_model_tag(self, name, key, value):
-            written[key] = value
+        def set_model_version_tag(self, name, version, key, value):
+            written.setdefault(version, {})[key] = value
+
+        def delete_model_version_tag(self, name, version, key):
+            del written[version][key]
 
     first = history.Entry.now(alias=CHAMPION, from_version=None, to_version=1,
                               action="register", reason="no champion yet",
@@ -131,11 +134,31 @@ def test_history_entries_round_trip_and_sort_by_time(monkeypatch) -> None:
     second = history.Entry.now(alias=CHALLENGER, from_version=None, to_version=2,
                                action="register", reason="does not beat", candidate_accuracy=0.8,
                                champion_accuracy=0.9, test_sha256=SHA, git_commit="abc")
-    for entry in (first, second):
-        history.record(Client(), "m", entry)
-    assert all(k.startswith(history.HISTORY_PREFIX) for k in written)
-    assert history.entries({**written, "other": "x"}) == [first, second]
-    assert json.loads(written[min(written)])["flow_run_id"] == "0f1e2d3c-flow"
+    removed = history.Entry.now(alias=CHALLENGER, from_version=2, to_version=None,
+                                action="reconcile", reason="settled")
+    keys = [history.record(Client(), "m", entry) for entry in (first, second, removed)]
+    # Each on the version it concerns: moved to, or left when the alias goes.
+    assert sorted(written) == ["1", "2"] and len(written["2"]) == 2
+    assert all(k.startswith(history.HISTORY_PREFIX) for tags in written.values() for k in tags)
+
+    class Version:
+        def __init__(self, number: str, tags: dict[str, str]) -> None:
+            self.version, self.tags = number, tags
+
+    versions = [Version(n, {**tags, "other": "x"}) for n, tags in sorted(written.items())]
+    assert history.entries({}, versions) == [first, second, removed]
+    assert json.loads(written["1"][keys[0]])["flow_run_id"] == "0f1e2d3c-flow"
+    # An older registry's entries (registered-model tags) interleave by time with the versions'.
+    legacy = history.Entry("2000-01-01T00:00:00.000Z", CHAMPION, None, 7, "register", "old")
+    older = {f"{history.HISTORY_PREFIX}{1:019d}.00000000": json.dumps(asdict(legacy)),
+             history.HISTORY_PREFIX + "x": "not json", "other": "y"}
+    found, unreadable = history.read(older, versions)
+    assert found == [legacy, first, second, removed]
+    assert [(u.key, u.version) for u in unreadable] == [(history.HISTORY_PREFIX + "x", None)]
+    history.erase(Client(), "m", removed, keys[2])
+    assert keys[2] not in written["2"] and keys[1] in written["2"]
+    with pytest.raises(ValueError, match="not a move"):
+        history.version_of(history.Entry("t", CHAMPION, None, None, "register", "r"))
     assert asdict(first)["time"].endswith("Z")
 
     lines = history.table([first, second]).splitlines()

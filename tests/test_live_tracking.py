@@ -11,9 +11,12 @@ tests/test_reliability.py.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,13 @@ from dltrain.config import params_from_dict
 from dltrain.evaluate.stage import evaluate
 from dltrain.paths import Workspace
 from dltrain.registry.register import register
-from dltrain.tracking.runs import EPOCH_KEYS, RUN_NAME_TAG, TRAINING_ID_TAG, TRAINING_STATE_TAG
+from dltrain.tracking.runs import (
+    EPOCH_KEYS,
+    RUN_NAME_TAG,
+    TRAINING_ID_TAG,
+    TRAINING_STATE_TAG,
+    display_name,
+)
 from dltrain.tracking.store import EXPERIMENT, embedded_tracking_uri
 from dltrain.train import live
 from dltrain.train.epochlog import EpochLog
@@ -59,6 +68,13 @@ def _wait(predicate, timeout_s: float = 60.0, what: str = "") -> None:
 
 # ----------------------------------------------------------------------------- in this process
 
+def test_a_run_name_is_the_data_set_the_start_time_and_the_short_key() -> None:
+    at = datetime(2026, 12, 7, 18, 22, 1)
+    assert display_name("dltrain-4590e012b1c8", "mnist", at) == "mnist-20261207-182201-4590e012"
+    # register's own run (training never reached MLflow): <model name>-<weights sha256>
+    assert display_name("mnist-mlp-5b1e6e0e", None, at) == "20261207-182201-5b1e6e0e"
+
+
 def test_the_callback_writes_rank_0s_epoch_into_the_run_directory(tmp_path: Path) -> None:
     callback = EpochLog(str(tmp_path), "run")
     callback.after_report(None, [{**_epoch(2), "nodes": ["a", "b"]}, _epoch(2)], None)
@@ -89,7 +105,9 @@ def test_a_resumed_training_continues_its_run_and_logs_every_epoch_once(tmp_path
     _wait(lambda: first.run_id and _history(client, first.run_id), what="epoch 1 logged")
     run_id = first.run_id
     run = client.get_run(run_id)
-    assert run.info.status == "RUNNING" and run.info.run_name == "dltrain-x"
+    # The name a user reads in the run list: data set, start time, short key; the key is a tag.
+    assert run.info.status == "RUNNING"
+    assert re.fullmatch(r"fashion-mnist-\d{8}-\d{6}-x", run.info.run_name), run.info.run_name
     assert run.data.tags[RUN_NAME_TAG] == "dltrain-x"
     assert run.data.tags["data_checksum"] == "c" * 64
     assert run.data.params["train.epochs"] == "4" and "register.model_name" not in run.data.params
@@ -114,6 +132,20 @@ def test_a_resumed_training_continues_its_run_and_logs_every_epoch_once(tmp_path
     experiment = client.get_experiment_by_name(EXPERIMENT)
     assert len(client.search_runs([experiment.experiment_id])) == 1
     assert lines == []  # the store was there: nothing to say
+
+    # Trained again with the same params (a finished run's directory goes): the same key, a
+    # new run, found by its own training id, under a name the run list tells apart.
+    shutil.rmtree(tmp_path / ".ray_results" / "dltrain-x")
+    time.sleep(1.1)  # the names carry the start time to the second
+    third = live.LiveRun(params, ws, summary, storage=storage, name="dltrain-x",
+                         say=lines.append).start()
+    record = third.finish([_epoch(1)])
+    assert record["run_id"] != run_id
+    runs = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {run_id, record["run_id"]}
+    assert runs[record["run_id"]].data.tags[TRAINING_ID_TAG] == record["training_id"]
+    assert {r.data.tags[RUN_NAME_TAG] for r in runs.values()} == {"dltrain-x"}
+    assert len({r.info.run_name for r in runs.values()}) == 2
 
 
 def test_an_unreachable_store_is_one_line_and_nothing_waits(
@@ -207,7 +239,8 @@ def test_epochs_reach_mlflow_while_training_runs_and_register_completes_that_run
     run = client.get_run(tracked["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags[TRAINING_STATE_TAG] == "complete"
     assert run.data.tags[TRAINING_ID_TAG] == tracked["training_id"]
-    assert run.data.tags[RUN_NAME_TAG] == run.info.run_name == report["run_name"]
+    assert run.data.tags[RUN_NAME_TAG] == report["run_name"]
+    assert run.info.run_name.endswith(report["run_name"].removeprefix("dltrain-")[:8])
     summary = json.loads((ws / "data" / "processed" / "summary.json").read_text())
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws, capture_output=True,
                             text=True, check=True).stdout.strip()
@@ -257,7 +290,8 @@ def test_training_with_the_tracking_server_down_completes_and_register_sends_the
         client = _client(uri)
         run = client.get_run(outcome["run_id"])
         assert run.data.tags[TRAINING_ID_TAG] == report["mlflow"]["training_id"]
-        assert run.info.run_name == report["run_name"]
+        assert run.data.tags[RUN_NAME_TAG] == report["run_name"]
+        assert run.info.run_name.endswith(report["run_name"].removeprefix("dltrain-")[:8])
         for key in EPOCH_KEYS:
             assert _history(client, run.info.run_id, key) == [
                 (e["epoch"], pytest.approx(e[key])) for e in report["epochs"]]

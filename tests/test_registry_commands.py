@@ -15,6 +15,7 @@ from PIL import Image
 from dltrain.cli import main
 from dltrain.model.weights import load_weights
 from dltrain.paths import Workspace
+from dltrain.registry.history import HISTORY_PREFIX
 from dltrain.registry.predict import predict
 from dltrain.tracking.store import embedded_tracking_uri
 
@@ -164,6 +165,44 @@ def test_history_then_rollback_that_predict_follows(three_versions, tmp_path: Pa
         "mnist-mlp", "champion", "3")
     code, _, err = _run(capsys, "registry", "rollback", "--workspace", str(ws.root))
     assert code == 1 and "records no champion before version 3" in err and "--to VERSION" in err
+
+
+def test_the_history_is_kept_on_the_versions_and_an_older_registrys_is_read_too(
+        three_versions, capsys) -> None:
+    """The registered model's own tags hold no history (the MLflow UI shows them above the
+    versions table); each move is a tag of the version it concerns. A registry written before,
+    whose moves are registered-model tags, reads the same, and its rollback works."""
+    from mlflow import MlflowClient
+
+    ws, _ = three_versions
+    uri = embedded_tracking_uri(ws.root)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    before = _history(ws, capsys)
+    assert len(before) == 4
+    model = client.get_registered_model("mnist-mlp")
+    assert not [k for k in model.tags if k.startswith(HISTORY_PREFIX)], model.tags
+    assert len(model.tags) <= 2, model.tags  # the gate's anchor, not a wall of entries
+    held = {}
+    for version in (1, 2, 3):
+        tags = client.get_model_version("mnist-mlp", str(version)).tags
+        held[version] = {k: v for k, v in tags.items() if k.startswith(HISTORY_PREFIX)}
+    moves = {v: sorted((json.loads(e)["alias"], json.loads(e)["from_version"])
+                       for e in tags.values()) for v, tags in held.items()}
+    assert moves == {1: [("challenger", None), ("champion", None)], 2: [("champion", 1)],
+                     3: [("challenger", 1)]}
+
+    # As an older dltrain wrote it: every entry a registered-model tag, none on the versions.
+    for version, tags in held.items():
+        for key, value in tags.items():
+            client.set_registered_model_tag("mnist-mlp", key, value)
+            client.delete_model_version_tag("mnist-mlp", str(version), key)
+    assert _history(ws, capsys) == before
+    code, out, err = _run(capsys, "registry", "rollback", "--workspace", str(ws.root))
+    assert code == 0 and "champion 2 -> 1 (rollback)" in out, err
+    after = _history(ws, capsys)
+    assert after[:4] == before and (after[4]["from_version"], after[4]["to_version"]) == (2, 1)
+    assert [k for k in client.get_model_version("mnist-mlp", "1").tags
+            if k.startswith(HISTORY_PREFIX)]  # the new move went on the version
 
 
 @pytest.mark.parametrize(("args", "message"), [

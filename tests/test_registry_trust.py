@@ -103,6 +103,15 @@ def _one_line(err: str) -> str:
 
 # ------------------------------------------------------------------ 4: rollback checks files
 
+def _history_tags(ws: Workspace) -> dict[str, dict[str, str]]:
+    """The registered model's tags and each version's: where the history is kept."""
+    client = _client(ws.root)
+    found = {"model": client.get_registered_model("mnist-mlp").tags}
+    for version in client.search_model_versions("name = 'mnist-mlp'"):
+        found[version.version] = version.tags
+    return found
+
+
 @pytest.mark.parametrize("damage", ["files deleted", "weights truncated"])
 def test_rollback_refuses_a_version_whose_files_do_not_load(two_versions, capsys,
                                                              damage: str) -> None:
@@ -115,14 +124,14 @@ def test_rollback_refuses_a_version_whose_files_do_not_load(two_versions, capsys
         data = (folder / "model.safetensors").read_bytes()
         (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
         check = "weights file"
-    history_before = _client(ws.root).get_registered_model("mnist-mlp").tags
+    history_before = _history_tags(ws)
 
     code, out, err = _run(capsys, "registry", "rollback", "--workspace", str(ws.root),
                           "--to", "1")
     assert code == 1 and "rollback" not in out
     assert f"{check} check failed" in _one_line(err) and "version 1" in err
     assert _aliases(ws) == {"champion": 2, "challenger": 1}
-    assert _client(ws.root).get_registered_model("mnist-mlp").tags == history_before
+    assert _history_tags(ws) == history_before
 
 
 # ------------------------------------------------- 6: the registry's tag is the reference
@@ -200,10 +209,10 @@ def test_rollback_refuses_in_one_line_when_only_unreadable_entries_could_decide(
         two_versions, capsys) -> None:
     ws, _ = two_versions
     client = _client(ws.root)
-    model = client.get_registered_model("mnist-mlp")
-    for key in model.tags:
-        if key.startswith(HISTORY_PREFIX):
-            client.set_registered_model_tag("mnist-mlp", key, "not json {")
+    for version in client.search_model_versions("name = 'mnist-mlp'"):
+        for key in version.tags:
+            if key.startswith(HISTORY_PREFIX):
+                client.set_model_version_tag("mnist-mlp", version.version, key, "not json {")
     code, out, err = _run(capsys, "registry", "rollback", "--workspace", str(ws.root))
     assert code == 1 and "rollback" not in out
     assert "--to VERSION" in err.splitlines()[-1] and "Traceback" not in err

@@ -39,11 +39,11 @@ def load_history(ws: Workspace, params: Params
     name = params.register.model_name
     try:
         model = promotion.registered_model(client, name)
+        if model is None:
+            raise RegistryError(f"no registered model {name} in {display_uri(uri)}")
+        return history.read(model.tags or {}, promotion.list_versions(client, name))
     except (MlflowException, RequestException) as exc:
         raise _failed(uri, exc) from exc
-    if model is None:
-        raise RegistryError(f"no registered model {name} in {display_uri(uri)}")
-    return history.read(model.tags or {})
 
 
 def show_history(ws: Workspace, params: Params, *, as_json: bool) -> list[history.Entry]:

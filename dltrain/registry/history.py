@@ -1,11 +1,18 @@
 """Alias history: every move of `champion` or `challenger`, kept in the registry itself.
 
-MLflow keeps no history of its aliases. Each move is one registered-model tag,
-`dltrain.registry.history.<epoch ns, 19 digits>.<8 hex digits>`, whose value is the entry as JSON:
+MLflow keeps no history of its aliases. Each move is one model-version tag,
+`dltrain.registry.history.<epoch ns, 19 digits>.<8 hex digits>`, on the version it concerns (the
+one the alias moves to; for an alias removed, the one it leaves), whose value is the entry as JSON:
 - one tag per entry, so two registrations never overwrite each other's entry (one tag holding
   a list would need a read-modify-write, and lose an entry when two writers race);
-- the keys sort by time; the random suffix keeps two entries of one millisecond apart;
+- on the version, not the registered model: the UI shows a registered model's tags above its
+  versions table, and one tag per move there would push the table off the page. A version's
+  page shows the moves that concern it; `dltrain registry history` reads them all;
+- the keys sort by time, across versions; the random suffix keeps two entries of one
+  nanosecond apart;
 - an entry is a few hundred characters, far below MLflow's limit on a tag value.
+Registries written before keep their entries as registered-model tags of the same keys: `read`
+takes both. A version deleted by hand takes its entries with it (MLflow deletes its tags).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from typing import Any
@@ -81,13 +89,16 @@ def _quote(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Unreadable:
-    """A history tag that holds no entry: named, never fatal."""
+    """A history tag that holds no entry: named, never fatal. `version`: the model version
+    whose tag it is (None: a registered-model tag)."""
 
     key: str
     why: str
+    version: int | None = None
 
     def describe(self) -> str:
-        return f"history entry {self.key} is unreadable ({self.why}): skipped"
+        where = f" (version {self.version})" if self.version is not None else ""
+        return f"history entry {self.key}{where} is unreadable ({self.why}): skipped"
 
 
 _last_ns = 0
@@ -101,30 +112,50 @@ def new_key() -> str:
     return f"{HISTORY_PREFIX}{_last_ns:019d}.{secrets.token_hex(4)}"
 
 
+def version_of(entry: Entry) -> int:
+    """The version whose tag holds `entry`: the one the alias moves to, else the one it leaves."""
+    version = entry.to_version if entry.to_version is not None else entry.from_version
+    if version is None:
+        raise ValueError(f"{entry.alias} moves from no version to none: not a move")
+    return version
+
+
 def record(client: Any, name: str, entry: Entry) -> str:
     """Append `entry` to the history of registered model `name`; return its tag key."""
     key = new_key()
-    client.set_registered_model_tag(name, key, json.dumps(asdict(entry)))
+    client.set_model_version_tag(name, str(version_of(entry)), key, json.dumps(asdict(entry)))
     return key
 
 
-def read(tags: dict[str, str]) -> tuple[list[Entry], list[Unreadable]]:
-    """The history held in a registered model's tags, oldest first, and the history tags that
-    hold no entry."""
+def erase(client: Any, name: str, entry: Entry, key: str) -> None:
+    """Take back the entry that record wrote under `key`."""
+    client.delete_model_version_tag(name, str(version_of(entry)), key)
+
+
+def read(model_tags: dict[str, str], versions: Iterable[Any] = ()
+         ) -> tuple[list[Entry], list[Unreadable]]:
+    """The history held in the tags of a registered model's versions (MLflow ModelVersion
+    objects, with their tags) and, as older registries keep it, in the model's own tags, oldest
+    first; and the history tags that hold no entry."""
+    tagged: list[tuple[str, int | None, str]] = [
+        (key, None, value) for key, value in (model_tags or {}).items()]
+    for version in versions:
+        tagged += [(key, int(version.version), value)
+                   for key, value in (version.tags or {}).items()]
     found: list[Entry] = []
     unreadable: list[Unreadable] = []
-    for key in sorted(tags):
+    for key, version, value in sorted(tagged, key=lambda t: (t[0], t[1] or 0)):
         if key.startswith(HISTORY_PREFIX):
             try:
-                found.append(Entry.from_json(tags[key]))
+                found.append(Entry.from_json(value))
             except ValueError as exc:
-                unreadable.append(Unreadable(key, str(exc)))
+                unreadable.append(Unreadable(key, str(exc), version))
     return found, unreadable
 
 
-def entries(tags: dict[str, str]) -> list[Entry]:
+def entries(model_tags: dict[str, str], versions: Iterable[Any] = ()) -> list[Entry]:
     """The readable entries of the history (read), oldest first."""
-    return read(tags)[0]
+    return read(model_tags, versions)[0]
 
 
 def _cell(value: Any, digits: int | None = None) -> str:

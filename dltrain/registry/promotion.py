@@ -267,7 +267,7 @@ def _recorded_move(client: Any, name: str, entry: history.Entry) -> None:
             client.set_registered_model_alias(name, entry.alias, str(entry.to_version))
     except Exception:
         with contextlib.suppress(Exception):  # best effort: the original error matters
-            client.delete_registered_model_tag(name, key)
+            history.erase(client, name, entry, key)
         raise
 
 
@@ -319,7 +319,7 @@ def rollback(client: Any, name: str, *, to: int | None, reason: str | None,
     if model is None or current is None:
         raise RegistryError(f"{name} has no champion to roll back (register a model first)")
     if to is None:
-        entries, unreadable = history.read(model.tags or {})
+        entries, unreadable = history.read(model.tags or {}, list_versions(client, name))
         to = previous_champion(entries, current)
         if to is None:
             skipped = (f" ({len(unreadable)} of its entries are unreadable: "

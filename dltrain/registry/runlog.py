@@ -20,6 +20,7 @@ from dltrain.registry.mlflow_model import example_images, log_model
 from dltrain.tracking.runs import (
     RUN_NAME_TAG,
     TRAINING_ID_TAG,
+    display_name,
     experiment_id,
     find_training_run,
     flatten,
@@ -61,7 +62,7 @@ A multi-layer perceptron ({layers}, ReLU, logits) classifying 28x28 grey images.
 - last epoch ({last.get('epoch')}): train accuracy {last.get('train_accuracy')},
   validation accuracy {last.get('val_accuracy')}
 
-| class | MLflow key (`test_f1/...`) | precision | recall | F1 | support |
+| class | key | precision | recall | F1 | support |
 | --- | --- | --- | --- | --- | --- |
 {rows}
 
@@ -125,8 +126,9 @@ def training_run(client: Any, tracking_uri: str, ws: Workspace, cand: Candidate,
         tags[TRAINING_ID_TAG] = training
     if cand.training.get("run_name"):
         tags[RUN_NAME_TAG] = cand.training["run_name"]
-    return client.create_run(experiment, tags=tags, run_name=cand.training.get("run_name")
-                             or f"{model_name}-{cand.weights_sha256[:8]}")
+    key = cand.training.get("run_name") or f"{model_name}-{cand.weights_sha256[:8]}"
+    return client.create_run(experiment, tags=tags,
+                             run_name=display_name(key, cand.card.get("data", {}).get("dataset")))
 
 
 def log_run(client: Any, tracking_uri: str, ws: Workspace, params: Params, cand: Candidate,
@@ -145,17 +147,13 @@ def log_run(client: Any, tracking_uri: str, ws: Workspace, params: Params, cand:
         metrics.append(Metric("samples_per_s", float(cand.training["samples_per_s"]), now, 0))
     metrics += [Metric(f"test_{key}", float(cand.metrics[key]), now, 0)
                 for key in ("accuracy", "loss", "macro_f1") if key in cand.metrics]
-    # Safe keys (test_f1/class_0_tshirt_top): a class name's own "/" would split the UI's
-    # metric groups. The display names are a tag, and in the model card.
-    per_class = cand.metrics.get("per_class", [])
-    metrics += [Metric(f"test_f1/{m['key']}", float(m["f1"]), now, 0) for m in per_class]
+    # Per-class figures are no metrics: ten one-point charts would come before the epoch curves
+    # on the run page. They are the artifact reports/per_class.json and the model card's table.
     # A re-run of register on the same run adds no second value of the same figure.
     client.log_batch(run_id, metrics=[m for m in metrics if run.data.metrics.get(m.key) != m.value],
                      params=missing_params(run, flatten(params.to_dict())),
                      tags=[*(RunTag(k, v) for k, v in cand.tags().items()),
-                           RunTag("dltrain.nodes", json.dumps(cand.card.get("nodes"))),
-                           RunTag("dltrain.class_names",
-                                  json.dumps({m["key"]: m["class"] for m in per_class}))])
+                           RunTag("dltrain.nodes", json.dumps(cand.card.get("nodes")))])
     # The model as an MLflow model of this run (once, on a re-run too): register points its
     # version at it.
     log_model(client, run_id, ws.model_path, ws.model_card_path,

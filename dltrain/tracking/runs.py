@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,16 @@ EXPERIMENT_TAG = "dltrain.experiment"  # the DVC experiment the run trained in (
 EPOCH_MARK = "val_accuracy"
 # What the train stage logs as params; evaluate's and register's sections are register's to add.
 TRAINING_SECTIONS = ("data", "model", "train")
+
+
+def display_name(run_key: str, dataset: str | None, started: datetime | None = None) -> str:
+    """The run's name in the MLflow UI: data set, start time (local) and the short run key, e.g.
+    `mnist-20261207-182201-4590e012`. Every training of the same params has the same run key,
+    so the time is what tells two of them apart in the run list. Nothing finds a run by this
+    name: the tags RUN_NAME_TAG (the whole key) and TRAINING_ID_TAG do."""
+    when = (started or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    short = run_key.rsplit("-", 1)[-1][:8]  # dltrain-4590e012b1c8 -> 4590e012
+    return "-".join(part for part in (dataset, when, short) if part)
 
 
 def find_training_run(client: Any, experiment_id: str, training_id: str) -> Any | None:

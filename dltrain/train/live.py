@@ -178,7 +178,9 @@ class LiveRun:
                                  if k in tracking.TRAINING_SECTIONS})
         run = tracking.find_training_run(client, experiment_id, self.training_id)
         if run is None:
-            run = client.create_run(experiment_id, run_name=self.name, tags=self._tags())
+            run = client.create_run(
+                experiment_id, tags=self._tags(),
+                run_name=tracking.display_name(self.name, self.summary.get("dataset")))
         else:  # a resumed run: running again, and it holds some epochs already
             client.update_run(run.info.run_id, status="RUNNING")
             client.set_tag(run.info.run_id, tracking.TRAINING_STATE_TAG, "running")
