@@ -115,6 +115,7 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto",
     connect_s = connect.connect(target, local_cpus(), rayenv.runtime_env())
     import ray
 
+    noise = rayenv.NoiseFilter.install()  # until ray.shutdown(): Ray prints through it
     tracker = None
     try:
         # The run's MLflow run opens now, from a thread of this process (dltrain.train.live).
@@ -153,7 +154,10 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto",
         raise
     finally:
         # A private Ray stops here; a warm Ray or a cluster is only disconnected from.
-        ray.shutdown()
+        try:
+            ray.shutdown()
+        finally:
+            noise.remove()
     _say_trained(report, ws, "Ray overhead")
     return report
 
