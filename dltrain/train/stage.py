@@ -407,10 +407,11 @@ def _stop_on_signal(how: str, storage: str, name: str) -> Iterator[None]:
             epoch = last_epoch(storage, name)
         except Exception:  # noqa: BLE001  (the line must come, with or without the epoch)
             epoch = None
-        resume = ("a re-run with the same params continues from the checkpoint of epoch "
-                  f"{epoch}" if epoch else
-                  "no epoch was committed yet, so a re-run starts at epoch 1"
-                  if epoch == 0 else "a re-run continues from the latest checkpoint")
+        # An epoch's file is written after its checkpoint is kept: the epoch named is the
+        # latest that a re-run is sure to find, and a later one may have been kept.
+        resume = "a re-run with the same params continues from its latest checkpoint"
+        resume += (f" (epoch {epoch} or later)" if epoch else
+                   " (none recorded yet: then it starts at epoch 1)" if epoch == 0 else "")
         say(f"stopping ({signal.Signals(signum).name}): {how}; {resume}")
         raise KeyboardInterrupt
 
