@@ -73,9 +73,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     try:
         train(params, ws, resume=args.resume, reload=lambda: _load(args)[1])
     except SystemExit as exc:
-        # Ray's own handlers end a signalled driver with SystemExit (ray.init's for SIGTERM;
-        # Ray Train's for SIGINT, after aborting the run), with status 0 or 1 and no message;
-        # by now train() has shut its local Ray down. An interruption, never a success.
+        # Ray's own handler ends a driver signalled outside the training itself with
+        # SystemExit (ray.init's for SIGTERM; while it trains, dltrain.train.stage handles
+        # SIGINT and SIGTERM), with status 0 or 1 and no message; by now train() has shut its
+        # local Ray down. An interruption, never a success.
         raise KeyboardInterrupt from exc
 
 

@@ -15,6 +15,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -446,7 +447,8 @@ def _train_until_first_checkpoint(ws: Path, log: Path) -> tuple[subprocess.Popen
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signalled_driver_stops_its_ray_and_says_interrupted(tmp_path: Path, sig) -> None:
     """Ctrl-C (SIGINT to the group, as a terminal or the stage guard sends it) or SIGTERM to the
-    driver alone (a process manager): exit 130 with one line, and every Ray process gone."""
+    driver alone (a process manager): a "stopping" line at once, then exit 130 with
+    "interrupted", and every Ray process gone."""
     ws = make_processed(tmp_path)
     (ws / "params.yaml").write_text(json.dumps({
         "model": {"hidden_sizes": [32]},
@@ -458,18 +460,66 @@ def test_a_signalled_driver_stops_its_ray_and_says_interrupted(tmp_path: Path, s
             os.killpg(proc.pid, sig)
         else:
             proc.send_signal(sig)
+        signalled = time.monotonic()
         assert proc.wait(timeout=60) == 130
+        # Generous for a loaded machine; a driver that waits for Ray Train's controller to
+        # abort (the controller answers once its worker group has started) takes longer.
+        assert time.monotonic() - signalled < 20
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     _wait_gone(tree, f"after {sig.name}")
-    assert "dltrain train: interrupted" in (tmp_path / "train.log").read_text()
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    assert "dltrain train: interrupted" in lines
+    # At once, what happens and where a re-run resumes; then the end.
+    stopping = [i for i, line in enumerate(lines) if line.startswith("stopping")]
+    assert len(stopping) == 1 and stopping[0] < lines.index("dltrain train: interrupted")
+    assert f"stopping ({sig.name}): shutting down the private Ray" in lines[stopping[0]]
+    assert "a re-run " in lines[stopping[0]]  # (the first epoch may be uncommitted yet)
     assert not (ws / "models" / "model.safetensors").exists()
     # Its MLflow run stays, marked interrupted, with the epochs it finished.
     runs, _ = training_runs(ws, None)
     assert [(r.info.status, r.data.tags["dltrain.training"]) for r in runs] == [
         ("KILLED", "interrupted")]
+
+
+@pytest.mark.integration
+def test_ctrl_c_in_local_mode_says_stopping_at_once_and_the_rerun_resumes(tmp_path: Path
+                                                                          ) -> None:
+    """Local mode (train.num_workers 0): Ctrl-C prints the stopping line, naming the epoch
+    whose checkpoint stays, before the line exiting with 130; the re-run resumes from it."""
+    ws = make_processed(tmp_path)
+    (ws / "params.yaml").write_text(json.dumps({
+        "model": {"hidden_sizes": [32]},
+        "train": {"epochs": 400, "batch_size": 32, "num_workers": 0}}))
+    log = tmp_path / "train.log"
+    proc, _ = _train_until_first_checkpoint(ws, log)
+    seen_at = None
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        signalled = time.monotonic()
+        while seen_at is None and time.monotonic() - signalled < 20:
+            if "stopping (SIGINT)" in log.read_text():
+                seen_at = time.monotonic() - signalled
+            time.sleep(0.05)
+        assert proc.wait(timeout=20) == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    lines = log.read_text().splitlines()
+    assert seen_at is not None, lines[-5:]
+    stopping = next(i for i, line in enumerate(lines) if line.startswith("stopping (SIGINT)"))
+    assert stopping < lines.index("dltrain train: interrupted")
+    assert "ending the training in this process" in lines[stopping]
+    said = re.search(r"latest checkpoint \(epoch (\d+) or later\)", lines[stopping])
+    assert said, lines[stopping]
+    rerun = subprocess.run([sys.executable, "-m", "dltrain", "train", "--workspace", str(ws)],
+                           env=venv_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    resumed = re.search(r"resuming from the checkpoint of epoch (\d+):", rerun.stdout)
+    assert resumed and int(resumed[1]) >= int(said[1]), rerun.stdout
 
 
 @pytest.mark.integration

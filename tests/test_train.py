@@ -79,6 +79,29 @@ def test_cpus_are_split_between_workers(workers: int, cpus: int, per_worker: int
     assert plan_resources(workers, False, cpus, 0, "here") == per_worker
 
 
+def test_the_noise_filter_drops_only_the_preemption_watcher_line() -> None:
+    """Ray's line about the PreemptionWatcher actor goes; any other line, a core_worker.cc
+    error included, passes whole and in order, and a flush passes a partial line."""
+    import io
+
+    from dltrain.train.rayenv import NoiseFilter
+
+    noise = ("[2026-12-07 18:17:51,298 E 10608 10693] core_worker.cc:2465: Actor with class "
+             "name: 'PreemptionWatcher' and ID: '60bd' has constructor arguments in the object "
+             "store and max_restarts > 0. If the arguments in the object store go out of scope "
+             "or are lost, the actor restart will fail. See "
+             "https://github.com/ray-project/ray/issues/53727 for more details.")
+    other = "[2026-12-07 18:17:52,000 E 10608 10693] core_worker.cc:99: Actor died: OOM"
+    out = io.StringIO()
+    stream = NoiseFilter(out)
+    stream.write("epoch 1/2\n" + noise)
+    stream.write("\n")
+    stream.write(other + "\nepoch 2/2 ")
+    assert out.getvalue() == f"epoch 1/2\n{other}\n"
+    stream.flush()
+    assert out.getvalue() == f"epoch 1/2\n{other}\nepoch 2/2 "
+
+
 def test_run_key_follows_training_params_and_data_only() -> None:
     data_a = {"data_checksum": "raw-a", "train": {"sha256": "t"}, "val": {"sha256": "v"},
               "test": {"sha256": "e"}}
@@ -230,6 +253,29 @@ def test_the_env_file_format_of_make_ray_up(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- real Ray
+
+@pytest.mark.integration
+def test_the_console_of_a_ray_run_has_no_preemption_watcher_error(tmp_path: Path) -> None:
+    """What a user reads of `dltrain train` on a worker group: the epochs, and no core_worker.cc
+    line about Ray Train's PreemptionWatcher actor (dltrain.train.rayenv.KNOWN_NOISE)."""
+    ws = make_processed(tmp_path)
+    (ws / "params.yaml").write_text(json.dumps({
+        "model": {"hidden_sizes": [32]},
+        "train": {"epochs": 2, "batch_size": 32, "num_workers": 1, "ray_address": "local"}}))
+    ray_tmpdir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short socket paths
+    try:
+        run = subprocess.run([sys.executable, "-m", "dltrain", "train", "--workspace", str(ws)],
+                             env=venv_env(RAY_TMPDIR=str(ray_tmpdir)), capture_output=True,
+                             text=True, timeout=600)
+    finally:
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
+    console = run.stdout + run.stderr
+    assert run.returncode == 0, console
+    assert "epoch 2/2" in console  # the workers' own lines still come through Ray
+    assert "trained 2 epochs" in run.stdout
+    assert not [line for line in console.splitlines()
+                if "core_worker.cc" in line and "PreemptionWatcher" in line], console
+
 
 @pytest.mark.integration
 def test_two_cpu_workers_train_checkpoint_and_report(processed_ws: Path, tmp_path: Path,

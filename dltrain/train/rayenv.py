@@ -1,4 +1,5 @@
-"""What every Ray process of a training run is given: quiet settings and a setup hook.
+"""What every Ray process of a training run is given: quiet settings and a setup hook; and
+what the driver drops of what Ray prints (NoiseFilter).
 
 A module without torch or Ray Train at the top: Ray imports it in every process it starts for
 the run (the Train controller, its helper actors, the workers) to run the setup hook. Nor does
@@ -16,6 +17,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import Any, TextIO
 
 # For every Ray process of the run. Set before ray is imported.
 RAY_QUIET_ENV = {
@@ -47,6 +49,52 @@ WORKER_ONLY_ENV = {"OMP_NUM_THREADS": "1"}
 RAY_TRAIN_LOG_LEVEL = "ERROR"
 # "1" in the driver's own environment; "0" in the runtime env of every Ray process of the job.
 DRIVER_ENV = "DLTRAIN_RAY_DRIVER"
+
+
+# Ray Train's controller creates a PreemptionWatcher actor with max_restarts=-1 and
+# constructor arguments that Ray keeps in the object store, and Ray's core worker logs an
+# error for every such actor: https://github.com/ray-project/ray/issues/53727 (actor restarts
+# with creation arguments in the object store). The line reads like a failure on every run
+# and is none; no documented setting avoids it. Only a line that holds all of these strings
+# is dropped: every other error of Ray's still shows.
+KNOWN_NOISE = ("core_worker.cc", "Actor with class name: 'PreemptionWatcher'",
+               "max_restarts > 0", "ray-project/ray/issues/53727")
+
+
+class NoiseFilter:
+    """A stand-in for sys.stderr while this driver is connected to Ray: Ray prints the error
+    output of the job's processes there (log_to_driver). Whole lines pass on to the stream
+    it replaced, less the lines of KNOWN_NOISE; a flush passes a partial line on too."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        kept = [line for line in lines if not all(s in line for s in KNOWN_NOISE)]
+        if kept:
+            self.stream.write("\n".join(kept) + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:
+            self.stream.write(self._partial)
+            self._partial = ""
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, ...
+        return getattr(self.stream, name)
+
+    @classmethod
+    def install(cls) -> NoiseFilter:
+        sys.stderr = noise = cls(sys.stderr)
+        return noise
+
+    def remove(self) -> None:
+        self.flush()
+        if sys.stderr is self:
+            sys.stderr = self.stream
 
 
 def quiet_worker() -> None:

@@ -27,12 +27,14 @@ ray.init waits for Ray's processes, so that on two cores the import costs the st
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from importlib import import_module
 from pathlib import Path
@@ -58,6 +60,7 @@ from dltrain.train.preflight import (
 )
 from dltrain.train.storage import (
     check_storage,
+    last_epoch,
     latest_checkpoint,
     local_run_dir,
     mark_complete,
@@ -117,6 +120,7 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto",
     connect_s = connect.connect(target, local_cpus(), rayenv.runtime_env())
     import ray
 
+    noise = rayenv.NoiseFilter.install()  # until ray.shutdown(): Ray prints through it
     tracker = None
     try:
         # The run's MLflow run opens now, from a thread of this process (dltrain.train.live).
@@ -135,7 +139,15 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto",
         # process group; rank 0 says "N workers ready" when they have (dltrain.train.worker).
         say(f"starting {t.num_workers} Ray Train worker{'s' if t.num_workers > 1 else ''} "
             "(each a new process that loads PyTorch)")
-        result = _fit(params, loop_cfg, cpus_per_worker, storage, name, _progress_terminal())
+        # A private Ray ends with this process' ray.shutdown(), its workers with it; a warm
+        # Ray or a cluster ends the job's actors (the Train controller, and the workers it
+        # owns) when this driver disconnects.
+        how = ("shutting down the private Ray and its Ray Train workers" if target.local
+               else f"disconnecting from {target.where}, which ends this run's Ray Train "
+                    "controller and workers")
+        with _stop_on_signal(how, storage, name):
+            result = _fit(params, loop_cfg, cpus_per_worker, storage, name,
+                          _progress_terminal())
         report = _finish(params, ws, summary, result.checkpoint, result.metrics, started,
                          reload, tracker, mode="worker-group", world_size=t.num_workers,
                          name=name, storage=storage,
@@ -148,7 +160,10 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto",
         raise
     finally:
         # A private Ray stops here; a warm Ray or a cluster is only disconnected from.
-        ray.shutdown()
+        try:
+            ray.shutdown()
+        finally:
+            noise.remove()
     _say_trained(report, ws, "Ray overhead")
     return report
 
@@ -209,9 +224,10 @@ def _train_in_process(params: Params, ws: Workspace, summary: dict[str, Any], st
         + (f"; resuming run {name} from its latest checkpoint" if resume_from else ""))
     if tracker is not None:
         tracker.wait_open()  # see live.OPEN_WAIT_S
-    result = _fit(params, loop_cfg, 0, storage, name, _progress_terminal(local=True),
-                  local={"run_dir": str(run_dir),
-                         "resume_from": str(resume_from) if resume_from else None})
+    with _stop_on_signal("ending the training in this process", storage, name):
+        result = _fit(params, loop_cfg, 0, storage, name, _progress_terminal(local=True),
+                      local={"run_dir": str(run_dir),
+                             "resume_from": str(resume_from) if resume_from else None})
     # No epoch left to train (the run was interrupted after its last checkpoint): the
     # checkpoint it resumed from is the final one.
     checkpoint = result.checkpoint or (
@@ -351,7 +367,7 @@ def _fit(params: Params, loop_cfg: LoopConfig, cpus_per_worker: int, storage: st
                     log_level=rayenv.RAY_TRAIN_LOG_LEVEL)))
     read_failure(storage, name, remove=True)  # one of an earlier attempt of this run
     try:
-        result = trainer.fit()
+        result = trainer.fit() if local is not None else _in_thread(trainer.fit)
     except ray.train.TrainingFailedError as exc:
         certain = read_failure(storage, name, remove=True)
         if certain:
@@ -373,6 +389,70 @@ def _fit(params: Params, loop_cfg: LoopConfig, cpus_per_worker: int, storage: st
     if certain:
         raise CertainTrainingError(f"training stopped: {certain}")
     return result
+
+
+# Ctrl-C (SIGINT, to the terminal's foreground group) and a process manager's SIGTERM.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _stop_on_signal(how: str, storage: str, name: str) -> Iterator[None]:
+    """While the block trains, SIGINT or SIGTERM prints one line at once, "stopping: " `how`
+    and where a re-run resumes, then raises KeyboardInterrupt in the main thread: train()
+    marks the MLflow run interrupted and ends Ray, and the CLI says "interrupted". The
+    checkpoints stay for the re-run. A second signal gets the handler that was there before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def stop(signum: int, frame: Any) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        try:
+            epoch = last_epoch(storage, name)
+        except Exception:  # noqa: BLE001  (the line must come, with or without the epoch)
+            epoch = None
+        # An epoch's file is written after its checkpoint is kept: the epoch named is the
+        # latest that a re-run is sure to find, and a later one may have been kept.
+        resume = "a re-run with the same params continues from its latest checkpoint"
+        resume += (f" (epoch {epoch} or later)" if epoch else
+                   " (none recorded yet: then it starts at epoch 1)" if epoch == 0 else "")
+        say(f"stopping ({signal.Signals(signum).name}): {how}; {resume}")
+        raise KeyboardInterrupt
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if signal.getsignal(sig) is stop:
+                signal.signal(sig, handler)
+
+
+def _in_thread(fit: Callable[[], Any]) -> Any:
+    """fit() in a thread of its own, waited for by the main thread, which stays free to handle
+    a signal at once (_stop_on_signal). In the main thread, Ray Train's fit() installs its own
+    SIGINT handler, which asks the Train controller to abort and waits for its answer: the
+    controller answers only once it is free, after the worker group has started, say. Off
+    the main thread Ray Train installs none."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = fit()
+        except BaseException as exc:  # noqa: BLE001  (raised again in the main thread)
+            outcome["error"] = exc
+
+    # A daemon: an interrupted driver exits without waiting for Ray's answer.
+    thread = threading.Thread(target=run, name="dltrain-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _root_cause(exc: BaseException) -> str:

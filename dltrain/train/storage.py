@@ -173,6 +173,20 @@ def read_epochs(storage: str, name: str, known: set[int] | frozenset[int] = froz
     return sorted(records, key=lambda r: r["epoch"])
 
 
+def last_epoch(storage: str, name: str) -> int:
+    """The number of the latest committed epoch of run `name` (its checkpoint is the one a
+    re-run resumes from), 0 when none is; only the names of the epoch files are read."""
+    import pyarrow.fs
+
+    fs, root = _filesystem(storage)
+    selector = pyarrow.fs.FileSelector(f"{root.rstrip('/')}/{name}/{EPOCHS_DIR}",
+                                       allow_not_found=True)
+    numbers = [int(stem[6:]) for info in fs.get_file_info(selector)
+               if (stem := info.base_name.removesuffix(".json")) != info.base_name
+               and stem.startswith("epoch_") and stem[6:].isdigit()]
+    return max(numbers, default=0)
+
+
 def write_failure(storage: str, name: str, message: str) -> None:
     fs, root = _filesystem(storage)
     run_dir = f"{root.rstrip('/')}/{name}"
