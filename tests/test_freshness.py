@@ -16,7 +16,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from dltrain.paths import RAW_MANIFEST as MANIFEST_NAME
 
 from helpers.data import RAW_FILES, write_raw_dir
 from helpers.repo import REPO_ROOT
-from helpers.sources import endless_source
+from helpers.sources import endless_source, serving
 
 NAMES = list(RAW_FILES.values())
 FAST = {"backoff_s": 0.0, "timeout_s": 5.0, "progress": False}
@@ -322,15 +321,9 @@ def http_source(request: pytest.FixtureRequest, tmp_path: Path, tiny_source: Pat
         context.load_cert_chain(cert, key)
         server.socket = context.wrap_socket(server.socket, server_side=True)
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state.url = f"{request.param}://127.0.0.1:{server.server_address[1]}/data"
-    try:
+    with serving(server) as port:
+        state.url = f"{request.param}://127.0.0.1:{port}/data"
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def test_an_unchanged_etag_means_no_body_is_fetched(tmp_path: Path, http_source: HttpSource):

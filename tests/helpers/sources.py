@@ -62,13 +62,23 @@ def endless_source(*, trickle_s: float | None = None, etag: str | None = None,
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
+    with serving(server) as port:
+        state.url = f"http://127.0.0.1:{port}/data"
+        try:
+            yield state
+        finally:
+            stop.set()  # ends the bodies still being sent, so the shutdown does not wait
+
+
+@contextlib.contextmanager
+def serving(server: http.server.HTTPServer) -> Iterator[int]:
+    """Serve `server` from a thread while the block runs, then stop and close it, pass or
+    fail; yields its port."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/data"
     try:
-        yield state
+        yield server.server_address[1]
     finally:
-        stop.set()
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
