@@ -427,15 +427,16 @@ def _wait_gone(tree: set[psutil.Process], after: str, timeout_s: float = 30) -> 
 
 
 def _train_until_first_checkpoint(ws: Path, log: Path) -> tuple[subprocess.Popen, set]:
-    """`dltrain train` in a session of its own, returned once its first checkpoint exists,
-    with its descendants (Ray's processes) as seen until then."""
+    """`dltrain train` in a session of its own, returned once a checkpoint exists (any epoch's:
+    local mode keeps only the latest two, so the first may be gone by the next look), with its
+    descendants (Ray's processes) as seen until then."""
     with open(log, "w") as out:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen([sys.executable, "-m", "dltrain", "train", "--workspace",
                                  str(ws)], env=venv_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     tree: set[psutil.Process] = set()
     deadline = time.monotonic() + 300
-    while not list((ws / ".ray_results").glob("*/epoch_0001")):
+    while not list((ws / ".ray_results").glob("*/epoch_[0-9]*")):
         tree |= _descendants(proc.pid)
         assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline, "no checkpoint within 300 s"
