@@ -198,6 +198,11 @@ def test_a_killed_local_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     assert report["resumed"] is True
     attempts = [e["attempt"] for e in report["epochs"]]
     assert attempts == [0] * kept + [1] * (6 - kept)
+    # The overhead is the re-run's wall time minus the epochs it trained, not minus the
+    # killed run's epochs too (which once made it negative).
+    own = sum(e["epoch_time_s"] for e in report["epochs"][kept:])
+    assert report["ray_overhead_s"] == pytest.approx(report["wall_time_s"] - own)
+    assert report["ray_overhead_s"] > 0
     runs, history = training_runs(ws, report)
     assert runs == [report["mlflow"]["run_id"]]
     assert history == [(e["epoch"], pytest.approx(e["val_accuracy"])) for e in report["epochs"]]

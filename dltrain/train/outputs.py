@@ -39,15 +39,24 @@ def read_final_checkpoint(directory: Path, hidden_sizes: tuple[int, ...]
     weights = model_file.read_bytes()
     parse_state_dict(weights, model_file, expected_shapes(hidden_sizes),
                      f"model.hidden_sizes {list(hidden_sizes)}")
-    return json.loads((directory / CHECKPOINT_HISTORY).read_text()), weights
+    return read_history(directory), weights
+
+
+def read_history(directory: Path) -> list[dict[str, Any]]:
+    """The epochs a checkpoint folder records, oldest first."""
+    return json.loads((directory / CHECKPOINT_HISTORY).read_text())
 
 
 def write_outputs(epochs: list[dict[str, Any]], weights: bytes, params: Params, ws: Workspace,
                   summary: dict[str, Any], *, mode: str, world_size: int, device: str,
                   nodes: list[str],
                   wall_s: float, name: str, storage: str, ray: dict[str, Any],
-                  mlflow: dict[str, Any] | None = None) -> dict[str, Any]:
-    """models/model.safetensors (`weights`) with its card, and reports/training.json."""
+                  mlflow: dict[str, Any] | None = None,
+                  trained_before: int | None = 0) -> dict[str, Any]:
+    """models/model.safetensors (`weights`) with its card, and reports/training.json.
+
+    `trained_before`: how many of `epochs` an earlier, interrupted process trained (a resumed
+    run), whose times are not part of `wall_s`; None when that is not known here."""
     from dltrain.model.architecture import architecture
     from dltrain.model.weights import write_model_pair
 
@@ -65,7 +74,10 @@ def write_outputs(epochs: list[dict[str, Any]], weights: bytes, params: Params, 
         "device": device,
         "samples_per_s": epochs[-1]["samples"] / median if median else None,
         "wall_time_s": wall_s,
-        "ray_overhead_s": wall_s - sum(e["epoch_time_s"] for e in epochs),
+        # This process' wall time minus the epochs it trained; None for a resumed run whose
+        # earlier epochs cannot be told apart.
+        "ray_overhead_s": (None if trained_before is None else
+                           wall_s - sum(e["epoch_time_s"] for e in epochs[trained_before:])),
         "resumed": any(e.get("attempt", 0) for e in epochs),
         # models/model.safetensors holds the weights of this epoch (best validation accuracy).
         "best_epoch": best_epoch_number,

@@ -46,7 +46,7 @@ from dltrain.errors import CertainTrainingError, DltrainError, TrainingError
 from dltrain.paths import Workspace
 from dltrain.train import connect, live, rayenv
 from dltrain.train.loopconfig import LoopConfig
-from dltrain.train.outputs import read_final_checkpoint, write_outputs
+from dltrain.train.outputs import read_final_checkpoint, read_history, write_outputs
 from dltrain.train.preflight import (
     available_memory,
     changed_params,
@@ -152,7 +152,10 @@ def train(params: Params, ws: Workspace, *, resume: str = "auto",
                          reload, tracker, mode="worker-group", world_size=t.num_workers,
                          name=name, storage=storage,
                          ray={"where": target.where, "version": ray.__version__,
-                              "connect_s": round(connect_s, 3)})
+                              "connect_s": round(connect_s, 3)},
+                         # Ray Train restores a resumed run's checkpoint itself: which of its
+                         # epochs an earlier driver trained is not known here.
+                         trained_before=None if resuming else 0)
     except BaseException as exc:
         if tracker is not None:
             tracker.abort("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit))
@@ -235,7 +238,8 @@ def _train_in_process(params: Params, ws: Workspace, summary: dict[str, Any], st
     report = _finish(params, ws, summary, checkpoint, result.metrics, started, reload,
                      tracker, mode="local", world_size=1, name=name, storage=storage,
                      ray={"where": "this process (Ray Train local mode)",
-                          "version": ray.__version__, "connect_s": 0.0})
+                          "version": ray.__version__, "connect_s": 0.0},
+                     trained_before=len(read_history(resume_from)) if resume_from else 0)
     _say_trained(report, ws, "overhead")
     return report
 
@@ -252,7 +256,8 @@ def _loop_config(params: Params, ws: Workspace, threads: int) -> LoopConfig:
 def _finish(params: Params, ws: Workspace, summary: dict[str, Any], checkpoint: Any,
             metrics: dict[str, Any] | None, started: float,
             reload: Callable[[], Params] | None, tracker: live.LiveRun | None, *, mode: str,
-            world_size: int, name: str, storage: str, ray: dict[str, Any]) -> dict[str, Any]:
+            world_size: int, name: str, storage: str, ray: dict[str, Any],
+            trained_before: int | None) -> dict[str, Any]:
     """The outputs, from the run's last checkpoint; the run marked complete."""
     t = params.train
     if checkpoint is None:
@@ -273,16 +278,18 @@ def _finish(params: Params, ws: Workspace, summary: dict[str, Any], checkpoint: 
         epochs, weights, params, ws, summary, mode=mode, world_size=world_size,
         device="cuda" if t.use_gpu else "cpu", nodes=list(metrics.get("nodes", [])),
         wall_s=time.perf_counter() - started, name=name, storage=storage, ray=ray,
-        mlflow=mlflow_run)
+        mlflow=mlflow_run, trained_before=trained_before)
     mark_complete(storage, name, report)
     return report
 
 
 def _say_trained(report: dict[str, Any], ws: Workspace, overhead: str) -> None:
     best = next(e for e in report["epochs"] if e["epoch"] == report["best_epoch"])
+    spent = report["ray_overhead_s"]
     say(f"trained {plural(len(report['epochs']), 'epoch')} in {report['wall_time_s']:.1f}s "
-        f"({report['samples_per_s']:.0f} samples/s, {overhead} "
-        f"{report['ray_overhead_s']:.1f}s); best val_acc {best['val_accuracy']:.4f} at epoch "
+        f"({report['samples_per_s']:.0f} samples/s"
+        + (f", {overhead} {spent:.1f}s" if spent is not None else "")
+        + f"); best val_acc {best['val_accuracy']:.4f} at epoch "
         f"{best['epoch']}; wrote {ws.model_path.relative_to(ws.root)}")
 
 
