@@ -93,6 +93,8 @@ def test_the_curves_come_before_the_one_point_figures_on_the_run_page() -> None:
     assert "" not in sections and sections == {"train", "val"}
     for key in ("loss", "accuracy"):
         assert {f"train/{key}", f"val/{key}"} <= set(EPOCH_METRICS.values())
+    # Charts of a section are alphabetical: no other curve before loss and accuracy.
+    assert sorted(EPOCH_METRICS.values())[:2] == ["train/accuracy", "train/loss"]
     for figure in ("test_accuracy", "test_loss", "test_macro_f1", "samples_per_s"):
         assert _chart_section(figure) == ""
 

@@ -18,10 +18,11 @@ from dltrain.tracking.store import EXPERIMENT, embedded_artifact_uri, embedded_t
 # run page groups the charts into sections by the name's part before its last "/", draws the
 # named sections in alphabetical order and the unnamed one ("Model metrics") last: so the loss
 # and accuracy curves ("train/...", "val/...") come first, and register's one-point figures
-# (test_accuracy, test_loss, test_macro_f1, samples_per_s) after them.
+# (test_accuracy, test_loss, test_macro_f1, samples_per_s) after them. Within a section charts
+# are alphabetical: the epoch's time is "time_s", after "accuracy" and "loss".
 EPOCH_METRICS = {"train_loss": "train/loss", "train_accuracy": "train/accuracy",
                  "val_loss": "val/loss", "val_accuracy": "val/accuracy",
-                 "epoch_time_s": "train/epoch_time_s"}
+                 "epoch_time_s": "train/time_s"}
 EPOCH_KEYS = tuple(EPOCH_METRICS)
 
 
