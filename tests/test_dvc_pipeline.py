@@ -196,3 +196,27 @@ def test_evaluate_reports_read_well_in_dvc(trained_clone: tuple[Path, Path]):
     for name in ("reports/per_class.json", "reports/training_curves.png",
                  "reports/confusion_matrix.png"):
         assert name in rendered["data"], sorted(rendered["data"])
+
+
+def test_dvc_plots_show_draws_offline(trained_clone: tuple[Path, Path], tmp_path: Path):
+    """The page `dvc plots show` writes loads no script from the network: .dvc/config names
+    DVC's `plots.html_template`, .dvc/plots/offline.html, which inlines Vega, Vega-Lite and
+    Vega-Embed, so the curves are drawn offline rather than left as blank frames. The page
+    holds the plots' data (the epochs of reports/training.json) and the PNGs too."""
+    clone, _source = trained_clone
+    repro(clone, "evaluate")
+    out = tmp_path / "plots"
+    shown = subprocess.run(["dvc", "plots", "show", "-o", str(out)], cwd=clone, env=venv_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    page = (out / "index.html").read_text()
+    assert not re.findall(r"<script[^>]*\bsrc=", page), "a script is loaded from elsewhere"
+    assert "cdn.jsdelivr.net" not in page
+    for library in ("vega@5.20.2", "vega-lite@5.2.0", "vega-embed@6.18.2"):
+        assert f"/* {library}: build/" in page, library
+    assert page.count("vegaEmbed(") >= 4  # Loss, Accuracy, F1 per class, confusion matrix
+    epoch = read_json(clone / "reports" / "training.json")["epochs"][0]
+    for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
+        assert f'"{key}": {json.dumps(epoch[key])}' in page, key
+    for png in ("training_curves.png", "confusion_matrix.png", "misclassified.png"):
+        assert re.search(rf"<img[^>]+{re.escape(png)}", page), png

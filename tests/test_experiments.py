@@ -143,7 +143,7 @@ def test_dvc_exp_run_temp_tracks_the_experiment_and_leaves_registry_and_workspac
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["train.epochs"] == "1"
-    assert {"test_accuracy", "test_loss", "val_accuracy"} <= set(run.data.metrics)
+    assert {"test_accuracy", "test_loss", "val/accuracy"} <= set(run.data.metrics)
     assert run.data.tags["dltrain.registered"] == "false"
 
     # Applied, the experiment reaches the registry from a run on the workspace.

@@ -28,6 +28,8 @@ from dltrain.paths import Workspace
 from dltrain.registry.register import register
 from dltrain.tracking.runs import (
     EPOCH_KEYS,
+    EPOCH_MARK,
+    EPOCH_METRICS,
     RUN_NAME_TAG,
     TRAINING_ID_TAG,
     TRAINING_STATE_TAG,
@@ -56,7 +58,9 @@ def _epoch(n: int) -> dict[str, Any]:
 
 
 def _history(client, run_id: str, key: str = "val_accuracy") -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+    """The run's history of an epoch figure, named as in training.json."""
+    return sorted((m.step, m.value)
+                  for m in client.get_metric_history(run_id, EPOCH_METRICS[key]))
 
 
 def _wait(predicate, timeout_s: float = 60.0, what: str = "") -> None:
@@ -73,6 +77,47 @@ def test_a_run_name_is_the_data_set_the_start_time_and_the_short_key() -> None:
     assert display_name("dltrain-4590e012b1c8", "mnist", at) == "mnist-20261207-182201-4590e012"
     # register's own run (training never reached MLflow): <model name>-<weights sha256>
     assert display_name("mnist-mlp-5b1e6e0e", None, at) == "20261207-182201-5b1e6e0e"
+
+
+def _chart_section(metric: str) -> str:
+    """The section MLflow 3's run page draws a metric's chart in: its name's part before the last
+    "/" (the UI's extractChartSectionName), "" for the unnamed "Model metrics" section."""
+    return metric.rpartition("/")[0]
+
+
+def test_the_curves_come_before_the_one_point_figures_on_the_run_page() -> None:
+    """MLflow 3's run page draws the named chart sections in alphabetical order, then the unnamed
+    one: every epoch curve is in a named section, and register's one-point figures (test_*,
+    samples_per_s) in the unnamed one, so the loss and accuracy curves come first."""
+    sections = {_chart_section(name) for name in EPOCH_METRICS.values()}
+    assert "" not in sections and sections == {"train", "val"}
+    for key in ("loss", "accuracy"):
+        assert {f"train/{key}", f"val/{key}"} <= set(EPOCH_METRICS.values())
+    # Charts of a section are alphabetical: no other curve before loss and accuracy.
+    assert sorted(EPOCH_METRICS.values())[:2] == ["train/accuracy", "train/loss"]
+    for figure in ("test_accuracy", "test_loss", "test_macro_f1", "samples_per_s"):
+        assert _chart_section(figure) == ""
+
+
+def test_a_run_of_an_earlier_dltrain_is_continued_without_logging_its_epochs_again(
+        tmp_path: Path) -> None:
+    """A run that holds epochs under training.json's names (dltrain before the chart sections)
+    and is resumed: its epochs are read as logged, and only the new ones are sent."""
+    from mlflow.entities import Metric
+
+    from dltrain.tracking.runs import log_epochs, logged_epochs
+
+    seed_workspace_store(tmp_path)
+    client = _client(embedded_tracking_uri(tmp_path))
+    run_id = client.create_run(client.create_experiment("old")).info.run_id
+    client.log_batch(run_id, metrics=[Metric(key, float(_epoch(n)[key]), 0, n)
+                                      for n in (1, 2) for key in EPOCH_KEYS])
+    assert logged_epochs(client, run_id) == {1, 2}
+    assert log_epochs(client, run_id, [_epoch(n) for n in (1, 2, 3)]) == [3]
+    assert _history(client, run_id, "val_accuracy") == [(3, _epoch(3)["val_accuracy"])]
+    assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == [1, 2]
+    assert logged_epochs(client, run_id) == {1, 2, 3}
+    assert [m.step for m in client.get_metric_history(run_id, EPOCH_MARK)] == [3]
 
 
 def test_the_callback_writes_rank_0s_epoch_into_the_run_directory(tmp_path: Path) -> None:

@@ -340,7 +340,7 @@ def test_worker_killed_mid_train_then_the_rerun_resumes_from_the_dvc_cache(local
     state = _flow_run_state(local_stack, run_id)
     assert state == ("CRASHED" if victims == "worker" else "RUNNING")
     if state == "RUNNING":
-        # What Prefect's "Detect zombie flows" automation does (README's troubleshooting):
+        # What Prefect's "Detect zombie flows" automation does (docs/troubleshooting.md):
         # mark the run Crashed. Leaving Running frees its deployment's concurrency slot now;
         # without it the re-run waits in AwaitingConcurrencySlot until the slot's lease,
         # no longer renewed, runs out (RELIABILITY.md's open points).

@@ -92,7 +92,7 @@ def test_first_model_is_champion_with_lineage_weights_and_card(ws: Workspace) ->
     assert run.data.params["train.epochs"] == "5"
     assert run.data.tags["data_checksum"] == summary["data_checksum"]
     assert run.data.metrics["test_accuracy"] == pytest.approx(outcome["test_accuracy"])
-    history = client.get_metric_history(outcome["run_id"], "val_accuracy")
+    history = client.get_metric_history(outcome["run_id"], "val/accuracy")
     assert [m.step for m in history] == [1, 2, 3]
 
     # The version is the run's MLflow model: a pyfunc model from code over the weights and

@@ -14,7 +14,16 @@ from typing import Any
 
 from dltrain.tracking.store import EXPERIMENT, embedded_artifact_uri, embedded_tracking_uri
 
-EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_time_s")
+# Each epoch's figures (their keys in training.json) and their metric names in MLflow. MLflow 3's
+# run page groups the charts into sections by the name's part before its last "/", draws the
+# named sections in alphabetical order and the unnamed one ("Model metrics") last: so the loss
+# and accuracy curves ("train/...", "val/...") come first, and register's one-point figures
+# (test_accuracy, test_loss, test_macro_f1, samples_per_s) after them. Within a section charts
+# are alphabetical: the epoch's time is "time_s", after "accuracy" and "loss".
+EPOCH_METRICS = {"train_loss": "train/loss", "train_accuracy": "train/accuracy",
+                 "val_loss": "val/loss", "val_accuracy": "val/accuracy",
+                 "epoch_time_s": "train/time_s"}
+EPOCH_KEYS = tuple(EPOCH_METRICS)
 
 
 def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -54,8 +63,10 @@ RUN_NAME_TAG = "dltrain.run_name"
 TRAINING_ID_TAG = "dltrain.training_id"
 TRAINING_STATE_TAG = "dltrain.training"  # running, complete, failed, interrupted
 EXPERIMENT_TAG = "dltrain.experiment"  # the DVC experiment the run trained in (`dvc exp run`)
-# Logged with every epoch's batch: its steps are the epochs the run holds already.
-EPOCH_MARK = "val_accuracy"
+# Logged with every epoch's batch: its steps are the epochs the run holds already. Runs of an
+# earlier dltrain named it as training.json does; a resumed one is read by both names.
+EPOCH_MARK = EPOCH_METRICS["val_accuracy"]
+EPOCH_MARKS = (EPOCH_MARK, "val_accuracy")
 # What the train stage logs as params; evaluate's and register's sections are register's to add.
 TRAINING_SECTIONS = ("data", "model", "train")
 
@@ -79,7 +90,7 @@ def find_training_run(client: Any, experiment_id: str, training_id: str) -> Any 
 
 
 def logged_epochs(client: Any, run_id: str) -> set[int]:
-    return {int(m.step) for m in client.get_metric_history(run_id, EPOCH_MARK)}
+    return {int(m.step) for mark in EPOCH_MARKS for m in client.get_metric_history(run_id, mark)}
 
 
 def log_epochs(client: Any, run_id: str, epochs: list[dict[str, Any]],
@@ -93,8 +104,9 @@ def log_epochs(client: Any, run_id: str, epochs: list[dict[str, Any]],
     if not new:
         return []
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(key, float(ep[key]), now, int(ep["epoch"]))
-                                      for ep in new for key in EPOCH_KEYS if key in ep])
+    client.log_batch(run_id, metrics=[Metric(name, float(ep[key]), now, int(ep["epoch"]))
+                                      for ep in new for key, name in EPOCH_METRICS.items()
+                                      if key in ep])
     return [int(ep["epoch"]) for ep in new]
 
 

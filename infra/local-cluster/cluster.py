@@ -30,7 +30,7 @@ Why it is built this way:
   at 127.0.0.1:PORT. Ray registers a loopback node under the machine's own IP, and that is the
   cluster's address: it is read back from Ray once the head has joined (the head's
   NodeManagerAddress in ray.nodes()), not predicted. The GCS and the raylet listen on all
-  interfaces, some agents on the machine's address (README, Security): `ray start` documents
+  interfaces, some agents on the machine's address (docs/security.md): `ray start` documents
   no option to bind them to loopback, so the token is what protects them.
 - A recorded process group is signalled only while it is still that node's: a group id is
   reused once the group is gone (a crash, a reboot). `up` records each node's `ray start`

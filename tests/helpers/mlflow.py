@@ -182,6 +182,7 @@ def training_runs(ws_root: Path, report: dict | None) -> tuple[list, list[tuple[
     (`report`) names: live tracking's outcome."""
     from mlflow import MlflowClient
 
+    from dltrain.tracking.runs import EPOCH_MARK
     from dltrain.tracking.store import EXPERIMENT, embedded_tracking_uri
 
     client = MlflowClient(tracking_uri=embedded_tracking_uri(ws_root))
@@ -190,5 +191,5 @@ def training_runs(ws_root: Path, report: dict | None) -> tuple[list, list[tuple[
     if report is None:
         return runs, []
     runs = [r.info.run_id for r in runs]
-    history = client.get_metric_history(report["mlflow"]["run_id"], "val_accuracy")
+    history = client.get_metric_history(report["mlflow"]["run_id"], EPOCH_MARK)
     return runs, sorted((m.step, m.value) for m in history)
