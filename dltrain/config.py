@@ -466,9 +466,9 @@ def space_samples(kind: str | None, args: list[Any]) -> list[Any]:
     if kind == "randint":
         return [args[0], args[1] - 1]
     if kind == "uniform":
-        return [args[0], args[1], (args[0] + args[1]) / 2 + 0.1 * (args[1] - args[0])]
+        return [(args[0] + args[1]) / 2 + 0.1 * (args[1] - args[0]), args[0], args[1]]
     if kind == "loguniform":
-        return [args[0], args[1], math.sqrt(args[0] * args[1]) * 1.0001]
+        return [math.sqrt(args[0] * args[1]) * 1.0001, args[0], args[1]]
     return args
 
 
