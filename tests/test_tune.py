@@ -129,7 +129,8 @@ def test_trials_params_and_the_sweep_name() -> None:
 
 def _result(trial_id: str, lr: float, epochs: int, acc: float | None, error: str | None = None):
     metrics = {"epoch": epochs, "val_accuracy": acc, "val_loss": 0.5} if epochs else {}
-    return SimpleNamespace(path=f"/s/trial_{trial_id}", config={"train.learning_rate": lr, "train.epochs": 3},
+    return SimpleNamespace(path=f"/s/trial_{trial_id}",
+                           config={"train.learning_rate": lr, "train.epochs": 3},
                            metrics=metrics, error=RuntimeError(error) if error else None)
 
 

@@ -41,10 +41,6 @@ CHECKPOINT_PERIOD_S = "1"
 SEARCH_PACKAGES = {"optuna": "optuna", "hyperopt": "hyperopt"}
 
 
-class SweepInterrupted(KeyboardInterrupt):
-    """Ctrl-C (or SIGTERM) stopped the sweep; Ray Tune saved it for a re-run to resume."""
-
-
 def say(line: str) -> None:
     print(line, flush=True)
 
@@ -100,8 +96,9 @@ def tune(params: Params, ws: Workspace) -> dict[str, Any]:
         ended = grid.num_terminated + grid.num_errors
         if ended < len(results):
             mlflow.finish_interrupted()
-            raise SweepInterrupted(f"{ended} of {len(results)} started trials ended; "
-                                   f"`dltrain tune` resumes sweep {name}")
+            say(f"stopped: {ended} of {len(results)} started trials ended, and Ray Tune saved "
+                f"the sweep; `dltrain tune` resumes sweep {name}")
+            raise KeyboardInterrupt
         report = build_report(params, results, {
             "name": name, "mlflow_run_id": mlflow.run_id, "experiment": mlflow.experiment,
             "storage": path, "wall_s": round(time.perf_counter() - started, 1)})
@@ -173,14 +170,15 @@ def _tuner(params: Params, trainable: Any, storage: str, name: str, path: str,
     """A Tuner restored from the sweep's state when there is one, else a new one."""
     from ray import tune
 
+    # The sweep's parent run again, if an earlier attempt opened it (stopped before Ray Tune
+    # saved anything, or resumed now).
+    mlflow.open(previous.info.run_id if previous is not None else None)
     if previous is not None and tune.Tuner.can_restore(path):
-        mlflow.open(previous.info.run_id)
         # A finished sweep restores as it is (its failed trials stay failed); an interrupted
         # one also runs its failed trials again.
         again = previous.info.status != "FINISHED"
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                   restart_errored=again, param_space=param_space(params)), True
-    mlflow.open(None)
     t = params.tune
     mode = t.objective_mode
     from dltrain.tune.progress import Progress
