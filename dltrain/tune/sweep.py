@@ -10,9 +10,8 @@ The sweep lives in its own directory under the run storage (train.storage_path, 
 runs do), named by dltrain.tune.space.sweep_name. A re-run with the same space finds Ray Tune's
 state there and restores it (Tuner.can_restore / Tuner.restore): finished trials are kept,
 unfinished ones run again, and, for an interrupted sweep, so do failed ones. Ray Tune saves
-its state every TUNE_GLOBAL_CHECKPOINT_S seconds (a documented Tune setting; 1 here) and at
-once on Ctrl-C (Tune's own SIGINT handling, which stops the trials and saves); SIGTERM is
-handled as Ctrl-C.
+its state every TUNE_GLOBAL_CHECKPOINT_S seconds (a documented Tune setting; 1 here), and whole
+when Ctrl-C or SIGTERM stops the sweep (_StopOnSignal).
 """
 
 from __future__ import annotations
@@ -90,15 +89,14 @@ def tune(params: Params, ws: Workspace) -> dict[str, Any]:
             f"of up to {max_epochs(params)} epochs, {per_trial}, "
             + (f"at most {concurrent} at once" if concurrent else "as many at once as fit")
             + f"; {t.scheduler.upper()} on {t.metric} ({t.objective_mode}), {t.search} search")
-        with _sigterm_as_sigint():
+        with _StopOnSignal() as stop:
             grid = tuner.fit()
-        results = list(grid)
-        ended = grid.num_terminated + grid.num_errors
-        if ended < len(results):
+        if stop.signalled:
             mlflow.finish_interrupted()
-            say(f"stopped: {ended} of {len(results)} started trials ended, and Ray Tune saved "
-                f"the sweep; `dltrain tune` resumes sweep {name}")
+            say(f"stopped: Ray Tune saved the sweep; `dltrain tune` resumes sweep {name} (its "
+                "finished trials are kept)")
             raise KeyboardInterrupt
+        results = list(grid)
         report = build_report(params, results, {
             "name": name, "mlflow_run_id": mlflow.run_id, "experiment": mlflow.experiment,
             "storage": path, "wall_s": round(time.perf_counter() - started, 1)})
@@ -220,13 +218,31 @@ def _search(search: str, seed: int) -> Any:
     return BasicVariantGenerator(random_state=seed)
 
 
-class _sigterm_as_sigint:
-    """SIGTERM (a process manager's stop) is handled as Ctrl-C, which Ray Tune turns into a
-    stop that saves the sweep for a re-run."""
+class _StopOnSignal:
+    """While the sweep runs, Ctrl-C (SIGINT) or a process manager's SIGTERM stops it the way
+    Ray Tune stops on Ctrl-C: its trials end and its state is saved as it was, unfinished trials
+    unfinished, for a re-run to resume. Ray Tune's own SIGINT handler is off
+    (TUNE_DISABLE_SIGINT_HANDLER) so that the sweep knows it was stopped (Tune's result then
+    reads as if every trial ended); this one passes the stop on as SIGUSR1, to which Ray Tune's
+    Tuner.fit() answers with the same stop. A second signal stops at once."""
 
-    def __enter__(self) -> None:
-        self.previous = signal.signal(signal.SIGTERM,
-                                      lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> _StopOnSignal:
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read when fit() starts
+        self.signalled = False
+        self.previous = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._stop)
+        return self
+
+    def _stop(self, signum: int, frame: Any) -> None:
+        if self.signalled:
+            raise KeyboardInterrupt
+        self.signalled = True
+        say(f"stopping ({signal.Signals(signum).name}): ending the trials and saving the sweep")
+        os.kill(os.getpid(), signal.SIGUSR1)
 
     def __exit__(self, *exc: Any) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
