@@ -38,6 +38,7 @@ APPLY_COMMAND = "dltrain tune --apply-only"
 # Ray Tune's experiment-state period: a killed sweep loses at most this much of its record.
 CHECKPOINT_PERIOD_S = "1"
 SEARCH_PACKAGES = {"optuna": "optuna", "hyperopt": "hyperopt"}
+DRIVER_MEMORY = 256 * 2**20  # what a multi-worker trial's driver function asks Ray for
 
 
 def say(line: str) -> None:
@@ -152,12 +153,14 @@ def _trainable(params: Params, ws: Workspace, storage: str, name: str
             {"cpu": threads, "gpu": 1 if t.use_gpu else 0})
         return trainable, concurrent, (f"each on {threads} CPU{'s' if threads > 1 else ''} "
                                        "(Ray Train local mode in the trial)")
-    # Ray's Train V2 + Tune pattern: the trial's driver function holds no CPU; its
-    # TorchTrainer's workers ask for theirs, and Tune is told how many trials fit.
+    # Ray's Train V2 + Tune pattern: the trial runs a driver function, and Tune is told how
+    # many trials' worker groups fit at once (max_concurrent_trials). The driver only waits on
+    # its workers: it asks for memory, not for a CPU (Ray's default of 1 would leave a 2-CPU
+    # machine one short for a 2-worker trial); its TorchTrainer's workers ask for theirs.
     trainable = tune.with_resources(
         tune.with_parameters(run_trial_workers, params=params, processed_dir=processed,
                              threads=threads, storage=f"{storage.rstrip('/')}/{name}-train"),
-        {"cpu": 0})
+        {"cpu": 0, "memory": DRIVER_MEMORY})
     fit = max(1, int(cpus // (workers * threads)))
     return trainable, min(concurrent or fit, fit), f"each {workers} Ray Train workers x " \
         f"{threads} CPU"
@@ -186,7 +189,10 @@ def _tuner(params: Params, trainable: Any, storage: str, name: str, path: str,
         tune_config=tune.TuneConfig(
             metric=t.metric, mode=mode, num_samples=t.num_samples,
             scheduler=_scheduler(params), search_alg=_search(t.search, t.seed),
-            max_concurrent_trials=concurrent, trial_dirname_creator=trial_dirname),
+            max_concurrent_trials=concurrent, trial_dirname_creator=trial_dirname,
+            # A trial's process (it has imported PyTorch) runs the next trial of the same
+            # resources: most of a short trial's start-up.
+            reuse_actors=True),
         run_config=tune.RunConfig(
             name=name, storage_path=storage, verbose=0,
             callbacks=[Progress(params, trial_count(params)), mlflow.logger()]))
