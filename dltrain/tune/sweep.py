@@ -31,7 +31,7 @@ from dltrain.train import connect, rayenv
 from dltrain.train.preflight import check_memory, check_processed, local_cpus
 from dltrain.train.storage import check_storage, resolve_storage
 from dltrain.tune.report import build_report, summary_lines, trial_dirname
-from dltrain.tune.space import max_epochs, param_space, sweep_name, trial_count
+from dltrain.tune.space import baseline, max_epochs, param_space, sweep_name, trial_count
 from dltrain.tune.tracking import SweepRun, find_sweep_run
 
 APPLY_COMMAND = "dltrain tune --apply-only"
@@ -188,7 +188,7 @@ def _tuner(params: Params, trainable: Any, storage: str, name: str, path: str,
         trainable, param_space=param_space(params),
         tune_config=tune.TuneConfig(
             metric=t.metric, mode=mode, num_samples=t.num_samples,
-            scheduler=_scheduler(params), search_alg=_search(t.search, t.seed),
+            scheduler=_scheduler(params), search_alg=_search(t.search, t.seed, baseline(params)),
             max_concurrent_trials=concurrent, trial_dirname_creator=trial_dirname,
             # A trial's process (it has imported PyTorch) runs the next trial of the same
             # resources: most of a short trial's start-up.
@@ -210,18 +210,20 @@ def _scheduler(params: Params) -> Any:
                          grace_period=t.grace_period, reduction_factor=t.reduction_factor)
 
 
-def _search(search: str, seed: int) -> Any:
+def _search(search: str, seed: int, first: dict[str, Any] | None) -> Any:
+    """The search algorithm; `first`, the baseline trial's config, is its first point."""
+    points = [first] if first else None
     if search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=seed)
+        return OptunaSearch(seed=seed, points_to_evaluate=points)
     if search == "hyperopt":
         from ray.tune.search.hyperopt import HyperOptSearch
 
-        return HyperOptSearch(random_state_seed=seed)
+        return HyperOptSearch(random_state_seed=seed, points_to_evaluate=points)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=seed)
+    return BasicVariantGenerator(random_state=seed, points_to_evaluate=points)
 
 
 class _StopOnSignal:
