@@ -190,9 +190,9 @@ def _tuner(params: Params, trainable: Any, storage: str, name: str, path: str,
             metric=t.metric, mode=mode, num_samples=t.num_samples,
             scheduler=_scheduler(params), search_alg=_search(t.search, t.seed, baseline(params)),
             max_concurrent_trials=concurrent, trial_dirname_creator=trial_dirname,
-            # A trial's process (it has imported PyTorch) runs the next trial of the same
-            # resources: most of a short trial's start-up.
-            reuse_actors=True),
+            # A new process per trial: with reuse, a trial the scheduler stopped went on
+            # reporting epochs, which Tune counted as the next trial's.
+            reuse_actors=False),
         run_config=tune.RunConfig(
             name=name, storage_path=storage, verbose=0,
             callbacks=[Progress(params, trial_count(params)), mlflow.logger()]))
