@@ -171,10 +171,13 @@ def _tuner(params: Params, trainable: Any, storage: str, name: str, path: str,
     """A Tuner restored from the sweep's state when there is one, else a new one."""
     from ray import tune
 
-    # The sweep's parent run again, if an earlier attempt opened it (stopped before Ray Tune
-    # saved anything, or resumed now).
-    mlflow.open(previous.info.run_id if previous is not None else None)
-    if previous is not None and tune.Tuner.can_restore(path):
+    # The sweep's parent run again when this resumes it, or when an earlier attempt opened it
+    # and stopped before Ray Tune saved anything; a new one for a finished sweep whose Tune
+    # state was deleted (it runs again).
+    restorable = previous is not None and tune.Tuner.can_restore(path)
+    again_parent = previous is not None and (restorable or previous.info.status != "FINISHED")
+    mlflow.open(previous.info.run_id if again_parent else None)
+    if restorable:
         # A finished sweep restores as it is (its failed trials stay failed); an interrupted
         # one also runs its failed trials again.
         again = previous.info.status != "FINISHED"
