@@ -43,6 +43,10 @@ def experiment_origin(root: Path, environ: Mapping[str, str] = os.environ) -> Pa
     return Path(root) if copy is None else Path(origin).resolve() / here.relative_to(copy)
 
 PARAMS_FILE = "params.yaml"
+# A sweep's directory under the run storage (train.storage_path, like training runs):
+# dltrain-tune-<key of the space and the data>; Ray Tune keeps the sweep's state there, so an
+# interrupted sweep resumes from it (dltrain.tune.sweep).
+TUNE_RUN_PREFIX = "dltrain-tune"
 RAW_MANIFEST = "manifest.json"  # beside the data set's files: source, sha256, bytes
 PROCESSED_SUMMARY = "summary.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -137,6 +141,11 @@ class ReportFiles:
     def registration(self) -> Path:
         return self.dir / "registration.json"
 
+    @property
+    def tune(self) -> Path:
+        """`dltrain tune`'s result: every trial of the latest sweep and the best config."""
+        return self.dir / "tune.json"
+
 
 def split_paths(processed_dir: Path | str, split: str) -> tuple[Path, Path]:
     """The images and labels .npy files of `split` ('train', 'val' or 'test')."""
@@ -222,6 +231,10 @@ class Workspace:
     @property
     def registration_path(self) -> Path:
         return self.reports.registration
+
+    @property
+    def tune_report_path(self) -> Path:
+        return self.reports.tune
 
     @property
     def register_log_path(self) -> Path:
