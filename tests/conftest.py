@@ -51,10 +51,20 @@ def session_ray():
     """The session's own Ray head (helpers.ray: `ray start --head` on loopback, token
     authentication, a temporary directory), for tests that need a real Ray but do not test
     starting or stopping one: they connect and disconnect (a workspace whose .ray/env names
-    it, as `make ray-up` writes it). Stopped at the session's end, pass or fail. The tests of
-    Ray's own lifecycle (a private Ray, a killed worker or driver, a user's Ray, the token, the
-    cluster) start their own."""
+    it, as `make ray-up` writes it), or that stand beside a user's Ray (this one is it) and
+    check it is left alone. Stopped at the session's end, pass or fail. The tests of Ray's own
+    lifecycle (a private Ray, a killed worker or driver, the cluster) start their own."""
     from helpers.ray import ray_head
 
     with ray_head(num_cpus=2, prefix="sr") as head:
         yield head
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test`: -n 2 --dist loadgroup) the integration and e2e tests
+    form one group, which one worker runs in order, one at a time: each starts Ray heads,
+    servers or pipelines that want the machine's cores, and some time what they wait for. The
+    unit tier runs beside them on the other worker."""
+    for item in items:
+        if item.get_closest_marker("integration") or item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.xdist_group("serial"))
