@@ -59,17 +59,14 @@ run: setup
 	  dvc repro | { trap '' INT; grep --line-buffered -v -E '$(DVC_HINTS)' || true; } && \
 	  echo && dltrain summary --since $$start
 
-# Two pytest-xdist workers: the integration and e2e tests, one group (tests/conftest.py), run
-# one after another on one of them, while the unit tier runs on the other.
-XDIST := -n 2 --dist loadgroup
 test: setup
-	@pytest $(XDIST) $(PYTEST_ARGS)
+	@pytest $(PYTEST_ARGS)
 
 # The inner loop: every test without the integration or e2e marker (those start Ray, a server
 # or a `dvc repro`/`dltrain` subprocess pipeline).
 QUICK := not integration and not e2e
 test-quick: setup
-	@pytest $(XDIST) -m "$(QUICK)" $(PYTEST_ARGS)
+	@pytest -m "$(QUICK)" $(PYTEST_ARGS)
 
 lint: setup
 	@ruff check . && lint-imports && deptry .

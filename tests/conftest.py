@@ -59,12 +59,3 @@ def session_ray():
     with ray_head(num_cpus=2, prefix="sr") as head:
         yield head
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`make test`: -n 2 --dist loadgroup) the integration and e2e tests
-    form one group, which one worker runs in order, one at a time: each starts Ray heads,
-    servers or pipelines that want the machine's cores, and some time what they wait for. The
-    unit tier runs beside them on the other worker."""
-    for item in items:
-        if item.get_closest_marker("integration") or item.get_closest_marker("e2e"):
-            item.add_marker(pytest.mark.xdist_group("serial"))
