@@ -51,10 +51,11 @@ def session_ray():
     """The session's own Ray head (helpers.ray: `ray start --head` on loopback, token
     authentication, a temporary directory), for tests that need a real Ray but do not test
     starting or stopping one: they connect and disconnect (a workspace whose .ray/env names
-    it, as `make ray-up` writes it). Stopped at the session's end, pass or fail. The tests of
-    Ray's own lifecycle (a private Ray, a killed worker or driver, a user's Ray, the token, the
-    cluster) start their own."""
+    it, as `make ray-up` writes it), or that stand beside a user's Ray (this one is it) and
+    check it is left alone. Stopped at the session's end, pass or fail. The tests of Ray's own
+    lifecycle (a private Ray, a killed worker or driver, the cluster) start their own."""
     from helpers.ray import ray_head
 
     with ray_head(num_cpus=2, prefix="sr") as head:
         yield head
+

@@ -1,7 +1,7 @@
 """The real local Prefect stack (infra/prefect/stack.py, what `make stack-up` runs): a server
 and a process worker on loopback, deployments from prefect.yaml, and the pipeline run through
 `prefect deployment run 'mnist-training/local'` on tiny data in a fresh clone; and the
-`scheduled-retraining` deployment on its own pool's worker, which trains on a real Ray head:
+`scheduled-retraining` deployment on its own pool's worker, which trains on the session's Ray head:
 unchanged data skip in seconds, new data retrain.
 
 One server for the whole module (start-up is ~20 s on a busy machine); it and the worker are
@@ -29,6 +29,7 @@ import psutil
 import pytest
 
 from helpers.data import RAW_FILES, write_raw_dir
+from helpers.ray import Head
 from helpers.repo import make_clone, venv_env
 
 RUN_TIMEOUT_S = 900
@@ -88,9 +89,12 @@ def local_stack(tmp_path_factory) -> LocalStack:
     api_url = f"http://127.0.0.1:{port}/api"
     # No PREFECT_API_URL: every `prefect` command of these tests (deploy, run, the workers)
     # finds the stack through the profile that `up` makes active, as a user's shell would.
-    # A run that finds the deployment's slot taken is offered it again after 5 s, not 30.
+    # A run that finds the deployment's slot taken is offered it again after 5 s, not 30; the
+    # workers look for scheduled runs every second, not every 10 s (Prefect's default: each
+    # deployment run of these tests waited 5 s on average before a worker took it).
     env = venv_env(PREFECT_HOME=str(home), PREFECT_SERVER_API_PORT=str(port),
-                   PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="5")
+                   PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="5",
+                   PREFECT_WORKER_QUERY_SECONDS="1")
     env.pop("PREFECT_API_URL", None)
     env.pop("PREFECT_PROFILE", None)
     stack = LocalStack(clone=clone, home=home, env=env, api_url=api_url)
@@ -157,13 +161,21 @@ def _flow_run_info(stack: LocalStack, run_id: str) -> dict:
         return json.loads(resp.read())
 
 
+@pytest.fixture(scope="module")
+def local_deployed(local_stack) -> subprocess.CompletedProcess[str]:
+    """`make deploy` on the stack, once for the module (each `deploy.sh` is three Prefect CLI
+    start-ups); its result, for the test of the deploy itself."""
+    deploy = local_stack.run("bash", "infra/prefect/deploy.sh")
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    return deploy
+
+
 @pytest.mark.e2e
-def test_deploy_and_run_the_pipeline_then_rerun_skips(local_stack, tmp_path):
+def test_deploy_and_run_the_pipeline_then_rerun_skips(local_stack, local_deployed, tmp_path):
     """`make deploy` deploys `local` only (not the cluster's schedule), with a concurrency
     limit of 1; a run with a bad parameter fails with its one line; two runs started at once
     take turns: the second waits for the first's slot, then runs and skips every stage."""
-    deploy = local_stack.run("bash", "infra/prefect/deploy.sh")
-    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    deploy = local_deployed
     assert "mnist-training/local" in deploy.stdout
     assert "scheduled-retraining" not in deploy.stdout
     again = local_stack.run("bash", "infra/prefect/deploy.sh")  # idempotent
@@ -287,14 +299,12 @@ KILLS = {"worker": 30, "worker-and-flow-run": 31}
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("victims", list(KILLS))
-def test_worker_killed_mid_train_then_the_rerun_resumes_from_the_dvc_cache(local_stack,
-                                                                           tmp_path, victims):
+def test_worker_killed_mid_train_then_the_rerun_resumes_from_the_dvc_cache(
+        local_stack, local_deployed, tmp_path, victims):
     """Fault 5 of RELIABILITY.md: SIGKILL the worker (and its flow run) while `train` runs. The
     stage (dvc, `dltrain train`, Ray) is stopped with its flow run, DVC's locks are free; after
     the worker is restarted, a new run skips download and preprocess (DVC) and finishes."""
     clone = local_stack.clone
-    deploy = local_stack.run("bash", "infra/prefect/deploy.sh")  # idempotent
-    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     params_before = (clone / "params.yaml").read_text()
     source = write_raw_dir(tmp_path / "source")
     epochs = KILLS[victims]
@@ -427,20 +437,19 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_pool_worker(local_stack: LocalStack, tmp_path_factory) -> Iterator[dict[str, str]]:
-    """What `scheduled-retraining` runs on: a Ray head (2 CPUs, token auth, the same script as
-    `make ray-up`) and a process worker for the dltrain-ray pool with RAY_ADDRESS and the
-    head's token in its environment. Both stopped in teardown, pass or fail."""
-    state = tmp_path_factory.mktemp("ray-head")
-    cluster = [sys.executable, "infra/local-cluster/cluster.py", "--state-dir", str(state)]
+def ray_pool_worker(local_stack: LocalStack, session_ray: Head,
+                    tmp_path_factory) -> Iterator[dict[str, str]]:
+    """What `scheduled-retraining` runs on: a running Ray head (the session's: 2 CPUs, token
+    auth, on loopback; these tests are about the deployment, not about starting a Ray) and a
+    process worker for the dltrain-ray pool with RAY_ADDRESS and the head's token in its
+    environment, as `make ray-up`'s .ray/env gives them. The worker is stopped in teardown,
+    pass or fail."""
+    state = tmp_path_factory.mktemp("ray-pool-worker")
+    ray_env = dict(line.removeprefix("export ").split("=", 1)
+                   for line in session_ray.env_file(state).read_text().splitlines() if line)
+    assert ray_env.get("RAY_ADDRESS"), ray_env
     worker = None
     try:
-        up = local_stack.run(*cluster, "up", "--workers", "0", "--head-cpus", "2",
-                             "--no-dashboard", "--brief", timeout=400)
-        assert up.returncode == 0, up.stdout + up.stderr
-        ray_env = dict(line.removeprefix("export ").split("=", 1)
-                       for line in (state / "env").read_text().splitlines() if line)
-        assert ray_env.get("RAY_ADDRESS"), ray_env
         with open(state / "worker.log", "ab") as log:  # the worker keeps its own copy
             worker = subprocess.Popen(
                 [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool",
@@ -457,8 +466,6 @@ def ray_pool_worker(local_stack: LocalStack, tmp_path_factory) -> Iterator[dict[
     finally:
         if worker is not None:
             _stop_group(worker)
-        down = local_stack.run(*cluster, "down", timeout=120)
-        assert down.returncode == 0, down.stdout + down.stderr
 
 
 def _pool_workers(stack: LocalStack) -> list[dict]:

@@ -489,11 +489,13 @@ def test_a_signalled_driver_stops_its_ray_and_says_interrupted(tmp_path: Path, s
 def test_ctrl_c_in_local_mode_says_stopping_at_once_and_the_rerun_resumes(tmp_path: Path
                                                                           ) -> None:
     """Local mode (train.num_workers 0): Ctrl-C prints the stopping line, naming the epoch
-    whose checkpoint stays, before the line exiting with 130; the re-run resumes from it."""
-    ws = make_processed(tmp_path)
+    whose checkpoint stays, before the line exiting with 130; the re-run resumes from it.
+    A few long epochs, not many tiny ones: the re-run trains every epoch left, and 400 tiny
+    epochs (a checkpoint each) took the re-run past its 600 s on a loaded host."""
+    ws = make_processed(tmp_path, n_train=12000, n_test=200)
     (ws / "params.yaml").write_text(json.dumps({
-        "model": {"hidden_sizes": [32]},
-        "train": {"epochs": 400, "batch_size": 32, "num_workers": 0}}))
+        "model": {"hidden_sizes": [256]},
+        "train": {"epochs": 6, "batch_size": 32, "num_workers": 0}}))
     log = tmp_path / "train.log"
     proc, _ = _train_until_first_checkpoint(ws, log)
     seen_at = None

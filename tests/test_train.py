@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -42,7 +41,7 @@ from dltrain.train.storage import FAILURE_FILE, check_storage
 
 from helpers.data import make_processed
 from helpers.mlflow import training_runs
-from helpers.ray import NODE_ID, Head, ray_head
+from helpers.ray import NODE_ID, Head
 from helpers.repo import venv_env
 
 
@@ -487,12 +486,12 @@ def test_worker_failure_without_retries_fails_clearly(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- beside a user's Ray
 
-@pytest.fixture(scope="module")
-def users_ray() -> Iterator[Head]:
-    """A `ray start --head` as a user runs one, of this module's own (the tests beside it
-    check that it is left alone): 1 CPU, on loopback, with token authentication."""
-    with ray_head(num_cpus=1, prefix="ur") as head:
-        yield head
+@pytest.fixture
+def users_ray(session_ray: Head) -> Head:
+    """A `ray start --head` as a user runs one (the session's: on loopback, with token
+    authentication; the tests beside it check that it is left alone): these tests are about
+    not disturbing a running Ray, not about starting or stopping one."""
+    return session_ray
 
 
 def _train_cli(ws: Path, env: dict[str, str], *args: str, timeout: float = 600

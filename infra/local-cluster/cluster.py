@@ -210,16 +210,30 @@ def group_is_node(record: NodeRecord, state: ClusterState) -> bool:
 
 
 def stop_group(pgid: int, grace_s: float) -> None:
-    """SIGTERM the node's `ray start --block` (it shuts its node down in order), then SIGKILL
-    whatever of the group is left after `grace_s`; returns once the group is gone."""
+    """Stop the node's Ray processes in `ray stop`'s order: the raylet, then the others, the
+    GCS last, each step SIGTERMed and given `grace_s`; then SIGKILL whatever of the group is
+    left: the node's `ray start --block` (the group's leader), which has nothing left to stop.
+    SIGTERMed, it first marks its node draining and waits on Ray's drain timeout (30 s; meant
+    for Serve's replicas): every stop took its whole grace. Returns once the group is gone."""
     if grace_s > 0:
-        try:
-            os.kill(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + grace_s
-        while group_alive(pgid) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        procs: dict[psutil.Process, str] = {}
+        for pid in _group_members(pgid):
+            if pid == pgid:
+                continue
+            try:
+                proc = psutil.Process(pid)
+                procs[proc] = proc.name()
+            except psutil.Error:
+                continue
+        step_of = {"raylet": 0, "gcs_server": 2}
+        for step in range(3):
+            batch = [proc for proc, name in procs.items() if step_of.get(name, 1) == step]
+            for proc in batch:
+                try:
+                    proc.terminate()
+                except psutil.Error:
+                    pass
+            psutil.wait_procs(batch, timeout=grace_s)
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:

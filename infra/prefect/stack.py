@@ -19,17 +19,22 @@ ever sees the run. `down` makes the profile that was active before `up` active a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prefect.settings import ProfilesCollection
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
@@ -167,53 +172,52 @@ def _wait(what: str, ready, pid_path: Path, log_path: Path) -> None:
     raise StackError(f"the {what} was not healthy after {START_TIMEOUT_S:.0f} s; see {log_path}")
 
 
-def _profile_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """`prefect <args>` as the caller's CLI runs it (its PREFECT_HOME or profiles path), less
-    the two variables that would override the active profile."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
-    return subprocess.run([_prefect(), *args], env=env, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=120)
+@contextlib.contextmanager
+def _profiles() -> Iterator[ProfilesCollection]:
+    """The caller's Prefect profiles (its PREFECT_HOME or profiles path), read and then saved
+    with Prefect's public profiles API, as its CLI sees them: PREFECT_API_URL and
+    PREFECT_PROFILE, which would override the active profile, are left out meanwhile. In this
+    process: a `prefect` command per step cost a Python start-up and Prefect's import each
+    (`up` ran four, `down` three)."""
+    hidden = {key: os.environ.pop(key) for key in ("PREFECT_API_URL", "PREFECT_PROFILE")
+              if key in os.environ}
+    try:
+        from prefect.settings import load_profiles, save_profiles
 
-
-def active_profile() -> str | None:
-    """The CLI's active profile, from `prefect config view` (its `PREFECT_PROFILE=` line)."""
-    found = re.search(r"^PREFECT_PROFILE='([^']*)'", _profile_cli("config", "view").stdout,
-                      re.MULTILINE)
-    return found.group(1) if found else None
+        profiles = load_profiles()
+        yield profiles
+        save_profiles(profiles)
+    except (OSError, ValueError) as exc:
+        raise StackError(f"could not update the Prefect profiles: {exc}") from exc
+    finally:
+        os.environ.update(hidden)
 
 
 def use_stack_profile(stack: Stack) -> None:
     """Make the profile PROFILE, pointing at this server, the CLI's active one; remember the
     profile it replaces (once: a second `up` keeps the first one's) for `down`."""
-    previous = active_profile()
-    if previous and previous != PROFILE and not stack.previous_profile_path.exists():
-        stack.state_dir.mkdir(parents=True, exist_ok=True)
-        stack.previous_profile_path.write_text(f"{previous}\n")
-    created = _profile_cli("profile", "create", PROFILE)
-    if created.returncode and "already exists" not in created.stdout + created.stderr:
-        raise StackError(f"`prefect profile create {PROFILE}` failed: "
-                         f"{(created.stderr or created.stdout).strip()}")
-    for args in (("--profile", PROFILE, "config", "set", f"PREFECT_API_URL={stack.api_url}"),
-                 ("profile", "use", PROFILE)):
-        done = _profile_cli(*args)
-        if done.returncode:
-            raise StackError(f"`prefect {' '.join(args)}` failed: "
-                             f"{(done.stderr or done.stdout).strip()}")
+    with _profiles() as profiles:
+        previous = profiles.active_name
+        if previous and previous != PROFILE and not stack.previous_profile_path.exists():
+            stack.state_dir.mkdir(parents=True, exist_ok=True)
+            stack.previous_profile_path.write_text(f"{previous}\n")
+        profiles.update_profile(PROFILE, {"PREFECT_API_URL": stack.api_url})
+        profiles.set_active(PROFILE)
 
 
 def restore_profile(stack: Stack) -> str | None:
     """Make the profile that was active before `up` active again, unless the user has chosen
-    another one since. Returns the profile restored."""
+    another one since (or removed it). Returns the profile restored."""
     try:
         previous = stack.previous_profile_path.read_text().strip()
     except OSError:
         return None
     restored = None
-    if previous and active_profile() == PROFILE:
-        # `profile use` checks the profile's API and exits 1 when none answers (an ephemeral
-        # profile answers nothing, and exits 0); the switch is made either way.
-        _profile_cli("profile", "use", previous)
-        restored = previous if active_profile() == previous else None
+    if previous:
+        with _profiles() as profiles:
+            if profiles.active_name == PROFILE and previous in profiles.names:
+                profiles.set_active(previous)
+                restored = previous
     stack.previous_profile_path.unlink(missing_ok=True)
     return restored
 

@@ -90,13 +90,30 @@ def ray_head(num_cpus: int, prefix: str) -> Iterator[Head]:
         node_id = probe.stdout.split()[-2]
         yield Head(address, node_id, tmpdir, token_path, pgid)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        while [p for p in psutil.process_iter() if _pgid(p.pid) == pgid]:
-            if time.monotonic() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pgid, signal.SIGKILL)
-                break
-            time.sleep(0.5)
+        stop_group(pgid)
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def stop_group(pgid: int, grace_s: float = 10) -> None:
+    """Stop a head's processes in `ray stop`'s order: the raylet, then the others, then the GCS
+    last (SIGTERMed all at once, the GCS and the autoscaler's monitor outlive it and the raylet
+    waits on the GCS: the group took its full grace period). What outlives `grace_s` in a step
+    is SIGKILLed; returns once the group is gone."""
+    procs = [p for p in psutil.process_iter(["name"]) if _pgid(p.pid) == pgid]
+    order = {"raylet": 0, "gcs_server": 2}
+    for step in range(3):
+        batch = [p for p in procs if order.get(p.info["name"], 1) == step]
+        for proc in batch:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.terminate()
+        _, alive = psutil.wait_procs(batch, timeout=grace_s)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)  # anything started since the list was taken
+    deadline = time.monotonic() + 10
+    while [p for p in psutil.process_iter() if _pgid(p.pid) == pgid]:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
