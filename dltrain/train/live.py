@@ -9,10 +9,12 @@ writes it into the run directory (dltrain.train.epochlog), and this module's thr
 is new, step = epoch number, skipping the epochs the run holds already, so a restart (a worker
 lost, or the driver killed and re-run) logs every epoch once.
 
-Only the driver talks to MLflow, in one background thread that also imports it: Ray's processes
-never import MLflow, and training never waits for it. When the store cannot be reached the run
-goes on: one warning line, the epochs wait in the run directory (and in reports/training.json),
-a new attempt at most every RETRY_S, and `dltrain register` sends what is missing.
+Only the driver talks to MLflow, in one background thread that also imports it (in local mode,
+where the driver trains, that thread runs in a child process: dltrain.train.liveproc): Ray's
+processes never import MLflow, and training never waits for it. When the store cannot be
+reached the run goes on: one warning line, the epochs wait in the run directory (and in
+reports/training.json), a new attempt at most every RETRY_S, and `dltrain register` sends what
+is missing.
 """
 
 from __future__ import annotations
