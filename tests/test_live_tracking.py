@@ -38,6 +38,7 @@ from dltrain.tracking.runs import (
 from dltrain.tracking.store import EXPERIMENT, embedded_tracking_uri
 from dltrain.train import live
 from dltrain.train.epochlog import EpochLog
+from dltrain.train.liveproc import LiveProcess
 from dltrain.train.storage import EPOCHS_DIR, IDENTITY_FILE, read_epochs, write_epoch
 
 from helpers.data import make_processed
@@ -191,6 +192,34 @@ def test_a_resumed_training_continues_its_run_and_logs_every_epoch_once(tmp_path
     assert runs[record["run_id"]].data.tags[TRAINING_ID_TAG] == record["training_id"]
     assert {r.data.tags[RUN_NAME_TAG] for r in runs.values()} == {"dltrain-x"}
     assert len({r.info.run_name for r in runs.values()}) == 2
+
+
+@pytest.mark.integration  # a child process that imports MLflow
+def test_local_modes_child_process_feeds_and_closes_the_run(tmp_path: Path) -> None:
+    """dltrain.train.liveproc, local mode's tracker: a child process opens the run, sends the
+    epochs the run directory gets while training runs, then the rest, and closes the run."""
+    ws = Workspace.at(tmp_path)
+    storage = str(tmp_path / ".ray_results")
+    seed_workspace_store(ws.root)
+    client = _client(embedded_tracking_uri(ws.root))
+    lines: list[str] = []
+    tracker = LiveProcess(params_from_dict({"train": {"epochs": 2}}), ws,
+                          {"dataset": "fashion-mnist"}, storage=storage, name="dltrain-p",
+                          say=lines.append).start()
+    tracker.wait_open(60)
+
+    def runs() -> list:
+        return client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+
+    write_epoch(storage, "dltrain-p", _epoch(1))
+    _wait(lambda: runs() and _history(client, runs()[0].info.run_id), what="epoch 1 logged")
+    assert runs()[0].info.status == "RUNNING"
+    record = tracker.finish([_epoch(1), _epoch(2)])
+    assert record["run_id"] == runs()[0].info.run_id and record["unsent_epochs"] is None
+    run = client.get_run(record["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags[TRAINING_STATE_TAG] == "complete"
+    assert _history(client, record["run_id"]) == [(n, _epoch(n)["val_accuracy"]) for n in (1, 2)]
+    assert len(runs()) == 1 and lines == []
 
 
 def test_an_unreachable_store_is_one_line_and_nothing_waits(

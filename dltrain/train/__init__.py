@@ -7,6 +7,7 @@
     storage.py    the checkpoints' storage path, checked, and finished-run markers
     outputs.py    models/model.safetensors, its card and reports/training.json
     live.py       live tracking: the run's MLflow run, fed from a thread of the driver
+    liveproc.py   the same from a child process, in local mode (the driver trains there)
     epochlog.py   the Train controller's callback that writes each committed epoch for it
     stage.py      train(): the above in order
     loop.py       the per-worker loop: plain PyTorch, runnable in-process

@@ -9,10 +9,12 @@ writes it into the run directory (dltrain.train.epochlog), and this module's thr
 is new, step = epoch number, skipping the epochs the run holds already, so a restart (a worker
 lost, or the driver killed and re-run) logs every epoch once.
 
-Only the driver talks to MLflow, in one background thread that also imports it: Ray's processes
-never import MLflow, and training never waits for it. When the store cannot be reached the run
-goes on: one warning line, the epochs wait in the run directory (and in reports/training.json),
-a new attempt at most every RETRY_S, and `dltrain register` sends what is missing.
+Only the driver talks to MLflow, in one background thread that also imports it (in local mode,
+where the driver trains, that thread runs in a child process: dltrain.train.liveproc): Ray's
+processes never import MLflow, and training never waits for it. When the store cannot be
+reached the run goes on: one warning line, the epochs wait in the run directory (and in
+reports/training.json), a new attempt at most every RETRY_S, and `dltrain register` sends what
+is missing.
 """
 
 from __future__ import annotations
@@ -32,11 +34,10 @@ from dltrain.train import storage as run_storage
 POLL_S = 0.5  # how often the run directory is looked at for a new epoch
 RETRY_S = 30.0  # after a failure, how long until MLflow is tried again
 FINISH_WAIT_S = 10.0  # the most the end of training waits for the last epochs to be sent
-# In local mode (train.num_workers 0) the thread shares the training's interpreter: importing
-# MLflow and opening the run take the GIL from the training loop, whose many small PyTorch
-# calls each wait for it back. The stage lets the open finish first, waiting at most this long
-# (an unreachable store answers within MLFLOW_HTTP_REQUEST_TIMEOUT); once open, an epoch costs
-# one small request.
+# In local mode (train.num_workers 0) this runs in a child process (dltrain.train.liveproc),
+# whose import of MLflow would take a core from the first epoch: the stage lets the open
+# finish first, waiting at most this long (an unreachable store answers within
+# MLFLOW_HTTP_REQUEST_TIMEOUT); once open, an epoch costs one small request.
 OPEN_WAIT_S = 10.0
 # Set to 0 to train without live tracking (register then logs the whole run, as before).
 SWITCH_ENV = "DLTRAIN_LIVE_TRACKING"
@@ -71,9 +72,9 @@ class LiveRun:
         self._thread.start()
         return self
 
-    def wait_open(self, timeout_s: float = OPEN_WAIT_S) -> None:
+    def wait_open(self, timeout_s: float | None = OPEN_WAIT_S) -> None:
         """Wait until the first attempt to open the run is over (opened or failed), at most
-        `timeout_s`."""
+        `timeout_s` (None: however long it takes)."""
         self._tried.wait(timeout_s)
 
     def finish(self, epochs: list[dict[str, Any]]) -> dict[str, Any]:

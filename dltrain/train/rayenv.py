@@ -114,8 +114,11 @@ def quiet_worker() -> None:
 
 
 def runtime_env() -> dict:
+    """A value the driver's environment sets (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=1, say) wins
+    over the default, in every process of the run."""
+    quiet = {key: os.environ.get(key, value) for key, value in RAY_QUIET_ENV.items()}
     return {"worker_process_setup_hook": "dltrain.train.rayenv.quiet_worker",
-            "env_vars": {**RAY_QUIET_ENV, **WORKER_ONLY_ENV, DRIVER_ENV: "0"}}
+            "env_vars": {**quiet, **WORKER_ONLY_ENV, DRIVER_ENV: "0"}}
 
 
 def set_driver_env() -> None:

@@ -45,6 +45,7 @@ from dltrain.config import Params
 from dltrain.errors import CertainTrainingError, DltrainError, TrainingError
 from dltrain.paths import Workspace
 from dltrain.train import connect, live, rayenv
+from dltrain.train.liveproc import LiveProcess
 from dltrain.train.loopconfig import LoopConfig
 from dltrain.train.outputs import read_final_checkpoint, read_history, write_outputs
 from dltrain.train.preflight import (
@@ -186,15 +187,18 @@ def _train_local(params: Params, ws: Workspace, summary: dict[str, Any], started
     if reason and not resuming:
         say(reason)
     rayenv.set_driver_env()
-    import torch
+    if t.use_gpu:  # refused before anything starts
+        import torch
 
-    if t.use_gpu and not torch.cuda.is_available():
-        raise TrainingError("train.use_gpu is true, but PyTorch finds no CUDA GPU on this "
-                            "machine (local mode, train.num_workers 0, trains on this "
-                            "process' GPU); set train.use_gpu: false")
+        if not torch.cuda.is_available():
+            raise TrainingError("train.use_gpu is true, but PyTorch finds no CUDA GPU on this "
+                                "machine (local mode, train.num_workers 0, trains on this "
+                                "process' GPU); set train.use_gpu: false")
     tracker = None
-    if live.enabled():  # MLflow's import and the run's opening overlap Ray Train's import
-        tracker = live.LiveRun(params, ws, summary, storage=storage, name=name, say=say).start()
+    if live.enabled():
+        # A child process imports MLflow and opens the run on the other core while this one
+        # imports PyTorch and Ray Train (dltrain.train.liveproc).
+        tracker = LiveProcess(params, ws, summary, storage=storage, name=name, say=say).start()
     try:
         return _train_in_process(params, ws, summary, started, reload, tracker, storage, name,
                                  run_dir, latest_checkpoint(run_dir) if resuming else None)
@@ -206,7 +210,7 @@ def _train_local(params: Params, ws: Workspace, summary: dict[str, Any], started
 
 
 def _train_in_process(params: Params, ws: Workspace, summary: dict[str, Any], started: float,
-                      reload: Callable[[], Params] | None, tracker: live.LiveRun | None,
+                      reload: Callable[[], Params] | None, tracker: LiveProcess | None,
                       storage: str, name: str, run_dir: Path, resume_from: Path | None
                       ) -> dict[str, Any]:
     t = params.train
@@ -226,7 +230,8 @@ def _train_in_process(params: Params, ws: Workspace, summary: dict[str, Any], st
         f"{plural(t.epochs, 'epoch')}, global batch {t.batch_size}"
         + (f"; resuming run {name} from its latest checkpoint" if resume_from else ""))
     if tracker is not None:
-        tracker.wait_open()  # see live.OPEN_WAIT_S
+        # The first epoch does not share the CPUs with MLflow's import (see live.OPEN_WAIT_S).
+        tracker.wait_open()
     with _stop_on_signal("ending the training in this process", storage, name):
         result = _fit(params, loop_cfg, 0, storage, name, _progress_terminal(local=True),
                       local={"run_dir": str(run_dir),
@@ -255,8 +260,8 @@ def _loop_config(params: Params, ws: Workspace, threads: int) -> LoopConfig:
 
 def _finish(params: Params, ws: Workspace, summary: dict[str, Any], checkpoint: Any,
             metrics: dict[str, Any] | None, started: float,
-            reload: Callable[[], Params] | None, tracker: live.LiveRun | None, *, mode: str,
-            world_size: int, name: str, storage: str, ray: dict[str, Any],
+            reload: Callable[[], Params] | None, tracker: live.LiveRun | LiveProcess | None, *,
+            mode: str, world_size: int, name: str, storage: str, ray: dict[str, Any],
             trained_before: int | None) -> dict[str, Any]:
     """The outputs, from the run's last checkpoint; the run marked complete."""
     t = params.train
