@@ -159,7 +159,8 @@ def test_a_stopped_stage_takes_its_workers_with_it(tmp_path, stubborn, monkeypat
         _kill_all(pids)
     assert (tmp_path / "sigint").exists() != stubborn
     # Polite: SIGINT ended it, inside a grace period long enough that a loaded host cannot
-    # stretch the exit past it (30 s was not, at a load average of 20 on 2 cores); stubborn: SIGKILL, only once the grace period was over.
+    # stretch the exit past it (30 s was not, at a load average of 20 on 2 cores); stubborn:
+    # SIGKILL, only once the grace period was over.
     assert took < mt.GRACE_S if not stubborn else took >= mt.GRACE_S
 
 
