@@ -197,6 +197,21 @@ class RegisterConfig(_Section):
     min_improvement: Number = Field(0.0, ge=0.0, le=1.0)
 
 
+class TuneApplied(_Section):
+    """Where params.yaml's tuned values came from, written by `dltrain tune --apply`: the
+    sweep's MLflow run, the trial, and the values it wrote (register tags a version with the
+    sweep only when the model was trained with exactly these)."""
+
+    sweep: StrictStr = Field(pattern=r"\S")
+    trial: StrictStr = Field(pattern=r"\S")
+    values: dict[StrictStr, Any] = Field(default_factory=dict)
+
+
+class TuneConfig(_Section):
+    # The sweep's own keys (num_samples, metric, space, ...) are read by dltrain.tune.
+    applied: TuneApplied | None = None
+
+
 with warnings.catch_warnings():
     # The section `register` has the name of a method pydantic models inherit from abc
     # (ABCMeta.register, for virtual subclasses), which nothing here uses; pydantic warns.
@@ -208,6 +223,7 @@ with warnings.catch_warnings():
         train: TrainConfig = Field(default_factory=TrainConfig)
         evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
         register: RegisterConfig = Field(default_factory=RegisterConfig)
+        tune: TuneConfig = Field(default_factory=TuneConfig)
 
         def to_dict(self) -> dict[str, Any]:
             """Plain, YAML/JSON-ready values (tuples become lists)."""
