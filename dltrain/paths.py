@@ -137,6 +137,11 @@ class ReportFiles:
     def registration(self) -> Path:
         return self.dir / "registration.json"
 
+    @property
+    def tune(self) -> Path:
+        """`dltrain tune`'s sweep: every trial's config, metrics and status, and the best."""
+        return self.dir / "tune.json"
+
 
 def split_paths(processed_dir: Path | str, split: str) -> tuple[Path, Path]:
     """The images and labels .npy files of `split` ('train', 'val' or 'test')."""

@@ -83,7 +83,7 @@ def test_one_stage_streams_its_output_line_by_line_and_names_its_cause(tmp_path,
     (tmp_path / "dvc").chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
     with caplog.at_level(logging.INFO, logger="dltrain.flows"):
-        code, cause = mt._dvc(["repro"], tmp_path, env)
+        code, cause = mt.run_command(["dvc", "repro"], tmp_path, env)
     assert (code, cause) == (3, "dltrain train: error: no data")
     logged = [r.getMessage() for r in caplog.records][1:]  # after the `$ dvc ...` line
     assert logged == ["start", "epoch 1: 100%", "dltrain train: error: no data",
@@ -172,7 +172,7 @@ from flows import mnist_training as mt
 out = Path(sys.argv[2])
 (out / "dvc").write_text(f"#!/bin/sh\\nexec {sys.executable} {sys.argv[1]} {out} polite\\n")
 (out / "dvc").chmod(0o755)
-mt._dvc(["repro"], out, {**os.environ, "PATH": f"{out}:{os.environ['PATH']}"})
+mt.run_command(["dvc", "repro"], out, {**os.environ, "PATH": f"{out}:{os.environ['PATH']}"})
 """
 
 

@@ -1,0 +1,168 @@
+"""The mnist-tuning flow (flows/mnist_tuning.py) under Prefect's test harness: the sweep's
+summary artifact, applying the winner, and the mnist-training pipeline on the applied params
+through real DVC, MLflow and the register stage's tags.
+
+The sweep itself is `dltrain tune`'s (tested with real Ray Tune in its own tests): here a
+stand-in `dltrain` answers `tune` with a reports/tune.json of a finished sweep and passes every
+other command, `tune --apply-only`'s apply_best included, to the real code."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows import mnist_training as mt
+from flows import mnist_tuning as mtune
+from flows.summary import tune_summary
+
+BEST = {"train.learning_rate": 0.002, "train.epochs": 1, "model.hidden_sizes": [64]}
+REPORT = {
+    "sweep": {"name": "tune-20261207", "mlflow_run_id": "9f00aa11", "experiment": "dltrain",
+              "storage": "/tmp/s", "metric": "val_accuracy", "mode": "max", "num_samples": 3,
+              "scheduler": "asha", "search": "random", "wall_s": 42.5,
+              "trial_epochs_run": 4, "trial_epochs_budget": 6},
+    "trials": [
+        {"trial_id": "t_00000", "mlflow_run_id": "r0", "status": "stopped", "epochs": 1,
+         "config": {**BEST, "train.learning_rate": 0.0001, "model.hidden_sizes": [256]},
+         "val_accuracy": 0.31, "val_loss": 2.0},
+        {"trial_id": "t_00001", "mlflow_run_id": "r1", "status": "completed", "epochs": 2,
+         "config": BEST, "val_accuracy": 0.88, "val_loss": 0.4},
+        {"trial_id": "t_00002", "mlflow_run_id": None, "status": "error", "epochs": 0,
+         "config": {**BEST, "train.learning_rate": 0.01}, "val_accuracy": None,
+         "val_loss": None}],
+    "best": {"trial_id": "t_00001", "config": BEST, "val_accuracy": 0.88, "epochs": 2},
+}
+
+# `dltrain tune` writes the report; `dltrain tune --apply-only` is apply_best on it; the
+# stages are the real dltrain's.
+STAND_IN = """#!/bin/sh
+if [ "$1" = tune ] && [ "$2" = --apply-only ]; then
+  exec {python} -c 'from pathlib import Path
+from dltrain.tune.apply import apply_best, load_report
+for line in apply_best(Path("params.yaml"), load_report(Path("reports/tune.json"))): print(line)'
+elif [ "$1" = tune ]; then
+  shift; echo "$@" > {out}/tune-args; mkdir -p reports; cp {report} reports/tune.json
+  echo "sweep: 3 trials"; exit 0
+fi
+exec {real} "$@"
+"""
+
+
+def test_the_summary_ranks_the_trials_and_names_the_winner():
+    text = tune_summary(REPORT, applied=False)
+    rows = [line for line in text.splitlines() if line.startswith("| `t_")]
+    assert [row.split("`")[1] for row in rows] == ["t_00001", "t_00000", "t_00002"]
+    assert rows[0].startswith("| `t_00001` **(best)** | completed | 2 | 0.8800 | `[64]` | "
+                              "`1` | `0.002` |"), rows[0]
+    assert "trial-epochs run: 4 of a budget of 6" in text and "`9f00aa11`" in text
+    assert "- `model.hidden_sizes`: `[64]`" in text and "`dltrain tune --apply-only`" in text
+    assert "applied to params.yaml" in tune_summary(REPORT, applied=True)
+    assert "nothing to apply" in tune_summary({**REPORT, "best": None}, applied=False)
+
+
+def test_the_pipeline_keeps_the_runs_overrides_but_not_the_sweeps():
+    changes = {"tune.num_samples": 4, "train.ray_address": "local", "data.source": "/d"}
+    assert mtune.pipeline_overrides(changes) == {"data.source": "/d"}
+
+
+def _markdown_artifact(key: str, flow_run_id) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    assert len(found) == 1, found
+    return found[0].data
+
+
+@pytest.fixture
+def stand_in(tmp_path: Path, monkeypatch) -> Path:
+    """The stand-in `dltrain` first on the PATH of the flow's commands and stages."""
+    bin_dir, report = tmp_path / "bin", tmp_path / "tune.json"
+    bin_dir.mkdir()
+    report.write_text(json.dumps(REPORT))
+    real = Path(sys.executable).parent / "dltrain"
+    (bin_dir / "dltrain").write_text(STAND_IN.format(python=sys.executable, out=tmp_path,
+                                                     report=report, real=real))
+    (bin_dir / "dltrain").chmod(0o755)
+    env = mt.stage_env
+
+    def with_stand_in() -> dict[str, str]:
+        base = env()
+        return {**base, "PATH": f"{bin_dir}{os.pathsep}{base['PATH']}"}
+
+    monkeypatch.setattr(mt, "stage_env", with_stand_in)
+    monkeypatch.setattr(mtune, "stage_env", with_stand_in)
+    return tmp_path
+
+
+@pytest.mark.integration
+def test_a_sweep_without_apply_leaves_params_and_publishes_the_table(prefect_harness,
+                                                                     fresh_clone, stand_in):
+    before = (fresh_clone / "params.yaml").read_bytes()
+    state = mtune.mnist_tuning(workspace=str(fresh_clone), ray_address="local",
+                               overrides={"train.epochs": 2}, return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result() == {"best": REPORT["best"], "applied": False, "pipeline": None}
+    # The sweep ran with the run's settings as -S overrides; params.yaml is untouched.
+    assert (stand_in / "tune-args").read_text().split() == ["-Strain.epochs=2",
+                                                            '-Strain.ray_address="local"']
+    assert (fresh_clone / "params.yaml").read_bytes() == before
+    summary = _markdown_artifact("mnist-tuning-summary", state.state_details.flow_run_id)
+    assert summary == tune_summary(REPORT, applied=False)
+    assert not (fresh_clone / "reports" / "registration.json").exists()
+
+
+@pytest.mark.integration
+def test_apply_writes_the_winner_and_the_pipeline_registers_it_tagged(
+        prefect_harness, fresh_clone, stand_in, tiny_source):
+    from mlflow import MlflowClient
+
+    state = mtune.mnist_tuning(
+        apply=True, workspace=str(fresh_clone), return_state=True,
+        overrides={"data.source": tiny_source.as_uri(), "train.num_workers": 0,
+                   "register.min_accuracy": 0.0})
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["applied"] and result["pipeline"] == {s: "ran" for s in mt.STAGES}
+    params = yaml.safe_load((fresh_clone / "params.yaml").read_text())
+    assert params["train"]["learning_rate"] == 0.002 and params["model"]["hidden_sizes"] == [64]
+    assert params["tune"]["applied"] == {"sweep": "9f00aa11", "trial": "t_00001",
+                                         "values": BEST}
+    # The pipeline trained the applied values (the run's own overrides put back after it).
+    card = json.loads((fresh_clone / "models" / "model.json").read_text())
+    assert card["params"]["model"]["hidden_sizes"] == [64]
+    assert card["params"]["train"]["learning_rate"] == 0.002
+    reg = json.loads((fresh_clone / "reports" / "registration.json").read_text())
+    assert reg["tune"] == {"sweep": "9f00aa11", "trial": "t_00001"}, reg
+    version = MlflowClient(tracking_uri=reg["tracking_uri"]).get_model_version(
+        reg["model_name"], str(reg["version"]))
+    assert version.tags["dltrain.tune.sweep"] == "9f00aa11"
+    assert version.tags["dltrain.tune.trial"] == "t_00001"
+    assert "applied to params.yaml" in _markdown_artifact("mnist-tuning-summary",
+                                                          state.state_details.flow_run_id)
+
+
+@pytest.mark.integration
+def test_a_failed_sweep_fails_the_run_in_one_line_and_applies_nothing(prefect_harness,
+                                                                      fresh_clone, stand_in):
+    before = (fresh_clone / "params.yaml").read_bytes()
+    script = stand_in / "bin" / "dltrain"
+    script.write_text("#!/bin/sh\necho 'dltrain tune: error: unknown key tune.space.x' >&2\n"
+                      "exit 2\n")
+    state = mtune.mnist_tuning(apply=True, workspace=str(fresh_clone), return_state=True)
+    assert state.is_failed()
+    assert state.message == ("`dltrain tune` failed (exit 2): dltrain tune: error: unknown key "
+                             "tune.space.x"), state.message
+    assert (fresh_clone / "params.yaml").read_bytes() == before
