@@ -123,6 +123,23 @@ def cmd_predict(args: argparse.Namespace) -> None:
                     tracking_uri=args.tracking_uri, workspace=Path(args.workspace))
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    from dltrain.tune.apply import apply_best, load_report
+
+    ws, params = _load(args)
+    if args.apply_only:
+        report = load_report(ws.tune_report_path)
+    else:
+        from dltrain.tune.sweep import tune
+
+        report = tune(params, ws)
+    if args.apply or args.apply_only:
+        params_path = Path(args.params) if args.params else ws.params_path
+        for line in apply_best(params_path, report) or ["params.yaml has the best values "
+                                                        "already"]:
+            print(line)
+
+
 def _report(path: Path) -> dict[str, Any]:
     """A JSON report as a mapping; empty if it is missing or unreadable."""
     from dltrain.atomic import read_json
@@ -240,6 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
                                 "set: fail (default, nothing registered) or promote the new "
                                 "model over it, recorded in the alias history")
     _add_registry(sub)
+    help_text = "hyperparameter search on Ray Tune over params.yaml's tune: section"
+    p = sub.add_parser(
+        "tune", help=help_text,
+        description=help_text + ": trials train concurrently on the Ray train.ray_address "
+        "names, the scheduler stops poor ones early, MLflow gets a parent run and a child run "
+        "per trial, reports/tune.json the trials and the best config. A re-run resumes an "
+        "interrupted sweep; a changed space starts a new one. Nothing is registered: apply the "
+        "winner to params.yaml, then `dvc repro`.")
+    _common(p)
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--apply", action="store_true",
+                     help="after the sweep, write the best config into params.yaml")
+    how.add_argument("--apply-only", action="store_true",
+                     help="write reports/tune.json's best config into params.yaml, no sweep")
+    p.set_defaults(func=cmd_tune)
     p = sub.add_parser("predict", help="classify PNG images or an IDX file with a model",
                        description="Classify PNG images or an IDX file with a model.")
     p.add_argument("-C", "--workspace", default=".", metavar="DIR",

@@ -197,10 +197,31 @@ class RegisterConfig(_Section):
     min_improvement: Number = Field(0.0, ge=0.0, le=1.0)
 
 
+# What a sweep may vary: these keys' values are the same for every trial (where and how trials
+# run, not what they train).
+TUNE_FIXED_KEYS = ("train.num_workers", "train.use_gpu", "train.ray_address",
+                   "train.storage_path", "train.max_failures", "train.threads_per_worker",
+                   "train.placement_strategy")
+TUNE_SECTIONS = ("train", "model")  # data.* would need other processed data: not a trial's
+# What every epoch of training reports on the validation split (dltrain.train.loop); a sweep
+# chooses on these, never on a test-set figure.
+TUNE_METRICS = ("val_accuracy", "val_loss")
+# Tune's distributions, as params.yaml spells them: {loguniform: [lo, hi]} ...
+TUNE_DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
+
+
+def _tune_metric(value: Any) -> Any:
+    if isinstance(value, str) and value not in TUNE_METRICS:
+        hint = " (a sweep chooses on validation figures: test figures are the gate's)" \
+            if value.startswith("test") else ""
+        raise ValueError(f"a metric each epoch reports: {' or '.join(TUNE_METRICS)}{hint}")
+    return value
+
+
 class TuneApplied(_Section):
     """Where params.yaml's tuned values came from, written by `dltrain tune --apply`: the
-    sweep's MLflow run, the trial, and the values it wrote (register tags a version with the
-    sweep only when the model was trained with exactly these)."""
+    sweep's MLflow parent run, the trial, and the values it wrote (register tags a version with
+    the sweep only when the model was trained with exactly these)."""
 
     sweep: StrictStr = Field(pattern=r"\S")
     trial: StrictStr = Field(pattern=r"\S")
@@ -208,8 +229,24 @@ class TuneApplied(_Section):
 
 
 class TuneConfig(_Section):
-    # The sweep's own keys (num_samples, metric, space, ...) are read by dltrain.tune.
+    """The `tune:` section: a hyperparameter sweep on Ray Tune (dltrain.tune). No stage reads it,
+    so editing it never re-runs one."""
+    num_samples: StrictInt = Field(8, ge=1)  # trials (a grid multiplies, as in Ray Tune)
+    metric: Annotated[StrictStr, BeforeValidator(_tune_metric)] = "val_accuracy"
+    mode: Literal["max", "min"] | None = None  # None: max for accuracy, min for loss
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: StrictInt = Field(1, ge=1)  # ASHA: epochs every trial gets
+    reduction_factor: Number = Field(2.0, gt=1.0)
+    search: Literal["random", "optuna", "hyperopt"] = "random"
+    max_concurrent_trials: StrictInt | None = Field(None, ge=1)  # None: as the CPUs hold
+    seed: StrictInt = Field(42, ge=0)  # the search's: the same space samples the same trials
+    # dotted train./model. key -> {distribution: args} or a fixed value (checked by check_space)
+    space: dict[StrictStr, Any] = Field(default_factory=dict)
     applied: TuneApplied | None = None
+
+    @property
+    def objective_mode(self) -> str:
+        return self.mode or ("min" if self.metric.endswith("loss") else "max")
 
 
 with warnings.catch_warnings():
@@ -226,8 +263,9 @@ with warnings.catch_warnings():
         tune: TuneConfig = Field(default_factory=TuneConfig)
 
         def to_dict(self) -> dict[str, Any]:
-            """Plain, YAML/JSON-ready values (tuples become lists)."""
-            return self.model_dump(mode="json")
+            """Plain, YAML/JSON-ready values (tuples become lists) of the sections a run is made
+            of: `tune` describes sweeps, not the run (a model card, a run's MLflow params)."""
+            return self.model_dump(mode="json", exclude={"tune"})
 
 
 def params_from_dict(raw: Any) -> Params:
@@ -241,10 +279,12 @@ def params_from_dict(raw: Any) -> Params:
             raise ConfigError(_unknown([name]))
     raw = {k: ({} if v is None else v) for k, v in raw.items()}
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
         # The value is quoted: a URL's password must not be (the message reaches logs).
         raise ConfigError(redact_text(describe_error(exc))) from None
+    check_space(params)
+    return params
 
 
 # What to say a value should be, by pydantic's error type (its ctx fills the braces).
@@ -376,3 +416,105 @@ def load_params(path: Path | str = PARAMS_FILE,
     """Load, override and validate params.yaml."""
     raw = read_params_file(Path(path))
     return params_from_dict(apply_overrides(raw, overrides or {}))
+
+
+def tunable_keys() -> list[str]:
+    """Every key a sweep may vary: the train and model keys, less TUNE_FIXED_KEYS."""
+    return [f"{section}.{key}" for section in TUNE_SECTIONS
+            for key in Params.model_fields[section].annotation.model_fields
+            if f"{section}.{key}" not in TUNE_FIXED_KEYS]
+
+
+def space_entry(key: str, spec: Any) -> tuple[str | None, list[Any]]:
+    """A tune.space entry as (distribution, its arguments): (None, [value]) for a fixed value;
+    numbers as floats or ints, checked for shape (not yet for the key: check_space does that)."""
+    if not isinstance(spec, dict):
+        return None, [spec]
+    if len(spec) != 1 or next(iter(spec)) not in TUNE_DISTRIBUTIONS:
+        name = shorten(str(next(iter(spec), "")))
+        near = difflib.get_close_matches(name, TUNE_DISTRIBUTIONS, n=1) if len(spec) == 1 else []
+        raise ConfigError(f"invalid tune.space {key}: {quote(spec)}"
+                          + (f" (did you mean {near[0]}?)" if near else "")
+                          + "; expected one of {" + ": [...]}, {".join(TUNE_DISTRIBUTIONS)
+                          + ": [...]} or a fixed value")
+    kind, args = next(iter(spec.items()))
+    if kind in ("choice", "grid"):
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"invalid tune.space {key}: {kind} needs a non-empty list of "
+                              f"values, got {quote(args)}")
+        return kind, list(args)
+    if not isinstance(args, list) or len(args) != 2:
+        raise ConfigError(f"invalid tune.space {key}: {kind} needs [low, high], got {quote(args)}")
+    try:
+        low, high = ((_strict_int(a) for a in args) if kind == "randint"
+                     else (_number(a) for a in args))
+    except ValueError as exc:
+        raise ConfigError(f"invalid tune.space {key}: {kind} {quote(args)}: {exc}") from None
+    if not low < high:
+        raise ConfigError(f"invalid tune.space {key}: {kind} needs low < high, got {quote(args)}")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"invalid tune.space {key}: loguniform needs low > 0, got {quote(args)}")
+    return kind, [low, high]
+
+
+def _strict_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("expected integers")
+    return value
+
+
+def space_samples(kind: str | None, args: list[Any]) -> list[Any]:
+    """Values that stand for a space entry when its key checks them: every fixed, choice or grid
+    value; a range's ends and a value inside it (a whole-number key refuses a continuous
+    range there); randint's upper end is excluded, as in Ray Tune."""
+    if kind == "randint":
+        return [args[0], args[1] - 1]
+    if kind == "uniform":
+        return [(args[0] + args[1]) / 2 + 0.1 * (args[1] - args[0]), args[0], args[1]]
+    if kind == "loguniform":
+        return [math.sqrt(args[0] * args[1]) * 1.0001, args[0], args[1]]
+    return args
+
+
+def check_space(params: Params) -> None:
+    """tune.space's keys and values, each value checked by its key's own validation, and the
+    scheduler against the trials' epochs; ConfigError names the entry."""
+    keys = tunable_keys()
+    for key, spec in params.tune.space.items():
+        section, _, name = key.partition(".")
+        if key in TUNE_FIXED_KEYS:
+            raise ConfigError(f"tune.space {key}: not a key a trial may vary (where and how "
+                              f"trials run is the same for all); set it in {section}:")
+        if key not in keys:
+            near = difflib.get_close_matches(key, keys, n=1)
+            raise ConfigError(f"unknown key tune.space {shorten(key)}"
+                              + (f" (did you mean {near[0]}?)" if near else "")
+                              + "; a sweep varies train and model keys: " + ", ".join(keys))
+        kind, args = space_entry(key, spec)
+        for value in space_samples(kind, args):
+            base = params.to_dict()
+            try:
+                Params.model_validate({**base, section: {**base[section], name: value}})
+            except ValidationError as exc:
+                raise ConfigError(redact_text(f"tune.space {key}: {describe_error(exc)}")
+                                  ) from None
+    grids = [key for key, spec in params.tune.space.items()
+             if isinstance(spec, dict) and "grid" in spec]
+    if grids and params.tune.search != "random":
+        raise ConfigError(f"tune.space {grids[0]}: grid needs tune.search: random (Ray Tune's "
+                          f"{params.tune.search} search samples; use choice)")
+    if params.tune.space and params.tune.scheduler == "asha":
+        most = max(trial_epochs(params))
+        if params.tune.grace_period >= most:
+            raise ConfigError(f"tune.grace_period {params.tune.grace_period} is not below the "
+                              f"trials' epochs ({most}): ASHA could stop no trial early; lower "
+                              "it, or set tune.scheduler: fifo")
+
+
+def trial_epochs(params: Params) -> list[int]:
+    """The epoch counts a trial of the sweep can have: train.epochs, or its space values."""
+    spec = params.tune.space.get("train.epochs")
+    if spec is None:
+        return [params.train.epochs]
+    kind, args = space_entry("train.epochs", spec)
+    return list(range(args[0], args[1])) if kind == "randint" else [int(v) for v in args]

@@ -43,6 +43,10 @@ def experiment_origin(root: Path, environ: Mapping[str, str] = os.environ) -> Pa
     return Path(root) if copy is None else Path(origin).resolve() / here.relative_to(copy)
 
 PARAMS_FILE = "params.yaml"
+# A sweep's directory under the run storage (train.storage_path, like training runs):
+# dltrain-tune-<key of the space and the data>; Ray Tune keeps the sweep's state there, so an
+# interrupted sweep resumes from it (dltrain.tune.sweep).
+TUNE_RUN_PREFIX = "dltrain-tune"
 RAW_MANIFEST = "manifest.json"  # beside the data set's files: source, sha256, bytes
 PROCESSED_SUMMARY = "summary.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -139,7 +143,7 @@ class ReportFiles:
 
     @property
     def tune(self) -> Path:
-        """`dltrain tune`'s sweep: every trial's config, metrics and status, and the best."""
+        """`dltrain tune`'s result: every trial of the latest sweep and the best config."""
         return self.dir / "tune.json"
 
 
@@ -227,6 +231,10 @@ class Workspace:
     @property
     def registration_path(self) -> Path:
         return self.reports.registration
+
+    @property
+    def tune_report_path(self) -> Path:
+        return self.reports.tune
 
     @property
     def register_log_path(self) -> Path:

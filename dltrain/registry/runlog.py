@@ -131,12 +131,6 @@ def training_run(client: Any, tracking_uri: str, ws: Workspace, cand: Candidate,
                              run_name=display_name(key, cand.card.get("data", {}).get("dataset")))
 
 
-def _run_params(params: Params) -> dict[str, str]:
-    """The params the run records: not the `tune` section (a sweep's space and the record of
-    an applied one are no setting of this run; the version's tags name the sweep)."""
-    return flatten({k: v for k, v in params.to_dict().items() if k != "tune"})
-
-
 def log_run(client: Any, tracking_uri: str, ws: Workspace, params: Params, cand: Candidate,
             model_name: str) -> str:
     """Complete the training's MLflow run (training_run): the epochs it does not hold yet,
@@ -157,7 +151,7 @@ def log_run(client: Any, tracking_uri: str, ws: Workspace, params: Params, cand:
     # on the run page. They are the artifact reports/per_class.json and the model card's table.
     # A re-run of register on the same run adds no second value of the same figure.
     client.log_batch(run_id, metrics=[m for m in metrics if run.data.metrics.get(m.key) != m.value],
-                     params=missing_params(run, _run_params(params)),
+                     params=missing_params(run, flatten(params.to_dict())),
                      tags=[*(RunTag(k, v) for k, v in cand.tags().items()),
                            RunTag("dltrain.nodes", json.dumps(cand.card.get("nodes")))])
     # The model as an MLflow model of this run (once, on a re-run too): register points its

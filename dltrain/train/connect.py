@@ -114,15 +114,19 @@ def export_env(target: RayTarget) -> None:
     os.environ.update(target.env)
 
 
-def connect(target: RayTarget, cpus: int, runtime_env: dict) -> float:
+def connect(target: RayTarget, cpus: int, runtime_env: dict, *,
+            log_to_driver: bool = True) -> float:
     """ray.init for `target` (export_env(target) done); returns the seconds it took.
-    Connection failures become one RayConnectError line that says why and what to do."""
+    Connection failures become one RayConnectError line that says why and what to do.
+    `log_to_driver` False: what the job's processes print stays in Ray's logs (a sweep's
+    concurrent trials would interleave their epoch lines; the sweep prints its own)."""
     import ray
 
     started = time.perf_counter()
     # A job-level LoggingConfig also makes Ray print what workers write (the epoch lines)
     # without its "(RayTrainWorker pid=...)" prefix.
-    common = {"runtime_env": runtime_env, "logging_level": "ERROR", "log_to_driver": True,
+    common = {"runtime_env": runtime_env, "logging_level": "ERROR",
+              "log_to_driver": log_to_driver,
               "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="ERROR")}
     if target.local:
         # The dashboard is off: nothing in a one-run Ray uses it, and it is one more process
