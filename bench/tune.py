@@ -1,7 +1,7 @@
 """A sweep on Ray Tune against the same configs tried by hand (issue: `dltrain tune`).
 
 Measures on this machine, in one run, on Fashion-MNIST, in a scratch clone:
-1. `dltrain tune`: 8 trials x 3 epochs of the space below (docs/tune.md's example), trials
+1. `dltrain tune`: 8 trials x 3 epochs of params.yaml's example space (docs/tune.md), trials
    packed onto the CPUs, ASHA stopping poor ones early;
 2. the same 8 configs (reports/tune.json's) one after another, each a `dvc exp run --temp`
    with train.num_workers=0 (local mode), as a user would try them without a sweep; and the
@@ -31,9 +31,6 @@ from common import BIN, REPO, clone_worktree, env, machine
 from report import replace_section
 
 TITLE = "Hyperparameter sweep against one-after-another experiments"
-SPACE = {"train.learning_rate": {"loguniform": [0.0001, 0.01]},
-         "train.batch_size": {"choice": [64, 128, 256]},
-         "model.hidden_sizes": {"choice": [[256], [512], [512, 256]]}}
 
 
 def streamed(args: list[str], cwd: Path, prefix: str) -> tuple[float, str]:
@@ -58,13 +55,13 @@ def git(clone: Path, *args: str) -> None:
 
 
 def set_sweep(clone: Path, trials: int, epochs: int) -> None:
-    """The clone's params.yaml with the bench's sweep, as a user writes it."""
+    """The clone's params.yaml's sweep (the example space) with `trials` trials of `epochs`
+    epochs, as a user edits it."""
     yaml = YAML()
     path = clone / "params.yaml"
     doc = yaml.load(path.read_text())
-    doc["tune"].update(num_samples=trials, metric="val_accuracy", mode="max", scheduler="asha",
-                       grace_period=1, reduction_factor=2,
-                       space={**SPACE, "train.epochs": epochs})
+    doc["tune"]["num_samples"] = trials
+    doc["tune"]["space"]["train.epochs"] = epochs
     out = io.StringIO()
     yaml.dump(doc, out)
     path.write_text(out.getvalue())
