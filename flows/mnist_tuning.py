@@ -1,14 +1,15 @@
-"""The `mnist-tuning` Prefect flow: a hyperparameter sweep (`dltrain tune`, on Ray Tune) on the
-Ray the worker uses and, with `apply: true`, the winner written into params.yaml (`dltrain tune
---apply-only`) and the mnist-training pipeline, which trains, evaluates and registers it
-through the gate. Like mnist-training, it reaches dltrain through its CLI.
+"""The `mnist-tuning` Prefect flow: the data stages (the sweep trains on data/processed), a
+hyperparameter sweep (`dltrain tune`, on Ray Tune) on the Ray the worker uses and, with
+`apply: true`, the winner written into params.yaml (`dltrain tune --apply-only`) and the
+mnist-training pipeline, which trains, evaluates and registers it through the gate. Like
+mnist-training, it reaches dltrain through its CLI, and a run's overrides are in params.yaml
+while its commands run.
 
     prefect deployment run 'mnist-tuning/tuning' -p apply=true
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from prefect.states import Failed
 from dltrain.config import apply_overrides, params_from_dict, read_params_file
 from dltrain.errors import DltrainError
 from flows.mnist_training import (
+    STAGES,
+    TASKS,
     StageFailedError,
     mnist_training,
     one_line,
@@ -32,9 +35,10 @@ from flows.mnist_training import (
     stage_env,
 )
 from flows.summary import read_report, tune_summary
-from flows.workspace import workspace_lock
+from flows.workspace import params_overridden, workspace_lock
 
 TUNE_TIMEOUT_S = 6 * 3600
+DATA_STAGES = STAGES[:STAGES.index("preprocess") + 1]
 
 
 def dltrain(args: list[str], workspace: str) -> None:
@@ -47,9 +51,9 @@ def dltrain(args: list[str], workspace: str) -> None:
 
 # NO_CACHE: each run sweeps (or resumes the sweep) and applies anew.
 @task(name="tune", timeout_seconds=TUNE_TIMEOUT_S, cache_policy=NO_CACHE)
-def tune(workspace: str, settings: list[str]) -> dict[str, Any]:
+def tune(workspace: str) -> dict[str, Any]:
     """The sweep; returns reports/tune.json."""
-    dltrain(["tune", *settings], workspace)
+    dltrain(["tune"], workspace)
     return read_report(resolve_workspace(workspace).reports.tune)
 
 
@@ -76,11 +80,13 @@ def mnist_tuning(apply: bool = False, num_samples: int | None = None,
         if num_samples is not None:
             changes["tune.num_samples"] = num_samples
         params_from_dict(apply_overrides(read_params_file(ws.params_path), changes))
-        settings = [f"-S{key}={json.dumps(value)}" for key, value in changes.items()]
         holder = f"flow run {flow_run.id or 'outside Prefect'} ({flow_run.name or '-'})"
         with workspace_lock(ws.root, holder):
-            report = tune(str(ws.root), settings)
-            if apply:
+            with params_overridden(ws.params_path, changes, logger):
+                for stage in DATA_STAGES:
+                    TASKS[stage](str(ws.root))
+                report = tune(str(ws.root))
+            if apply:  # once the overrides are put back: they are this run's, not the winner's
                 tune_apply(str(ws.root))
         create_markdown_artifact(tune_summary(report, apply), key="mnist-tuning-summary")
         stages = None

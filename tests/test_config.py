@@ -271,7 +271,7 @@ def test_every_float_key_refuses_non_finite_values(tmp_path: Path, section: str,
 def test_the_float_keys_are_all_found():
     assert {".".join(k) for k in FLOAT_KEYS} == {
         "data.val_fraction", "data.download_timeout_s", "train.learning_rate", "train.ema_decay",
-        "register.min_accuracy", "register.min_improvement"}
+        "register.min_accuracy", "register.min_improvement", "tune.reduction_factor"}
 
 
 @pytest.mark.parametrize(("raw", "hint"), [

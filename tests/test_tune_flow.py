@@ -46,7 +46,7 @@ if [ "$1" = tune ] && [ "$2" = --apply-only ]; then
 from dltrain.tune.apply import apply_best, load_report
 for line in apply_best(Path("params.yaml"), load_report(Path("reports/tune.json"))): print(line)'
 elif [ "$1" = tune ]; then
-  shift; echo "$@" > {out}/tune-args; mkdir -p reports; cp {report} reports/tune.json
+  cp params.yaml {out}/tune-params.yaml; mkdir -p reports; cp {report} reports/tune.json
   echo "sweep: 3 trials"; exit 0
 fi
 exec {real} "$@"
@@ -108,20 +108,23 @@ def stand_in(tmp_path: Path, monkeypatch) -> Path:
 
 
 @pytest.mark.integration
-def test_a_sweep_without_apply_leaves_params_and_publishes_the_table(prefect_harness,
-                                                                     fresh_clone, stand_in):
+def test_a_sweep_without_apply_leaves_params_and_publishes_the_table(
+        prefect_harness, fresh_clone, stand_in, tiny_source):
     before = (fresh_clone / "params.yaml").read_bytes()
     state = mtune.mnist_tuning(workspace=str(fresh_clone), ray_address="local",
-                               overrides={"train.epochs": 2}, return_state=True)
+                               overrides={"data.source": str(tiny_source), "train.epochs": 2},
+                               return_state=True)
     assert state.is_completed(), state.message
     assert state.result() == {"best": REPORT["best"], "applied": False, "pipeline": None}
-    # The sweep ran with the run's settings as -S overrides; params.yaml is untouched.
-    assert (stand_in / "tune-args").read_text().split() == ["-Strain.epochs=2",
-                                                            '-Strain.ray_address="local"']
+    # The data stages ran first (the sweep trains on data/processed); the sweep ran with the
+    # run's settings in params.yaml, which is as it was after the run.
+    assert (fresh_clone / "data" / "processed" / "summary.json").is_file()
+    seen = yaml.safe_load((stand_in / "tune-params.yaml").read_text())
+    assert (seen["train"]["epochs"], seen["train"]["ray_address"]) == (2, "local")
     assert (fresh_clone / "params.yaml").read_bytes() == before
     summary = _markdown_artifact("mnist-tuning-summary", state.state_details.flow_run_id)
     assert summary == tune_summary(REPORT, applied=False)
-    assert not (fresh_clone / "reports" / "registration.json").exists()
+    assert not (fresh_clone / "models" / "model.safetensors").exists()  # no training
 
 
 @pytest.mark.integration
@@ -155,14 +158,50 @@ def test_apply_writes_the_winner_and_the_pipeline_registers_it_tagged(
 
 
 @pytest.mark.integration
-def test_a_failed_sweep_fails_the_run_in_one_line_and_applies_nothing(prefect_harness,
-                                                                      fresh_clone, stand_in):
+def test_a_failed_sweep_fails_the_run_in_one_line_and_applies_nothing(
+        prefect_harness, fresh_clone, stand_in, tiny_source):
     before = (fresh_clone / "params.yaml").read_bytes()
     script = stand_in / "bin" / "dltrain"
-    script.write_text("#!/bin/sh\necho 'dltrain tune: error: unknown key tune.space.x' >&2\n"
-                      "exit 2\n")
-    state = mtune.mnist_tuning(apply=True, workspace=str(fresh_clone), return_state=True)
+    script.write_text(script.read_text().replace(
+        'elif [ "$1" = tune ]; then',
+        'elif [ "$1" = tune ]; then\n  echo "dltrain tune: error: unknown key tune.space x" >&2'
+        '\n  exit 2'))
+    state = mtune.mnist_tuning(apply=True, workspace=str(fresh_clone), return_state=True,
+                               overrides={"data.source": str(tiny_source)})
     assert state.is_failed()
     assert state.message == ("`dltrain tune` failed (exit 2): dltrain tune: error: unknown key "
-                             "tune.space.x"), state.message
+                             "tune.space x"), state.message
     assert (fresh_clone / "params.yaml").read_bytes() == before
+    assert not (fresh_clone / "reports" / "tune.json").exists()
+
+
+@pytest.mark.integration
+def test_a_real_sweep_then_the_pipeline_registers_its_winner_tagged(
+        prefect_harness, fresh_clone, tiny_source, session_ray):
+    """`dltrain tune` itself: two trials of two epochs on the session's Ray (the workspace's
+    warm Ray, as `make ray-up` records it), then the winner applied and the pipeline run."""
+    from mlflow import MlflowClient
+
+    session_ray.env_file(fresh_clone / ".ray")
+    space = {"train.learning_rate": {"grid": [0.003, 0.0003]}, "train.epochs": 2}
+    state = mtune.mnist_tuning(apply=True, workspace=str(fresh_clone), return_state=True,
+                               overrides={"data.source": str(tiny_source),
+                                          "train.num_workers": 0, "model.hidden_sizes": [16],
+                                          "register.min_accuracy": 0.0, "tune.space": space,
+                                          "tune.num_samples": 1})
+    assert state.is_completed(), state.message
+    report = json.loads((fresh_clone / "reports" / "tune.json").read_text())
+    assert sorted(t["config"]["train.learning_rate"] for t in report["trials"]) == [0.0003,
+                                                                                    0.003]
+    best = report["best"]
+    assert state.result()["best"] == best
+    assert state.result()["pipeline"]["register"] == "ran"
+    params = yaml.safe_load((fresh_clone / "params.yaml").read_text())
+    assert params["tune"]["applied"] == {"sweep": report["sweep"]["mlflow_run_id"],
+                                         "trial": best["trial_id"], "values": best["config"]}
+    assert params["tune"]["space"]["train.epochs"] == 3  # the run's own space was put back
+    reg = json.loads((fresh_clone / "reports" / "registration.json").read_text())
+    version = MlflowClient(tracking_uri=reg["tracking_uri"]).get_model_version(
+        reg["model_name"], str(reg["version"]))
+    assert version.tags["dltrain.tune.sweep"] == report["sweep"]["mlflow_run_id"]
+    assert version.tags["dltrain.tune.trial"] == best["trial_id"]
