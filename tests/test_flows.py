@@ -30,6 +30,7 @@ from flows.workspace import (
 )
 
 from helpers.data import write_raw_dir
+from helpers.prefect import run_artifact
 from helpers.repo import REPO_ROOT, make_clone
 
 LOG = logging.getLogger("test_flows")
@@ -706,19 +707,9 @@ def test_an_unexpected_error_keeps_its_traceback(prefect_harness, fresh_clone, m
 
 def _link_artifact(key: str, flow_run_id) -> str:
     """The link of the run's link artifact `key`, read back through Prefect's API."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        ArtifactFilterKey,
-    )
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[key]),
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-    assert len(found) == 1 and found[0].type == "markdown", found  # a link is markdown
-    return found[0].data
+    artifact = run_artifact(key, flow_run_id)
+    assert artifact.type == "markdown", artifact  # a link is markdown
+    return artifact.data
 
 
 @pytest.mark.integration

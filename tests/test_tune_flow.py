@@ -20,6 +20,8 @@ from flows import mnist_training as mt
 from flows import mnist_tuning as mtune
 from flows.summary import tune_summary
 
+from helpers.prefect import run_artifact
+
 BEST = {"train.learning_rate": 0.002, "train.epochs": 1, "model.hidden_sizes": [64]}
 REPORT = {
     "sweep": {"name": "tune-20261207", "mlflow_run_id": "9f00aa11", "experiment": "dltrain",
@@ -70,22 +72,6 @@ def test_the_pipeline_keeps_the_runs_overrides_but_not_the_sweeps():
     assert mtune.pipeline_overrides(changes) == {"data.source": "/d"}
 
 
-def _markdown_artifact(key: str, flow_run_id) -> str:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        ArtifactFilterKey,
-    )
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[key]),
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-    assert len(found) == 1, found
-    return found[0].data
-
-
 @pytest.fixture
 def stand_in(tmp_path: Path, monkeypatch) -> Path:
     """The stand-in `dltrain` first on the PATH of the flow's commands and stages."""
@@ -122,7 +108,7 @@ def test_a_sweep_without_apply_leaves_params_and_publishes_the_table(
     seen = yaml.safe_load((stand_in / "tune-params.yaml").read_text())
     assert (seen["train"]["epochs"], seen["train"]["ray_address"]) == (2, "local")
     assert (fresh_clone / "params.yaml").read_bytes() == before
-    summary = _markdown_artifact("mnist-tuning-summary", state.state_details.flow_run_id)
+    summary = run_artifact("mnist-tuning-summary", state.state_details.flow_run_id).data
     assert summary == tune_summary(REPORT, applied=False)
     assert not (fresh_clone / "models" / "model.safetensors").exists()  # no training
 
@@ -138,7 +124,9 @@ def test_apply_writes_the_winner_and_the_pipeline_registers_it_tagged(
                    "register.min_accuracy": 0.0})
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["applied"] and result["pipeline"] == {s: "ran" for s in mt.STAGES}
+    # The data stages ran before the sweep: the pipeline finds them up to date.
+    assert result["applied"] and result["pipeline"] == {
+        **{s: "ran" for s in mt.STAGES}, "download": "skipped", "preprocess": "skipped"}
     params = yaml.safe_load((fresh_clone / "params.yaml").read_text())
     assert params["train"]["learning_rate"] == 0.002 and params["model"]["hidden_sizes"] == [64]
     assert params["tune"]["applied"] == {"sweep": "9f00aa11", "trial": "t_00001",
@@ -153,8 +141,8 @@ def test_apply_writes_the_winner_and_the_pipeline_registers_it_tagged(
         reg["model_name"], str(reg["version"]))
     assert version.tags["dltrain.tune.sweep"] == "9f00aa11"
     assert version.tags["dltrain.tune.trial"] == "t_00001"
-    assert "applied to params.yaml" in _markdown_artifact("mnist-tuning-summary",
-                                                          state.state_details.flow_run_id)
+    assert "applied to params.yaml" in run_artifact("mnist-tuning-summary",
+                                                    state.state_details.flow_run_id).data
 
 
 @pytest.mark.integration
