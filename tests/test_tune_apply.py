@@ -149,6 +149,19 @@ def test_a_missing_or_malformed_report_is_one_line(tmp_path: Path, text, cause):
     assert "\n" not in str(info.value) and info.value.exit_code == 2
 
 
+@pytest.mark.parametrize(("text", "cause"), [
+    (None, "params file not found"), ("train: [1\n", "is not valid YAML"),
+    ("train: &a {epochs: 2}\nmodel: *a\n", "anchors and aliases"),
+])
+def test_an_unreadable_params_file_is_one_line(tmp_path: Path, text, cause):
+    path = tmp_path / "params.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=cause):
+        apply_best(path, report())
+    assert (path.read_text() if text is not None else None) == text
+
+
 def test_a_complete_report_loads(tmp_path: Path):
     path = tmp_path / "tune.json"
     path.write_text(json.dumps(report()))

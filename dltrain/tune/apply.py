@@ -123,7 +123,7 @@ def _show(value: Any) -> str:
 
 def _plain(value: Any) -> Any:
     """A loaded YAML value as plain JSON-ready data (a CommentedSeq as a list, ...)."""
-    return json.loads(json.dumps(value))
+    return json.loads(json.dumps(value, default=str))
 
 
 def render_applied(text: str, config: dict[str, Any], sweep: str, trial: str
@@ -179,10 +179,8 @@ def apply_best(params_path: Path, report: dict[str, Any]) -> list[str]:
     `tune.applied`; return one `key: old -> new` line per changed key."""
     params_path = Path(params_path)
     sweep, trial, config = best_of(report)
-    try:
-        text = params_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"params file not found: {params_path}") from None
+    read_params_file(params_path)  # not there, not UTF-8, not YAML: one line, as config says
+    text = params_path.read_text(encoding="utf-8")
     new_text, changes = render_applied(text, config, sweep, trial)
     mode = params_path.stat().st_mode & 0o777
     with atomic_path(params_path) as tmp:  # an error in the block leaves params.yaml as it is
