@@ -240,6 +240,9 @@ class TuneConfig(_Section):
     search: Literal["random", "optuna", "hyperopt"] = "random"
     max_concurrent_trials: StrictInt | None = Field(None, ge=1)  # None: as the CPUs hold
     seed: StrictInt = Field(42, ge=0)  # the search's: the same space samples the same trials
+    # The first trial trains params.yaml's own values of the space's keys, when they lie in the
+    # space: the sweep then measures the winner against what the pipeline trains now.
+    baseline: StrictBool = True
     # dotted train./model. key -> {distribution: args} or a fixed value (checked by check_space)
     space: dict[StrictStr, Any] = Field(default_factory=dict)
     applied: TuneApplied | None = None

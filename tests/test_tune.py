@@ -23,7 +23,7 @@ from dltrain.errors import ConfigError
 from dltrain.paths import Workspace
 from dltrain.tune import sweep
 from dltrain.tune.report import best_trial, build_report, table_lines
-from dltrain.tune.space import sweep_name, trial_count, trial_params
+from dltrain.tune.space import baseline, sweep_name, trial_count, trial_params
 
 from helpers.mlflow import seed_workspace_store
 from helpers.repo import REPO_ROOT, venv_env
@@ -129,6 +129,19 @@ def test_trials_params_and_the_sweep_name() -> None:
     assert sweep_name(params_from_dict({**raw, "tune": {**raw["tune"], "num_samples": 4}}),
                       {"data_checksum": "a"}) != name
     assert sweep_name(params, {"data_checksum": "b"}) != name
+
+
+def test_the_first_trial_is_the_params_own_values_when_the_space_holds_them() -> None:
+    space = {"train.learning_rate": {"loguniform": [0.0003, 0.003]},
+             "train.batch_size": {"choice": [64, 128]},
+             "model.hidden_sizes": {"choice": [[256], [512]]}, "train.epochs": 3}
+    params = params_from_dict({"tune": {"space": space}})
+    assert baseline(params) == {"train.learning_rate": 0.001, "train.batch_size": 128,
+                                "model.hidden_sizes": "[512]"}
+    for outside in ({"train": {"learning_rate": 0.01}}, {"model": {"hidden_sizes": [64]}},
+                    {"tune": {"space": space, "baseline": False}},
+                    {"tune": {"space": {**space, "train.seed": {"grid": [1, 2]}}}}):
+        assert baseline(params_from_dict({"tune": {"space": space}, **outside})) is None
 
 
 def _result(trial_id: str, lr: float, epochs: int, acc: float | None, error: str | None = None):

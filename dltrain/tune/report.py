@@ -26,14 +26,17 @@ def _figure(metrics: dict[str, Any], key: str) -> float | None:
 def trial_record(result: Any, params: Params) -> dict[str, Any]:
     """One trial of a ResultGrid as reports/tune.json holds it."""
     metrics = result.metrics or {}
+    # Ray Tune's Result knows a trial's config from its reports: none for a trial that failed
+    # before its first epoch.
+    config = result.config or {}
     epochs = int(metrics.get("epoch") or 0)
     if result.error is not None:
         status = "error"
     else:
-        status = "completed" if epochs >= planned_epochs(params, result.config) else "stopped"
+        status = "completed" if epochs >= planned_epochs(params, config) else "stopped"
     record = {"trial_id": Path(str(result.path)).name.removeprefix(TRIAL_DIR_PREFIX),
               "mlflow_run_id": None, "status": status, "epochs": epochs,
-              "config": trial_values(result.config, params),
+              "config": trial_values(config, params),
               "val_accuracy": _figure(metrics, "val_accuracy"),
               "val_loss": _figure(metrics, "val_loss")}
     if result.error is not None:
@@ -63,7 +66,7 @@ def build_report(params: Params, results: list[Any], sweep: dict[str, Any]) -> d
                       "num_samples": t.num_samples, "scheduler": t.scheduler,
                       "search": t.search,
                       "trial_epochs_run": sum(r["epochs"] for r in trials),
-                      "trial_epochs_budget": sum(planned_epochs(params, r.config)
+                      "trial_epochs_budget": sum(planned_epochs(params, r.config or {})
                                                  for r in results)},
             "trials": trials,
             "best": best_trial(trials, t.metric, t.objective_mode)}

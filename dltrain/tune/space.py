@@ -77,7 +77,8 @@ def sweep_name(params: Params, summary: dict[str, Any]) -> str:
         "space": t.space,
         "search": t.model_dump(mode="json", include={"num_samples", "metric", "mode",
                                                       "scheduler", "grace_period",
-                                                      "reduction_factor", "search", "seed"}),
+                                                      "reduction_factor", "search", "seed",
+                                                      "baseline"}),
         "model": base["model"],
         "train": {k: v for k, v in base["train"].items()
                   if k not in ("ray_address", "storage_path", "max_failures")},
@@ -86,6 +87,33 @@ def sweep_name(params: Params, summary: dict[str, Any]) -> str:
     }
     blob = json.dumps(inputs, sort_keys=True, default=str)
     return f"{TUNE_RUN_PREFIX}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def baseline(params: Params) -> dict[str, Any] | None:
+    """params.yaml's own values of the space's sampled keys, as a trial's config (a search's
+    points_to_evaluate); None when one lies outside its distribution, with a grid in the space
+    (a point would replace grid values), or with tune.baseline off."""
+    if not params.tune.baseline:
+        return None
+    current = params.to_dict()
+    point = {}
+    for key, spec in params.tune.space.items():
+        kind, args = space_entry(key, spec)
+        section, _, name = key.partition(".")
+        value = current[section][name]
+        if kind is None:
+            continue
+        if kind == "grid":
+            return None
+        if kind == "choice":
+            inside = encode(value) in [encode(v) for v in args]
+        else:
+            high_ok = value < args[1] if kind == "randint" else value <= args[1]
+            inside = isinstance(value, (int, float)) and args[0] <= value and high_ok
+        if not inside:
+            return None
+        point[key] = encode(value)
+    return point or None
 
 
 def param_space(params: Params) -> dict[str, Any]:

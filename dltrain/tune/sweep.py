@@ -10,9 +10,8 @@ The sweep lives in its own directory under the run storage (train.storage_path, 
 runs do), named by dltrain.tune.space.sweep_name. A re-run with the same space finds Ray Tune's
 state there and restores it (Tuner.can_restore / Tuner.restore): finished trials are kept,
 unfinished ones run again, and, for an interrupted sweep, so do failed ones. Ray Tune saves
-its state every TUNE_GLOBAL_CHECKPOINT_S seconds (a documented Tune setting; 1 here) and at
-once on Ctrl-C (Tune's own SIGINT handling, which stops the trials and saves); SIGTERM is
-handled as Ctrl-C.
+its state every TUNE_GLOBAL_CHECKPOINT_S seconds (a documented Tune setting; 1 here), and whole
+when Ctrl-C or SIGTERM stops the sweep (_StopOnSignal).
 """
 
 from __future__ import annotations
@@ -32,13 +31,14 @@ from dltrain.train import connect, rayenv
 from dltrain.train.preflight import check_memory, check_processed, local_cpus
 from dltrain.train.storage import check_storage, resolve_storage
 from dltrain.tune.report import build_report, summary_lines, trial_dirname
-from dltrain.tune.space import max_epochs, param_space, sweep_name, trial_count
+from dltrain.tune.space import baseline, max_epochs, param_space, sweep_name, trial_count
 from dltrain.tune.tracking import SweepRun, find_sweep_run
 
 APPLY_COMMAND = "dltrain tune --apply-only"
 # Ray Tune's experiment-state period: a killed sweep loses at most this much of its record.
 CHECKPOINT_PERIOD_S = "1"
 SEARCH_PACKAGES = {"optuna": "optuna", "hyperopt": "hyperopt"}
+DRIVER_MEMORY = 256 * 2**20  # what a multi-worker trial's driver function asks Ray for
 
 
 def say(line: str) -> None:
@@ -90,15 +90,14 @@ def tune(params: Params, ws: Workspace) -> dict[str, Any]:
             f"of up to {max_epochs(params)} epochs, {per_trial}, "
             + (f"at most {concurrent} at once" if concurrent else "as many at once as fit")
             + f"; {t.scheduler.upper()} on {t.metric} ({t.objective_mode}), {t.search} search")
-        with _sigterm_as_sigint():
+        with _StopOnSignal() as stop:
             grid = tuner.fit()
-        results = list(grid)
-        ended = grid.num_terminated + grid.num_errors
-        if ended < len(results):
+        if stop.signalled:
             mlflow.finish_interrupted()
-            say(f"stopped: {ended} of {len(results)} started trials ended, and Ray Tune saved "
-                f"the sweep; `dltrain tune` resumes sweep {name}")
+            say(f"stopped: Ray Tune saved the sweep; `dltrain tune` resumes sweep {name} (its "
+                "finished trials are kept)")
             raise KeyboardInterrupt
+        results = list(grid)
         report = build_report(params, results, {
             "name": name, "mlflow_run_id": mlflow.run_id, "experiment": mlflow.experiment,
             "storage": path, "wall_s": round(time.perf_counter() - started, 1)})
@@ -154,12 +153,14 @@ def _trainable(params: Params, ws: Workspace, storage: str, name: str
             {"cpu": threads, "gpu": 1 if t.use_gpu else 0})
         return trainable, concurrent, (f"each on {threads} CPU{'s' if threads > 1 else ''} "
                                        "(Ray Train local mode in the trial)")
-    # Ray's Train V2 + Tune pattern: the trial's driver function holds no CPU; its
-    # TorchTrainer's workers ask for theirs, and Tune is told how many trials fit.
+    # Ray's Train V2 + Tune pattern: the trial runs a driver function, and Tune is told how
+    # many trials' worker groups fit at once (max_concurrent_trials). The driver only waits on
+    # its workers: it asks for memory, not for a CPU (Ray's default of 1 would leave a 2-CPU
+    # machine one short for a 2-worker trial); its TorchTrainer's workers ask for theirs.
     trainable = tune.with_resources(
         tune.with_parameters(run_trial_workers, params=params, processed_dir=processed,
                              threads=threads, storage=f"{storage.rstrip('/')}/{name}-train"),
-        {"cpu": 0})
+        {"cpu": 0, "memory": DRIVER_MEMORY})
     fit = max(1, int(cpus // (workers * threads)))
     return trainable, min(concurrent or fit, fit), f"each {workers} Ray Train workers x " \
         f"{threads} CPU"
@@ -187,8 +188,11 @@ def _tuner(params: Params, trainable: Any, storage: str, name: str, path: str,
         trainable, param_space=param_space(params),
         tune_config=tune.TuneConfig(
             metric=t.metric, mode=mode, num_samples=t.num_samples,
-            scheduler=_scheduler(params), search_alg=_search(t.search, t.seed),
-            max_concurrent_trials=concurrent, trial_dirname_creator=trial_dirname),
+            scheduler=_scheduler(params), search_alg=_search(t.search, t.seed, baseline(params)),
+            max_concurrent_trials=concurrent, trial_dirname_creator=trial_dirname,
+            # A trial's process (it has imported PyTorch) runs the next trial of the same
+            # resources: most of a short trial's start-up.
+            reuse_actors=True),
         run_config=tune.RunConfig(
             name=name, storage_path=storage, verbose=0,
             callbacks=[Progress(params, trial_count(params)), mlflow.logger()]))
@@ -206,27 +210,47 @@ def _scheduler(params: Params) -> Any:
                          grace_period=t.grace_period, reduction_factor=t.reduction_factor)
 
 
-def _search(search: str, seed: int) -> Any:
+def _search(search: str, seed: int, first: dict[str, Any] | None) -> Any:
+    """The search algorithm; `first`, the baseline trial's config, is its first point."""
+    points = [first] if first else None
     if search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=seed)
+        return OptunaSearch(seed=seed, points_to_evaluate=points)
     if search == "hyperopt":
         from ray.tune.search.hyperopt import HyperOptSearch
 
-        return HyperOptSearch(random_state_seed=seed)
+        return HyperOptSearch(random_state_seed=seed, points_to_evaluate=points)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=seed)
+    return BasicVariantGenerator(random_state=seed, points_to_evaluate=points)
 
 
-class _sigterm_as_sigint:
-    """SIGTERM (a process manager's stop) is handled as Ctrl-C, which Ray Tune turns into a
-    stop that saves the sweep for a re-run."""
+class _StopOnSignal:
+    """While the sweep runs, Ctrl-C (SIGINT) or a process manager's SIGTERM stops it the way
+    Ray Tune stops on Ctrl-C: its trials end and its state is saved as it was, unfinished trials
+    unfinished, for a re-run to resume. Ray Tune's own SIGINT handler is off
+    (TUNE_DISABLE_SIGINT_HANDLER) so that the sweep knows it was stopped (Tune's result then
+    reads as if every trial ended); this one passes the stop on as SIGUSR1, to which Ray Tune's
+    Tuner.fit() answers with the same stop. A second signal stops at once."""
 
-    def __enter__(self) -> None:
-        self.previous = signal.signal(signal.SIGTERM,
-                                      lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> _StopOnSignal:
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read when fit() starts
+        self.signalled = False
+        self.previous = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._stop)
+        return self
+
+    def _stop(self, signum: int, frame: Any) -> None:
+        if self.signalled:
+            raise KeyboardInterrupt
+        self.signalled = True
+        say(f"stopping ({signal.Signals(signum).name}): ending the trials and saving the sweep")
+        os.kill(os.getpid(), signal.SIGUSR1)
 
     def __exit__(self, *exc: Any) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
