@@ -98,6 +98,7 @@ def run(tmp: Path, trials: int, epochs: int) -> str:
     git(clone, "commit", "-q", "-m", "baseline: the sweep's space and the processed data")
 
     sweep_s, _ = streamed([dltrain, "tune"], clone, "tune")
+    print(f"[bench] the sweep: {sweep_s:.0f} s", flush=True)
     report = json.loads((clone / "reports" / "tune.json").read_text())
     rows, exp_s = [], 0.0
     for i, trial in enumerate(report["trials"]):
@@ -107,6 +108,8 @@ def run(tmp: Path, trials: int, epochs: int) -> str:
                            clone, name)
         exp_s += wall
         rows.append((name, trial, wall))
+        print(f"[bench] {name} ({i + 1} of {len(report['trials'])}): {wall:.0f} s, "
+              f"{exp_s:.0f} s so far", flush=True)
     default_s, _ = streamed([dvc, "exp", "run", "--temp", "-n", "defaults", "-S",
                              "train.num_workers=0"], clone, "defaults")
     found = exp_runs(clone)
