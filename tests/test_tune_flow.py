@@ -2,9 +2,9 @@
 summary artifact, applying the winner, and the mnist-training pipeline on the applied params
 through real DVC, MLflow and the register stage's tags.
 
-The sweep itself is `dltrain tune`'s (tested with real Ray Tune in its own tests): here a
-stand-in `dltrain` answers `tune` with a reports/tune.json of a finished sweep and passes every
-other command, `tune --apply-only`'s apply_best included, to the real code."""
+Most tests stand a `dltrain` in for the sweep (it writes a finished sweep's reports/tune.json,
+in seconds) and pass every other command, `dltrain tune --apply-only` included, to the real
+one; one runs a real two-trial sweep end to end."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from flows import mnist_tuning as mtune
 from flows.summary import tune_summary
 
 from helpers.prefect import run_artifact
+from helpers.repo import REPO_ROOT
 
-BEST = {"train.learning_rate": 0.002, "train.epochs": 1, "model.hidden_sizes": [64]}
+BEST = {"train.learning_rate": 0.002, "model.hidden_sizes": [64]}
 REPORT = {
     "sweep": {"name": "tune-20261207", "mlflow_run_id": "9f00aa11", "experiment": "dltrain",
               "storage": "/tmp/s", "metric": "val_accuracy", "mode": "max", "num_samples": 3,
@@ -40,14 +41,10 @@ REPORT = {
     "best": {"trial_id": "t_00001", "config": BEST, "val_accuracy": 0.88, "epochs": 2},
 }
 
-# `dltrain tune` writes the report; `dltrain tune --apply-only` is apply_best on it; the
-# stages are the real dltrain's.
+# `dltrain tune` writes the report; every other command, `dltrain tune --apply-only` included,
+# is the real dltrain's.
 STAND_IN = """#!/bin/sh
-if [ "$1" = tune ] && [ "$2" = --apply-only ]; then
-  exec {python} -c 'from pathlib import Path
-from dltrain.tune.apply import apply_best, load_report
-for line in apply_best(Path("params.yaml"), load_report(Path("reports/tune.json"))): print(line)'
-elif [ "$1" = tune ]; then
+if [ "$1" = tune ] && [ "$2" != --apply-only ]; then
   cp params.yaml {out}/tune-params.yaml; mkdir -p reports; cp {report} reports/tune.json
   echo "sweep: 3 trials"; exit 0
 fi
@@ -60,7 +57,7 @@ def test_the_summary_ranks_the_trials_and_names_the_winner():
     rows = [line for line in text.splitlines() if line.startswith("| `t_")]
     assert [row.split("`")[1] for row in rows] == ["t_00001", "t_00000", "t_00002"]
     assert rows[0].startswith("| `t_00001` **(best)** | completed | 2 | 0.8800 | `[64]` | "
-                              "`1` | `0.002` |"), rows[0]
+                              "`0.002` |"), rows[0]
     assert "trial-epochs run: 4 of a budget of 6" in text and "`9f00aa11`" in text
     assert "- `model.hidden_sizes`: `[64]`" in text and "`dltrain tune --apply-only`" in text
     assert "applied to params.yaml" in tune_summary(REPORT, applied=True)
@@ -79,7 +76,7 @@ def stand_in(tmp_path: Path, monkeypatch) -> Path:
     bin_dir.mkdir()
     report.write_text(json.dumps(REPORT))
     real = Path(sys.executable).parent / "dltrain"
-    (bin_dir / "dltrain").write_text(STAND_IN.format(python=sys.executable, out=tmp_path,
+    (bin_dir / "dltrain").write_text(STAND_IN.format(out=tmp_path,
                                                      report=report, real=real))
     (bin_dir / "dltrain").chmod(0o755)
     env = mt.stage_env
@@ -121,7 +118,7 @@ def test_apply_writes_the_winner_and_the_pipeline_registers_it_tagged(
     state = mtune.mnist_tuning(
         apply=True, workspace=str(fresh_clone), return_state=True,
         overrides={"data.source": tiny_source.as_uri(), "train.num_workers": 0,
-                   "register.min_accuracy": 0.0})
+                   "train.epochs": 1, "register.min_accuracy": 0.0})
     assert state.is_completed(), state.message
     result = state.result()
     # The data stages ran before the sweep: the pipeline finds them up to date.
@@ -151,9 +148,8 @@ def test_a_failed_sweep_fails_the_run_in_one_line_and_applies_nothing(
     before = (fresh_clone / "params.yaml").read_bytes()
     script = stand_in / "bin" / "dltrain"
     script.write_text(script.read_text().replace(
-        'elif [ "$1" = tune ]; then',
-        'elif [ "$1" = tune ]; then\n  echo "dltrain tune: error: unknown key tune.space x" >&2'
-        '\n  exit 2'))
+        '  cp params.yaml', '  echo "dltrain tune: error: unknown key tune.space x" >&2\n'
+        '  exit 2\n  cp params.yaml'))
     state = mtune.mnist_tuning(apply=True, workspace=str(fresh_clone), return_state=True,
                                overrides={"data.source": str(tiny_source)})
     assert state.is_failed()
@@ -187,7 +183,8 @@ def test_a_real_sweep_then_the_pipeline_registers_its_winner_tagged(
     params = yaml.safe_load((fresh_clone / "params.yaml").read_text())
     assert params["tune"]["applied"] == {"sweep": report["sweep"]["mlflow_run_id"],
                                          "trial": best["trial_id"], "values": best["config"]}
-    assert params["tune"]["space"]["train.epochs"] == 3  # the run's own space was put back
+    repo = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    assert params["tune"]["space"] == repo["tune"]["space"]  # the run's own was put back
     reg = json.loads((fresh_clone / "reports" / "registration.json").read_text())
     version = MlflowClient(tracking_uri=reg["tracking_uri"]).get_model_version(
         reg["model_name"], str(reg["version"]))
