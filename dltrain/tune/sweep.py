@@ -171,10 +171,13 @@ def _tuner(params: Params, trainable: Any, storage: str, name: str, path: str,
     """A Tuner restored from the sweep's state when there is one, else a new one."""
     from ray import tune
 
-    # The sweep's parent run again, if an earlier attempt opened it (stopped before Ray Tune
-    # saved anything, or resumed now).
-    mlflow.open(previous.info.run_id if previous is not None else None)
-    if previous is not None and tune.Tuner.can_restore(path):
+    # The sweep's parent run again when this resumes it, or when an earlier attempt opened it
+    # and stopped before Ray Tune saved anything; a new one for a finished sweep whose Tune
+    # state was deleted (it runs again).
+    restorable = previous is not None and tune.Tuner.can_restore(path)
+    again_parent = previous is not None and (restorable or previous.info.status != "FINISHED")
+    mlflow.open(previous.info.run_id if again_parent else None)
+    if restorable:
         # A finished sweep restores as it is (its failed trials stay failed); an interrupted
         # one also runs its failed trials again.
         again = previous.info.status != "FINISHED"
@@ -190,9 +193,9 @@ def _tuner(params: Params, trainable: Any, storage: str, name: str, path: str,
             metric=t.metric, mode=mode, num_samples=t.num_samples,
             scheduler=_scheduler(params), search_alg=_search(t.search, t.seed, baseline(params)),
             max_concurrent_trials=concurrent, trial_dirname_creator=trial_dirname,
-            # A trial's process (it has imported PyTorch) runs the next trial of the same
-            # resources: most of a short trial's start-up.
-            reuse_actors=True),
+            # A new process per trial: with reuse, a trial the scheduler stopped went on
+            # reporting epochs, which Tune counted as the next trial's.
+            reuse_actors=False),
         run_config=tune.RunConfig(
             name=name, storage_path=storage, verbose=0,
             callbacks=[Progress(params, trial_count(params)), mlflow.logger()]))
