@@ -89,7 +89,7 @@ def overrides(config: dict) -> list[str]:
     return [arg for key, value in config.items() for arg in ("-S", f"{key}={json.dumps(value)}")]
 
 
-def run(tmp: Path, trials: int, epochs: int) -> str:
+def run(tmp: Path, trials: int, epochs: int, sweep_only: bool = False) -> str:
     clone = clone_worktree(tmp / "clone")
     dvc, dltrain = str(BIN / "dvc"), str(BIN / "dltrain")
     set_sweep(clone, trials, epochs)
@@ -100,6 +100,8 @@ def run(tmp: Path, trials: int, epochs: int) -> str:
     sweep_s, _ = streamed([dltrain, "tune"], clone, "tune")
     print(f"[bench] the sweep: {sweep_s:.0f} s", flush=True)
     report = json.loads((clone / "reports" / "tune.json").read_text())
+    if sweep_only:
+        return f"`dltrain tune`: {sweep_s:.0f} s; report: {json.dumps(report)}"
     rows, exp_s = [], 0.0
     for i, trial in enumerate(report["trials"]):
         name = f"cfg-{i}"
@@ -153,16 +155,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="only the sweep (its wall time and report), no experiments")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
     with open("/proc/loadavg") as fh:
         load_before = fh.read().split()[:3]
     with tempfile.TemporaryDirectory() as tmp:
-        text = run(Path(tmp), args.trials, args.epochs)
+        text = run(Path(tmp), args.trials, args.epochs, args.sweep_only)
     with open("/proc/loadavg") as fh:
         load_after = fh.read().split()[:3]
     print(f"\n## {TITLE}\n{text}")
-    if args.write:
+    if args.write and not args.sweep_only:
         body = (f"Machine: {machine()}; load average before {' '.join(load_before)}, after "
                 f"{' '.join(load_after)}.\n\nCommand: `.venv/bin/python bench/tune.py --trials "
                 f"{args.trials} --epochs {args.epochs} --write`\n\n{text}\n")
