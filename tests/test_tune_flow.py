@@ -118,7 +118,7 @@ def test_apply_writes_the_winner_and_the_pipeline_registers_it_tagged(
     state = mtune.mnist_tuning(
         apply=True, workspace=str(fresh_clone), return_state=True,
         overrides={"data.source": tiny_source.as_uri(), "train.num_workers": 0,
-                   "train.epochs": 1, "register.min_accuracy": 0.0})
+                   "train.epochs": 2, "register.min_accuracy": 0.0})
     assert state.is_completed(), state.message
     result = state.result()
     # The data stages ran before the sweep: the pipeline finds them up to date.
