@@ -124,18 +124,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from dltrain.atomic import read_json
-    from dltrain.tune.apply import apply_best
+    from dltrain.tune.apply import apply_best, load_report
 
     ws, params = _load(args)
     if args.apply_only:
-        try:
-            report = read_json(ws.tune_report_path)
-        except (OSError, ValueError) as exc:
-            from dltrain.errors import ConfigError
-
-            raise ConfigError(f"no sweep to apply: {ws.tune_report_path} cannot be read "
-                              f"({exc}); run `dltrain tune` first") from None
+        report = load_report(ws.tune_report_path)
     else:
         from dltrain.tune.sweep import tune
 

@@ -219,9 +219,13 @@ def _tune_metric(value: Any) -> Any:
 
 
 class TuneApplied(_Section):
-    """Where the values `dltrain tune --apply` wrote came from."""
-    sweep: StrictStr  # the sweep's MLflow parent run id
-    trial: StrictStr
+    """Where params.yaml's tuned values came from, written by `dltrain tune --apply`: the
+    sweep's MLflow parent run, the trial, and the values it wrote (register tags a version with
+    the sweep only when the model was trained with exactly these)."""
+
+    sweep: StrictStr = Field(pattern=r"\S")
+    trial: StrictStr = Field(pattern=r"\S")
+    values: dict[StrictStr, Any] = Field(default_factory=dict)
 
 
 class TuneConfig(_Section):

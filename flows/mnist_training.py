@@ -98,14 +98,14 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def _dvc(args: list[str], workspace: Path, env: dict[str, str]) -> tuple[int, str]:
-    """`dvc <args>` in `workspace`, its output (stderr merged) logged line by line. Returns its
-    exit status and the cause: the stage command's own error line, else the last line. The
-    stage never outlives the task (done, timed out, cancelled, the flow run exiting), and it
+def run_command(argv: list[str], workspace: Path, env: dict[str, str]) -> tuple[int, str]:
+    """`argv` (dvc, dltrain) in `workspace`, its output (stderr merged) logged line by line.
+    Returns its exit status and the cause: dltrain's own error line, else the last line. The
+    command never outlives the task (done, timed out, cancelled, the flow run exiting), and it
     stays in the flow run's process group: a SIGKILL of that group reaches it too."""
     logger, last, cause = _logger(), "", None
-    logger.info("$ dvc %s  (in %s)", " ".join(args), workspace)
-    proc = subprocess.Popen(["dvc", *args], cwd=workspace, env=env, stdin=subprocess.DEVNULL,
+    logger.info("$ %s  (in %s)", " ".join(argv), workspace)
+    proc = subprocess.Popen(argv, cwd=workspace, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         for raw in proc.stdout:  # type: ignore[union-attr]
@@ -149,7 +149,7 @@ def run_stage(stage: str, workspace: Path) -> str:
                 f'#!/bin/sh\n: > {shlex.quote(tmp)}/ran\nexec {shlex.quote(real)} "$@"\n')
             note.chmod(0o755)
             env["PATH"] = f"{tmp}{os.pathsep}{env['PATH']}"
-            code, cause = _dvc(["repro", "--single-item", stage], workspace, env)
+            code, cause = run_command(["dvc", "repro", "--single-item", stage], workspace, env)
             if code != 0:
                 raise StageFailedError(f"stage {stage!r} failed (dvc repro exited {code}): "
                                        f"{cause or 'no error output'}")

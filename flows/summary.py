@@ -130,3 +130,44 @@ def publish_artifacts(ws: Workspace, outcomes: dict[str, str], tracking_uri: str
     if run:
         create_link_artifact(run, link_text=f"MLflow run {reg.get('run_id')}",
                              key="mnist-mlflow-run")
+
+
+def _trial_row(trial: dict[str, Any], keys: list[str], metric: str, best: Any) -> str:
+    mark = " **(best)**" if trial.get("trial_id") == best else ""
+    config = trial.get("config") or {}
+    cells = [f"`{trial.get('trial_id')}`{mark}", str(trial.get("status")),
+             str(trial.get("epochs")), _fmt(trial.get(metric)),
+             *(f"`{json.dumps(config[k])}`" if k in config else "—" for k in keys)]
+    return "| " + " | ".join(cells) + " |"
+
+
+def tune_summary(report: dict[str, Any], applied: bool) -> str:
+    """The markdown summary of a sweep (reports/tune.json): its figures, every trial, best
+    first, and the winner, applied or with the command that applies it."""
+    sweep, best = report.get("sweep") or {}, report.get("best") or {}
+    metric, mode = sweep.get("metric", "val_accuracy"), sweep.get("mode", "max")
+    trials = [t for t in report.get("trials") or [] if isinstance(t, dict)]
+    ranked = sorted(trials, key=lambda t: (t.get(metric) is None,
+                                           -(t.get(metric) or 0) if mode == "max"
+                                           else t.get(metric) or 0))
+    keys = sorted({k for t in trials for k in (t.get("config") or {})})
+    lines = ["# mnist-tuning", "",
+             f"- sweep `{sweep.get('name')}`: {len(trials)} trials, {sweep.get('scheduler')} "
+             f"scheduler, {sweep.get('search')} search, {metric} ({mode}), "
+             f"{_fmt(sweep.get('wall_s'), 1)} s",
+             f"- trial-epochs run: {sweep.get('trial_epochs_run')} of a budget of "
+             f"{sweep.get('trial_epochs_budget')} (the scheduler stops poor trials early)",
+             f"- MLflow parent run: `{sweep.get('mlflow_run_id')}`", "", "## Trials", "",
+             "| trial | status | epochs | " + " | ".join([metric, *keys]) + " |",
+             "| --- " * (4 + len(keys)) + "|",
+             *(_trial_row(t, keys, metric, best.get("trial_id")) for t in ranked),
+             "", "## Winner", ""]
+    if not best:
+        return "\n".join([*lines, "no trial reported the metric: nothing to apply"]) + "\n"
+    lines += [f"- trial `{best.get('trial_id')}`: {metric} {_fmt(best.get(metric))} after "
+              f"{best.get('epochs')} epochs",
+              *(f"- `{k}`: `{json.dumps(v)}`" for k, v in (best.get("config") or {}).items()),
+              "", "applied to params.yaml, then the mnist-training pipeline ran" if applied
+              else "not applied: run with `apply: true`, or `dltrain tune --apply-only` then "
+                   "`dvc repro` in the workspace"]
+    return "\n".join(lines) + "\n"

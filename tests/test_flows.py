@@ -30,6 +30,7 @@ from flows.workspace import (
 )
 
 from helpers.data import write_raw_dir
+from helpers.prefect import run_artifact
 from helpers.repo import REPO_ROOT, make_clone
 
 LOG = logging.getLogger("test_flows")
@@ -83,7 +84,7 @@ def test_one_stage_streams_its_output_line_by_line_and_names_its_cause(tmp_path,
     (tmp_path / "dvc").chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
     with caplog.at_level(logging.INFO, logger="dltrain.flows"):
-        code, cause = mt._dvc(["repro"], tmp_path, env)
+        code, cause = mt.run_command(["dvc", "repro"], tmp_path, env)
     assert (code, cause) == (3, "dltrain train: error: no data")
     logged = [r.getMessage() for r in caplog.records][1:]  # after the `$ dvc ...` line
     assert logged == ["start", "epoch 1: 100%", "dltrain train: error: no data",
@@ -173,7 +174,7 @@ from flows import mnist_training as mt
 out = Path(sys.argv[2])
 (out / "dvc").write_text(f"#!/bin/sh\\nexec {sys.executable} {sys.argv[1]} {out} polite\\n")
 (out / "dvc").chmod(0o755)
-mt._dvc(["repro"], out, {**os.environ, "PATH": f"{out}:{os.environ['PATH']}"})
+mt.run_command(["dvc", "repro"], out, {**os.environ, "PATH": f"{out}:{os.environ['PATH']}"})
 """
 
 
@@ -707,19 +708,9 @@ def test_an_unexpected_error_keeps_its_traceback(prefect_harness, fresh_clone, m
 
 def _link_artifact(key: str, flow_run_id) -> str:
     """The link of the run's link artifact `key`, read back through Prefect's API."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        ArtifactFilterKey,
-    )
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[key]),
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-    assert len(found) == 1 and found[0].type == "markdown", found  # a link is markdown
-    return found[0].data
+    artifact = run_artifact(key, flow_run_id)
+    assert artifact.type == "markdown", artifact  # a link is markdown
+    return artifact.data
 
 
 @pytest.mark.integration

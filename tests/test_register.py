@@ -451,3 +451,37 @@ def test_a_full_disk_during_register_is_one_line_and_mlflows_tracebacks_go_to_th
     assert str(log) in out
     assert "SQLAlchemy database error" in log.read_text() and "Traceback" in log.read_text()
     assert ws.registration_path.read_bytes() == before
+
+
+@pytest.mark.integration
+def test_a_model_trained_with_an_applied_sweeps_values_names_the_sweep(ws: Workspace,
+                                                                        capsys) -> None:
+    """params.yaml's tune.applied (written by `dltrain tune --apply`) tags the version with the
+    sweep and trial only when the model was trained with exactly the values it applied."""
+    trained = json.loads(ws.model_card_path.read_text())["params"]
+    applied = {"sweep": "5e1f00d", "trial": "train_fn_3a9c1_00002",
+               "values": {"train.learning_rate": trained["train"]["learning_rate"],
+                          "model.hidden_sizes": trained["model"]["hidden_sizes"]}}
+    other = {**applied, "values": {**applied["values"], "train.learning_rate": 0.0042}}
+
+    def tuned(record: dict) -> Params:
+        return params_from_dict({"register": {"min_accuracy": 0.5}, "tune": {"applied": record}})
+
+    stale = register(ws, tuned(other))  # a model trained before the apply
+    version = _client(ws).get_model_version("mnist-mlp", str(stale["version"]))
+    assert not {k for k in version.tags if k.startswith("dltrain.tune")}, version.tags
+    assert stale["tune"] is None
+    assert stale["tune_note"] == ("not tagged with sweep 5e1f00d: the model was trained with "
+                                  "train.learning_rate 0.001, the sweep applied 0.0042")
+    assert stale["tune_note"] in capsys.readouterr().out
+
+    replace_weights(ws, seed=3)  # then trained with the applied values
+    outcome = register(ws, tuned(applied))
+    assert outcome["tune"] == {"sweep": "5e1f00d", "trial": "train_fn_3a9c1_00002"}
+    client = _client(ws)
+    version = client.get_model_version("mnist-mlp", str(outcome["version"]))
+    assert version.tags["dltrain.tune.sweep"] == "5e1f00d"
+    assert version.tags["dltrain.tune.trial"] == "train_fn_3a9c1_00002"
+    assert "tuned by sweep 5e1f00d" in capsys.readouterr().out
+    # The run records the training's params, not the tune section.
+    assert not [k for k in client.get_run(outcome["run_id"]).data.params if k.startswith("tune")]

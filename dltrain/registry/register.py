@@ -40,7 +40,7 @@ from dltrain.evaluate.stage import matches, score_model, split_checksum
 from dltrain.model.weights import load_weights_and_digest
 from dltrain.paths import Workspace, dvc_experiment
 from dltrain.registry import promotion
-from dltrain.registry.candidate import Candidate
+from dltrain.registry.candidate import TUNE_SWEEP_TAG, TUNE_TRIAL_TAG, Candidate
 from dltrain.registry.gate import CHAMPION, EPS, Member, Score
 from dltrain.registry.mlflow_model import link_version, run_model
 from dltrain.registry.runlog import log_run
@@ -204,6 +204,9 @@ def _register(client: Any, tracking_uri: str, ws: Workspace, params: Params, can
     experiment = dvc_experiment()
     if experiment is not None:
         return _log_experiment(client, tracking_uri, ws, params, cand, outcome, experiment)
+    tune_tags, outcome["tune_note"] = cand.tune_tags(params.tune.applied)
+    outcome["tune"] = ({"sweep": tune_tags[TUNE_SWEEP_TAG], "trial": tune_tags[TUNE_TRIAL_TAG]}
+                       if tune_tags else None)
     model = promotion.registered_model(client, name)
     existing = _same_weights(client, name, cand.weights_sha256) if model is not None else None
     versions = promotion.list_versions(client, name) if model is not None else []
@@ -211,10 +214,12 @@ def _register(client: Any, tracking_uri: str, ws: Workspace, params: Params, can
     outcome["previous_champion_version"] = anchor.champion
 
     if existing is not None:
+        for key, value in tune_tags.items():  # the same weights, now known to be a sweep's
+            client.set_model_version_tag(name, str(existing), key, value)
         return _finish_existing(client, name, cand, scorer, outcome, existing,
                                 serialised=serialised)
     return _register_new(client, tracking_uri, ws, params, cand, scorer, outcome, anchor,
-                         serialised=serialised, promote_unloadable=promote_unloadable)
+                         tune_tags, serialised=serialised, promote_unloadable=promote_unloadable)
 
 
 def _log_experiment(client: Any, tracking_uri: str, ws: Workspace, params: Params,
@@ -250,10 +255,10 @@ def _finish_existing(client: Any, name: str, cand: Candidate, scorer: ChampionSc
 
 def _register_new(client: Any, tracking_uri: str, ws: Workspace, params: Params,
                   cand: Candidate, scorer: ChampionScorer, outcome: dict[str, Any],
-                  anchor: promotion.Anchor, *, serialised: bool, promote_unloadable: bool
-                  ) -> dict[str, Any]:
+                  anchor: promotion.Anchor, tune_tags: dict[str, str], *, serialised: bool,
+                  promote_unloadable: bool) -> dict[str, Any]:
     """Score the champion on the candidate's test set, log the run, create the version with
-    the gate's inputs as tags, and settle the aliases."""
+    the gate's inputs (and the sweep it was tuned by) as tags, and settle the aliases."""
     cfg = params.register
     name = cfg.model_name
     base = scorer.version(anchor.champion) if anchor.champion is not None else None
@@ -268,7 +273,8 @@ def _register_new(client: Any, tracking_uri: str, ws: Workspace, params: Params,
                                      f"register.min_accuracy {cfg.min_accuracy}: not registered"}
 
     promotion.ensure_registered_model(client, name)
-    tags = {**cand.tags(), **promotion.gate_tags(base, cfg.min_improvement, promote_unloadable)}
+    tags = {**cand.tags(), **promotion.gate_tags(base, cfg.min_improvement, promote_unloadable),
+            **tune_tags}
     # The version is the MLflow model that log_run logged into the run (its artifact location:
     # a `models:/<model_id>` source would be resolved against the process's default store).
     logged = run_model(client, run_id, cand.weights_sha256)
@@ -366,4 +372,9 @@ def register(ws: Workspace, params: Params, *, attempts: int = 4, backoff_s: flo
     where = (f"version {outcome['version']} ({', '.join(outcome['aliases']) or 'no alias'})"
              if outcome["version"] else "not registered")
     print(f"register: {outcome['model_name']} {where}: {outcome['reason']}")
+    if outcome.get("tune") and outcome["version"]:
+        print(f"register: tuned by sweep {outcome['tune']['sweep']} (trial "
+              f"{outcome['tune']['trial']}): tagged {TUNE_SWEEP_TAG}")
+    elif outcome.get("tune_note"):
+        print(f"register: {outcome['tune_note']}")
     return outcome

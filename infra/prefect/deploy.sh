@@ -4,6 +4,7 @@
 #
 #   deploy.sh [local]   the on-demand `local` deployment (pool dltrain-local): `make deploy`
 #   deploy.sh cluster   the weekly `scheduled-retraining` (pool dltrain-ray): `make deploy-cluster`
+#   deploy.sh tuning    the on-demand sweep `tuning` of the mnist-tuning flow (pool dltrain-local)
 #
 # The cluster's schedule is deployed only when asked: deployed from a laptop, it would queue a
 # run every week in a pool that has no worker there.
@@ -27,7 +28,8 @@ fi
 case "${1:-local}" in
   local) pool=dltrain-local; deployment=local ;;
   cluster) pool=dltrain-ray; deployment=scheduled-retraining ;;
-  *) echo "usage: $0 [local|cluster]" >&2; exit 2 ;;
+  tuning) pool=dltrain-local; deployment=tuning ;;
+  *) echo "usage: $0 [local|cluster|tuning]" >&2; exit 2 ;;
 esac
 
 # The API these commands use, as Prefect resolves it, with any user:password@ left out.
