@@ -480,8 +480,8 @@ def space_samples(kind: str | None, args: list[Any]) -> list[Any]:
 
 
 def check_space(params: Params) -> None:
-    """tune.space's keys and values, each value checked by its key's own validation, and the
-    scheduler against the trials' epochs; ConfigError names the entry."""
+    """tune.space's keys and values, each value checked by its key's own validation;
+    ConfigError names the entry."""
     keys = tunable_keys()
     for key, spec in params.tune.space.items():
         section, _, name = key.partition(".")
@@ -506,6 +506,12 @@ def check_space(params: Params) -> None:
     if grids and params.tune.search != "random":
         raise ConfigError(f"tune.space {grids[0]}: grid needs tune.search: random (Ray Tune's "
                           f"{params.tune.search} search samples; use choice)")
+
+
+def check_schedule(params: Params) -> None:
+    """The scheduler against the trials' epochs. Checked by the sweep only: the space leaves
+    train.epochs to train:, which a run of any other command may set lower (`dltrain train
+    -S train.epochs=1`) without a sweep in sight."""
     if params.tune.space and params.tune.scheduler == "asha":
         most = max(trial_epochs(params))
         if params.tune.grace_period >= most:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from dltrain import cli
-from dltrain.config import params_from_dict
+from dltrain.config import apply_overrides, params_from_dict
 from dltrain.errors import ConfigError
 from dltrain.paths import Workspace
 from dltrain.tune import sweep
@@ -64,7 +64,6 @@ BAD_SPACES = [
      "train.batch_size 100 is not a multiple of train.num_workers (3)"),
     (_tune(space={"train.epochs": {"grid": [2, 3]}}, search="optuna"),
      "grid needs tune.search: random"),
-    (_tune(grace_period=2), "tune.grace_period 2 is not below the trials' epochs (2)"),
     (_tune(spaces={}), "unknown key tune.spaces (did you mean tune.space?)"),
 ]
 
@@ -85,6 +84,19 @@ def test_dltrain_tune_exits_2_on_a_bad_space_before_any_trial(
     err = capsys.readouterr().err
     assert err.startswith("dltrain tune: error: ") and message in err
     assert not (tmp_path / ".ray_results").exists() and not (tmp_path / "reports").exists()
+
+
+def test_asha_that_could_stop_no_trial_is_refused_by_the_sweep_only(tmp_path: Path) -> None:
+    """The grace period is checked against the trials' epochs when a sweep starts; any other
+    command may set train.epochs below it (the example space leaves epochs to train:)."""
+    raw = _tune(grace_period=2)
+    params = params_from_dict(raw)  # loads: `dltrain train -S train.epochs=...` must work
+    with pytest.raises(ConfigError) as caught:
+        sweep.tune(params, Workspace.at(tmp_path))
+    assert "tune.grace_period 2 is not below the trials' epochs (2)" in str(caught.value)
+    assert not (tmp_path / "reports").exists()
+    repo = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    assert params_from_dict(apply_overrides(repo, {"train.epochs": 1})).train.epochs == 1
 
 
 def test_no_space_and_a_missing_search_package_are_user_errors(

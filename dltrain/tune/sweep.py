@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from dltrain.atomic import check_writable, write_json
-from dltrain.config import Params
+from dltrain.config import Params, check_schedule
 from dltrain.errors import ConfigError, TrainingError
 from dltrain.paths import Workspace
 from dltrain.train import connect, rayenv
@@ -52,6 +52,7 @@ def tune(params: Params, ws: Workspace) -> dict[str, Any]:
     if not t.space:
         raise ConfigError("params.yaml has no tune.space: add a tune: section with the keys to "
                           "vary (see the example in the README's Tune section)")
+    check_schedule(params)
     _check_search(t.search)
     summary = check_processed(ws.processed_dir, params.data.dataset)
     check_writable(ws.tune_report_path)
