@@ -229,6 +229,9 @@ def _train_in_process(params: Params, ws: Workspace, summary: dict[str, Any], st
         f"thread{'s' if threads > 1 else ''}, {'GPU' if t.use_gpu else 'CPU'}, "
         f"{plural(t.epochs, 'epoch')}, global batch {t.batch_size}"
         + (f"; resuming run {name} from its latest checkpoint" if resume_from else ""))
+    # The epochs an earlier process trained, counted now: the run keeps its latest two
+    # checkpoints only, so the one it resumes from may be gone by the end.
+    trained_before = len(read_history(resume_from)) if resume_from else 0
     if tracker is not None:
         # The first epoch does not share the CPUs with MLflow's import (see live.OPEN_WAIT_S).
         tracker.wait_open()
@@ -244,7 +247,7 @@ def _train_in_process(params: Params, ws: Workspace, summary: dict[str, Any], st
                      tracker, mode="local", world_size=1, name=name, storage=storage,
                      ray={"where": "this process (Ray Train local mode)",
                           "version": ray.__version__, "connect_s": 0.0},
-                     trained_before=len(read_history(resume_from)) if resume_from else 0)
+                     trained_before=trained_before)
     _say_trained(report, ws, "overhead")
     return report
 
