@@ -101,9 +101,14 @@ import os, signal, subprocess, sys, time
 out, stubborn = sys.argv[1], sys.argv[2] == "stubborn"
 # The worker takes SIGINT as Python's default does, also when this test runs with SIGINT
 # ignored (a background job of a non-interactive shell inherits it ignored).
-worker = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+worker = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; "
                            "signal.signal(signal.SIGINT, signal.default_int_handler); "
-                           "time.sleep(600)"], start_new_session=True)
+                           "open(sys.argv[1], 'w').close(); time.sleep(600)",
+                           os.path.join(out, "worker-ready")], start_new_session=True)
+# The pids are written once the worker takes SIGINT: before that, a worker started with SIGINT
+# ignored would ignore the test's SIGINT too, and live until SIGKILL.
+while not os.path.exists(os.path.join(out, "worker-ready")):
+    time.sleep(0.01)
 def on_sigint(*_):
     open(os.path.join(out, "sigint"), "w").write(str(time.monotonic()))
     sys.exit(130)
